@@ -328,8 +328,6 @@ class VisionModel(nn.Module):
         for k in range(len(cfg.deepstack_visual_indexes)):
             setattr(self, f"bsq_input_proj_list_{k}", PatchMerger(C, d, 1, True, cfg.bsq_hidden_dim))
             setattr(self, f"bsq_output_proj_list_{k}", PatchMerger(d, C, 1, True, cfg.bsq_hidden_dim))
-        inv_freq = 1.0 / (10000.0 ** (torch.arange(0, cfg.head_dim // 2, 2, dtype=torch.float) / (cfg.head_dim // 2)))
-        self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
 
     # ----- level plumbing: level 0 = last block, level l >= 1 = DeepStack tap l - 1 -----
     def input_proj(self, level: int) -> PatchMerger:
@@ -368,9 +366,12 @@ class VisionModel(nn.Module):
             r = torch.arange(h).view(h // ms, 1, ms, 1).expand(h // ms, w // ms, ms, ms)  # block order
             c = torch.arange(w).view(1, w // ms, 1, ms).expand(h // ms, w // ms, ms, ms)
             coords.append(torch.stack([r.reshape(-1), c.reshape(-1)], -1).repeat(t, 1))
-        pos = torch.cat(coords).to(self.rope_inv_freq.device)
+        device = self.pos_embed.weight.device
+        pos = torch.cat(coords).to(device)
+        half = self.cfg.head_dim // 2  # rotary dims per axis pair; computed here, not stored, so meta builds load
+        inv_freq = 1.0 / (10000.0 ** (torch.arange(0, half, 2, dtype=torch.float, device=device) / half))
         max_hw = max(max(h, w) for _, h, w in grid)
-        table = torch.outer(torch.arange(max_hw, device=pos.device, dtype=torch.float), self.rope_inv_freq)
+        table = torch.outer(torch.arange(max_hw, device=device, dtype=torch.float), inv_freq)
         ang = table[pos].flatten(1)  # (Np, hd/2)
         emb = torch.cat([ang, ang], -1)[:, None, :]
         return emb.cos(), emb.sin()

@@ -1,0 +1,360 @@
+"""Load the released UniAR checkpoints (ShareLab-SII/UniAR-SFT, UniAR-RL) and this project's own, unchanged.
+
+Released layout (one folder; each part may also be given by its own path):
+
+    <root>/config.json, model*.safetensors[.index.json], tokenizer files   the AR model (model_type "uniar")
+    <root>/bsq_encoder/                                                    the tokenizer copy the decoder uses
+    <root>/sd3_transformer/config.json, diffusion_pytorch_model*.safetensors   the MMDiT decoder
+    <root>/sd3_pipeline/vae/, scheduler/, text_encoder{,_2,_3}/, tokenizer{,_2,_3}/   SD3 pipeline parts
+
+How a part is loaded: its config is parsed into the project's dataclass (values validated), the module is built on
+the meta device (no memory), every tensor is read from memory-mapped safetensors through a declarative key map
+(renames, explicit drops), converted to the requested dtype one tensor at a time, and assigned in place. Missing,
+unexpected and mis-shaped keys are all collected and reported in one error. Loading therefore never holds two
+copies of the weights.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+
+EXPECTED_LAYOUT = """expected layout of a UniAR checkpoint folder:
+  <root>/config.json + model.safetensors (or model.safetensors.index.json + shards) + tokenizer.json ...
+  <root>/bsq_encoder/config.json + model.safetensors
+  <root>/sd3_transformer/config.json + diffusion_pytorch_model.safetensors
+  <root>/sd3_pipeline/vae/, scheduler/ (+ text_encoder/, text_encoder_2/, text_encoder_3/, tokenizer*/)"""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder, file, key or value that cannot be loaded; the message names it."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def resolve_part(root, sub: str, marker: str = "config.json") -> Path:
+    """`root/sub` if it is a folder, else `root` itself when it holds the part (as the official loader does)."""
+    root = Path(root)
+    if not root.exists():
+        raise CheckpointError(f"checkpoint folder not found: {root}\n{EXPECTED_LAYOUT}")
+    for cand in (root / sub, root):
+        if cand.is_dir() and (cand / marker).exists():
+            return cand
+    raise CheckpointError(f"part '{sub}' not found: neither {root / sub / marker} nor {root / marker} exists\n"
+                          f"{EXPECTED_LAYOUT}")
+
+
+def read_config(path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"config file not found: {path}\n{EXPECTED_LAYOUT}")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+
+
+def weight_files(folder, stem: str = "model") -> list[Path]:
+    """The safetensors files of one part: `<stem>.safetensors`, or the shards named by `<stem>.safetensors.index.json`."""
+    folder = Path(folder)
+    single, index = folder / f"{stem}.safetensors", folder / f"{stem}.safetensors.index.json"
+    if single.exists():
+        return [single]
+    if index.exists():
+        shards = sorted(set(read_config(index).get("weight_map", {}).values()))
+        if not shards:
+            raise CheckpointError(f"{index} has an empty weight_map")
+        missing = [s for s in shards if not (folder / s).exists()]
+        if missing:
+            raise CheckpointError(f"{index} names shards that are missing: {missing}")
+        return [folder / s for s in shards]
+    found = sorted(p.name for p in folder.glob("*.safetensors"))
+    if len(found) == 1:
+        return [folder / found[0]]
+    raise CheckpointError(f"no weights in {folder}: expected {single.name} or {index.name}"
+                          + (f" (found {found})" if found else ""))
+
+
+def _open(path: Path):
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own error types for bad headers / truncated files
+        raise CheckpointError(f"{path}: not a readable safetensors file, corrupt or truncated ({e})") from None
+
+
+def tensor_index(files: Iterable[Path]) -> dict[str, tuple[Path, list[int]]]:
+    """{key: (file, shape)} over all shards, from the headers only."""
+    out: dict[str, tuple[Path, list[int]]] = {}
+    for f in files:
+        with _open(f) as st:
+            for k in st.keys():
+                if k in out:
+                    raise CheckpointError(f"key {k} appears in both {out[k][0].name} and {f.name}")
+                out[k] = (f, list(st.get_slice(k).get_shape()))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Key maps and strict loading
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class KeyMap:
+    """File key -> module key. `rename` is a list of (file prefix, module prefix) applied first match wins; `drop`
+    lists regexes of file keys that are deliberately not loaded (each documented where the map is defined);
+    `alias` maps a module key to a file key it is tied to (e.g. T5's embed_tokens <- shared)."""
+
+    rename: list[tuple[str, str]] = field(default_factory=list)
+    drop: list[str] = field(default_factory=list)
+    alias: dict[str, str] = field(default_factory=dict)
+
+    def dropped(self, key: str) -> bool:
+        return any(re.fullmatch(p, key) for p in self.drop)
+
+    def to_module(self, key: str) -> str:
+        for src, dst in self.rename:
+            if key.startswith(src):
+                return dst + key[len(src):]
+        return key
+
+
+@dataclass
+class LoadReport:
+    loaded: int
+    dropped: list[str]
+
+
+def plan_load(module_shapes: dict[str, list[int]], file_shapes: dict[str, list[int]], keymap: KeyMap,
+              where: str = "checkpoint") -> dict[str, str]:
+    """Match file keys to module keys. Returns {module key: file key}; raises one CheckpointError listing every
+    missing, unexpected and mis-shaped key."""
+    plan, unexpected, mismatched, seen = {}, [], [], set()
+    for fk, shape in file_shapes.items():
+        if keymap.dropped(fk):
+            continue
+        mk = keymap.to_module(fk)
+        if mk not in module_shapes:
+            unexpected.append(fk)
+        elif list(module_shapes[mk]) != list(shape):
+            seen.add(mk)
+            mismatched.append(f"{fk}: file {list(shape)} vs model {list(module_shapes[mk])}")
+        else:
+            plan[mk] = fk
+    for mk, fk in keymap.alias.items():
+        if mk not in plan and fk in file_shapes and mk in module_shapes:
+            plan[mk] = fk
+    missing = [k for k in module_shapes if k not in plan and k not in seen]
+    if missing or unexpected or mismatched:
+        lines = [f"cannot load {where}:"]
+        for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                             ("shape mismatches", mismatched)):
+            if items:
+                lines.append(f"  {len(items)} {title}: " + ", ".join(items[:12]) + (" ..." if len(items) > 12 else ""))
+        raise CheckpointError("\n".join(lines))
+    return plan
+
+
+def module_shapes(module: nn.Module) -> dict[str, list[int]]:
+    return {k: list(v.shape) for k, v in module.state_dict().items()}
+
+
+def load_weights(module: nn.Module, files: list[Path], keymap: KeyMap | None = None, *, dtype=None,
+                 device="cpu", where: str | None = None, only: Callable[[str], bool] | None = None) -> LoadReport:
+    """Fill `module` (typically built on the meta device) from safetensors `files`, strictly.
+
+    Floating tensors are converted to `dtype` (None keeps the file's), integer buffers keep theirs. `only` restricts
+    loading to module keys it accepts (the others stay as built, e.g. on meta, and must not be used).
+    """
+    keymap = keymap or KeyMap()
+    where = where or ", ".join(str(f) for f in files)
+    index = tensor_index(files)
+    shapes = module_shapes(module)
+    if only is not None:
+        shapes = {k: v for k, v in shapes.items() if only(k)}
+        keymap = KeyMap(keymap.rename, keymap.drop + [re.escape(fk) for fk in index
+                                                      if not only(keymap.to_module(fk))], keymap.alias)
+    plan = plan_load(shapes, {k: s for k, (_, s) in index.items()}, keymap, where)
+    by_file: dict[Path, list[tuple[str, str]]] = {}
+    for mk, fk in plan.items():
+        by_file.setdefault(index[fk][0], []).append((mk, fk))
+    state = {}
+    for f, pairs in by_file.items():
+        # Tensors come from a memory map. When they are converted (dtype / device), the mapped pages already read
+        # are dropped by reopening the map every ~256 MiB, so the peak stays near the size of the result.
+        st, mapped = _open(f), 0
+        for mk, fk in pairs:
+            try:
+                t = st.get_tensor(fk)
+            except Exception as e:
+                raise CheckpointError(f"{f}: cannot read tensor {fk}: corrupt or truncated ({e})") from None
+            src = t
+            if dtype is not None and t.is_floating_point():
+                t = t.to(dtype)
+            t = t.to(device)
+            state[mk] = t
+            if t.data_ptr() != src.data_ptr():
+                mapped += src.numel() * src.element_size()
+                del src
+                if mapped > 2**28:
+                    st.__exit__(None, None, None)
+                    st, mapped = _open(f), 0
+        st.__exit__(None, None, None)
+    _assign(module, state)
+    dropped = sorted(k for k in index if keymap.dropped(k))
+    return LoadReport(loaded=len(state), dropped=dropped)
+
+
+def _assign(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Replace parameters / buffers in place by the given tensors (no copy: the module takes ownership)."""
+    for key, t in state.items():
+        mod_name, _, name = key.rpartition(".")
+        mod = module.get_submodule(mod_name) if mod_name else module
+        if name in mod._parameters:
+            old = mod._parameters[name]
+            mod._parameters[name] = nn.Parameter(t, requires_grad=old.requires_grad if old is not None else True)
+        elif name in mod._buffers:
+            mod._buffers[name] = t
+        else:
+            raise CheckpointError(f"module has no parameter or buffer {key}")
+
+
+def materialize_buffers(module: nn.Module, device="cpu") -> None:
+    """Non-persistent buffers (rotary tables and such) are not in the files: recompute them off the meta device by
+    calling each module's `reset_buffers()` hook where it has one."""
+    for m in module.modules():
+        if hasattr(m, "reset_buffers") and any(b is not None and b.is_meta for b in m._buffers.values()):
+            m.reset_buffers(device)
+
+
+def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
+    with torch.device("meta"):
+        return factory()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Parts
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def load_vision(folder, *, dtype=None, device="cpu", decoder_only: bool = False):
+    """`bsq_encoder/` (or any folder holding a UniARVisionModel) -> bsq.VisionModel.
+
+    decoder_only: the diffusion decoder reads only the BSQ output projections, so only `bsq_output_proj*` is
+    loaded; every other key is dropped on purpose (the official loader passes ignore_mismatched_sizes for this
+    part, so its other tensors are not relied on) and the rest of the module stays on the meta device.
+    """
+    import bsq
+
+    folder = resolve_part(folder, "bsq_encoder")
+    cfg = vision_config(read_config(folder / "config.json"), folder / "config.json")
+    model = build_on_meta(lambda: bsq.VisionModel(cfg))
+    only = (lambda k: k.startswith("bsq_output_proj")) if decoder_only else None
+    load_weights(model, weight_files(folder), dtype=dtype, device=device, where=str(folder), only=only)
+    return model.eval()
+
+
+def vision_config(d: dict, where) -> "bsq.VisionConfig":
+    import bsq
+
+    if d.get("use_bsq", True) is not True:
+        raise CheckpointError(f"{where}: use_bsq must be true for a UniAR tokenizer, got {d.get('use_bsq')!r}")
+    if d.get("bsq_dim", 64) != 64:
+        raise CheckpointError(f"{where}: bsq_dim {d.get('bsq_dim')} is not supported (the 64-bit index needs 64)")
+    try:
+        return bsq.VisionConfig.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: invalid vision config ({e})") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Benchmark: peak resident memory while loading (python load_hf.py --bench-memory)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class _Synthetic(nn.Module):
+    def __init__(self, n: int, width: int):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(n))
+
+
+def _bench_child(path: str, n: int, width: int, dtype: str) -> None:
+    """Runs in a fresh process: build on meta, load, report (baseline RSS, peak RSS) as JSON."""
+    base = _rss_bytes()
+    with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
+        f.write("5")
+    model = build_on_meta(lambda: _Synthetic(n, width))
+    load_weights(model, [Path(path)], dtype=getattr(torch, dtype))
+    s = sum(p.float().sum().item() for p in model.parameters())  # touch every weight
+    print(json.dumps({"base": base, "peak": _peak_rss_bytes(), "checksum": s}))
+
+
+def bench_memory(gib: float = 1.0, dtype: str = "float32", folder: str | None = None) -> float:
+    """Write a synthetic float32 checkpoint of about `gib` GiB, load it in a fresh process, print peak RSS / size."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    width = 4096
+    n = max(1, round(gib * 2**30 / (4 * (width * width + width))))
+    tmp = tempfile.TemporaryDirectory(dir=folder)
+    path = Path(tmp.name) / "model.safetensors"
+    save_file({f"layers.{i}.{k}": v for i in range(n)
+               for k, v in (("weight", torch.randn(width, width)), ("bias", torch.randn(width)))}, str(path))
+    size = path.stat().st_size
+    out = subprocess.run([sys.executable, __file__, "--bench-child", str(path), str(n), str(width), dtype],
+                         capture_output=True, text=True, check=True).stdout
+    r = json.loads(out.strip().splitlines()[-1])
+    ratio = (r["peak"] - r["base"]) / size
+    print(f"synthetic checkpoint {size / 2**30:.2f} GiB ({n} x Linear({width}, {width}), float32) loaded as {dtype}: "
+          f"peak RSS above baseline {(r['peak'] - r['base']) / 2**30:.2f} GiB = {ratio:.3f} x file size "
+          f"(baseline after imports {r['base'] / 2**30:.2f} GiB)")
+    tmp.cleanup()
+    return ratio
+
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+
+    if len(sys.argv) > 1 and sys.argv[1] == "--bench-child":
+        _bench_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
+        sys.exit(0)
+    ap = argparse.ArgumentParser(description="load_hf.py benchmarks")
+    ap.add_argument("--bench-memory", action="store_true", help="peak RSS while loading a synthetic checkpoint")
+    ap.add_argument("--gib", type=float, default=1.0)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    args = ap.parse_args()
+    if args.bench_memory:
+        for dt in ([args.dtype] if args.dtype != "float32" else ["float32", "bfloat16"]):
+            bench_memory(args.gib, dt)
+    else:
+        ap.print_help()
