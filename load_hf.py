@@ -231,9 +231,12 @@ def _assign(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 def materialize_buffers(module: nn.Module, device="cpu") -> None:
     """Non-persistent buffers (rotary tables and such) are not in the files: recompute them off the meta device by
-    calling each module's `reset_buffers()` hook where it has one."""
-    for m in module.modules():
-        if hasattr(m, "reset_buffers") and any(b is not None and b.is_meta for b in m._buffers.values()):
+    calling each module's `reset_buffers(device)` hook."""
+    for name, m in module.named_modules():
+        if any(b is not None and b.is_meta for b in m._buffers.values()):
+            if not hasattr(m, "reset_buffers"):
+                raise CheckpointError(f"module {name or type(m).__name__} has buffers that no file provides and no "
+                                      "reset_buffers() to compute them")
             m.reset_buffers(device)
 
 
@@ -275,6 +278,58 @@ def vision_config(d: dict, where) -> "bsq.VisionConfig":
         return bsq.VisionConfig.from_dict(d)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: invalid vision config ({e})") from None
+
+
+# The AR root: module names mirror the released keys, so the map is the identity. A key saved by transformers for a
+# non-persistent rotary table would be dropped (none is in the released manifest).
+AR_KEYMAP = KeyMap(drop=[r".*rotary_emb\.inv_freq", r".*rotary_pos_emb\.inv_freq"])
+
+
+def ar_config(root: Path):
+    """The root config.json -> model.UniARConfig, validated; the bit-head variant is read from the keys when the
+    config's flags do not say (or disagree with the file)."""
+    import model as M
+
+    path = root / "config.json"
+    d = read_config(path)
+    if d.get("model_type") not in (None, "uniar"):
+        raise CheckpointError(f"{path}: model_type {d.get('model_type')!r} is not 'uniar'")
+    for flag in ("vistok_pred", "visual_transformer_decoder"):
+        if d.get(flag) is not True:
+            raise CheckpointError(f"{path}: {flag} must be true for UniAR generation, got {d.get(flag)!r}")
+    try:
+        cfg = M.UniARConfig.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: invalid config ({e})") from None
+    keys = tensor_index(weight_files(root)).keys()
+    try:
+        variant = M.head_variant_from_keys(keys)
+    except ValueError as e:
+        raise CheckpointError(f"{root}: unknown bit-head variant: {e}") from None
+    if variant != cfg.head_variant:
+        cfg = cfg.with_head_variant(variant)
+    return cfg
+
+
+def load_ar(root, *, dtype=None, device="cpu"):
+    """The AR model at the checkpoint root (or an `ar_model/` folder) -> (model.UniAR, model.Tokenizer)."""
+    import model as M
+
+    root = resolve_part(root, "ar_model")
+    cfg = ar_config(root)
+    net = build_on_meta(lambda: M.UniAR(cfg))
+    load_weights(net, weight_files(root), AR_KEYMAP, dtype=dtype, device=device, where=str(root))
+    materialize_buffers(net, device)
+    try:
+        tok = M.Tokenizer(root)
+    except ValueError as e:
+        raise CheckpointError(f"{root}: tokenizer files: {e}") from None
+    return net.eval(), tok
+
+
+def default_dtype(device) -> torch.dtype:
+    """bf16 on GPU, fp32 on CPU."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
 # ---------------------------------------------------------------------------------------------------------------------

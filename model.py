@@ -1,0 +1,907 @@
+"""The unified AR model: a Qwen3-VL text decoder that reads and writes images as BSQ bits in one shared context.
+
+Paper sections: the unified model (shared context: images enter and leave the language model only through the BSQ
+tokenizer's bits), parallel bitwise prediction (one AR step = one 32-px token = levels x 2x2 x 64 bits, predicted
+at once by a small transformer stack + bit head), and the three tasks: text-to-image, editing, understanding.
+The vision tower and the bit conventions live in `bsq.py`.
+
+Sections of this file:
+    config: TextConfig (Qwen3-VL-8B), UniARConfig (token ids, bit-head flags), head variants
+    text decoder: RMSNorm, interleaved MRoPE, GQA attention with q/k norm, SwiGLU, DeepStack, static KV cache
+    positions: get_rope_index (3-D position ids for text and image grids, left padding)
+    UniAR: the module tree of the released checkpoint, prefix embedding, bit logits, teacher-forced logits
+    generation: parallel bitwise sampling with CFG (reference multinomial path), understanding decode
+    tokenizer: prompt templates and tokenization from the checkpoint's tokenizer files
+
+Letters in shape comments:
+    B batch rows (with CFG: cond rows then uncond rows), T new tokens, S keys (cache length), D text width,
+    H query heads, Hk key/value heads, hd head dim, N generated image tokens (32 px each), L levels (1 + DeepStack),
+    U merge unit (2x2 = 4), d bsq_dim (64), V vocabulary, O bit-head width = L * U * d * 2.
+
+Departures from the official code:
+    - The visual-decoder stack (the layers between the backbone's pre-norm states and the bit head) keeps its own
+      KV cache here: each AR step runs it on the one new state. The official loop re-runs it over the whole sequence
+      at every step; `generate_image(..., visual_decoder_cache=False)` does that too, and the tests check both give
+      the same logits and bits.
+    - The official visual-decoder stack receives a 2-D padding mask that only flash-attention-2 interprets (causal +
+      key padding); here every attention gets that mask explicitly through `attention()`.
+    - Padded query rows (left padding) attend to themselves only, so they stay finite; their outputs are never read.
+    - The official image-generation path casts codes to bfloat16; codes are exact in any float dtype, so the
+      weights' dtype is used.
+    - `generate_bits(seed=s)` draws from its own `torch.Generator` seeded with s instead of reseeding the global
+      generator; on CPU that is the same stream as `torch.manual_seed(s)` right before the official call.
+    - Prompts are rendered by plain string templates (the official code renders them with Jinja chat templates:
+      UniAR's own for generation, the checkpoint processor's Qwen3-VL one for understanding) to the same strings;
+      the generation strings are checked against the fixtures' renderings.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import bsq
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------------------------------
+
+HEAD_VARIANTS = ("linear", "rmsnorm_linear", "rmsnorm_mlp")
+
+
+@dataclass
+class TextConfig:
+    """The language model. Defaults are Qwen3-VL-8B, the UniAR backbone."""
+
+    hidden_size: int = 4096
+    num_hidden_layers: int = 36
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    head_dim: int = 128
+    intermediate_size: int = 12288
+    vocab_size: int = 151936
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 5_000_000.0
+    mrope_section: tuple = (24, 20, 20)
+    max_position_embeddings: int = 262144
+    hidden_act: str = "silu"
+    attention_bias: bool = False
+
+    def __post_init__(self):
+        self.mrope_section = tuple(int(s) for s in self.mrope_section)
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads {self.num_key_value_heads}")
+        if sum(self.mrope_section) != self.head_dim // 2:
+            raise ValueError(f"mrope_section {self.mrope_section} must sum to head_dim / 2 = {self.head_dim // 2}")
+        if self.hidden_act != "silu":
+            raise ValueError(f"text hidden_act {self.hidden_act!r} is not supported (expected 'silu')")
+        if self.attention_bias:
+            raise ValueError("attention_bias=True is not supported (Qwen3-VL has bias-free projections)")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TextConfig":
+        """Reads a `text_config` dict (Hugging Face format); unknown keys are ignored."""
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        rope = d.get("rope_scaling") or {}
+        if "mrope_section" in rope:
+            kw["mrope_section"] = rope["mrope_section"]
+        return cls(**kw)
+
+    @classmethod
+    def tiny(cls) -> "TextConfig":
+        return cls(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                   intermediate_size=160, vocab_size=320, mrope_section=(6, 5, 5), max_position_embeddings=4096)
+
+
+@dataclass
+class UniARConfig:
+    """The whole AR model. Defaults are the released UniAR (the bit head of the released manifest: RMSNorm + Linear)."""
+
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    vistok_pred: bool = True
+    vistok_pred_layernorm: bool = True
+    vistok_pred_use_mlp: bool = False
+    vistok_mlp_dim: int = 16 * 1024  # hard-coded in the official head builder
+    visual_transformer_decoder: bool = True
+    visual_transformer_decoder_depth: int = 4
+    text: TextConfig = field(default_factory=TextConfig)
+    vision: bsq.VisionConfig = field(default_factory=bsq.VisionConfig)
+
+    def __post_init__(self):
+        if not (self.vistok_pred and self.visual_transformer_decoder):
+            raise ValueError("UniAR generation needs vistok_pred=True and visual_transformer_decoder=True "
+                             f"(got {self.vistok_pred}, {self.visual_transformer_decoder})")
+        if self.vision.out_hidden_size != self.text.hidden_size:
+            raise ValueError(f"vision out_hidden_size {self.vision.out_hidden_size} != text hidden_size "
+                             f"{self.text.hidden_size}")
+
+    @property
+    def head_variant(self) -> str:
+        if self.vistok_pred_use_mlp:  # takes precedence over the layernorm flag, as in the official builder
+            return "rmsnorm_mlp"
+        return "rmsnorm_linear" if self.vistok_pred_layernorm else "linear"
+
+    @property
+    def head_out(self) -> int:
+        v = self.vision
+        return v.levels * v.merge_unit * v.bsq_dim * 2
+
+    @property
+    def downsample(self) -> int:
+        """Pixels per generated token side (patch 16 x merge 2 = 32)."""
+        return self.vision.patch_size * self.vision.spatial_merge_size
+
+    def with_head_variant(self, variant: str) -> "UniARConfig":
+        if variant not in HEAD_VARIANTS:
+            raise ValueError(f"unknown head variant {variant!r}, expected one of {HEAD_VARIANTS}")
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["vistok_pred_use_mlp"] = variant == "rmsnorm_mlp"
+        d["vistok_pred_layernorm"] = variant == "rmsnorm_linear"
+        return UniARConfig(**d)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "UniARConfig":
+        """Reads the root `config.json` dict of a checkpoint; unknown keys are ignored."""
+        names = {f.name for f in fields(cls)} - {"text", "vision"}
+        kw = {k: v for k, v in d.items() if k in names}
+        if "text_config" not in d or "vision_config" not in d:
+            raise ValueError("config dict needs 'text_config' and 'vision_config' (root config.json format)")
+        return cls(text=TextConfig.from_dict(d["text_config"]), vision=bsq.VisionConfig.from_dict(d["vision_config"]),
+                   **kw)
+
+    @classmethod
+    def from_file(cls, path) -> "UniARConfig":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    @classmethod
+    def tiny(cls) -> "UniARConfig":
+        return cls(image_token_id=310, video_token_id=311, vision_start_token_id=312, vision_end_token_id=313,
+                   visual_transformer_decoder_depth=2, text=TextConfig.tiny(), vision=bsq.VisionConfig.tiny())
+
+
+def head_variant_from_keys(keys) -> str:
+    """Which bit head a state dict holds, from its `output_layer_vistok.*` keys."""
+    keys = {k for k in keys if k.startswith("output_layer_vistok.")}
+    if keys == {"output_layer_vistok.weight"}:
+        return "linear"
+    if keys == {"output_layer_vistok.0.weight", "output_layer_vistok.1.weight"}:
+        return "rmsnorm_linear"
+    if keys == {"output_layer_vistok.0.weight", "output_layer_vistok.1.weight", "output_layer_vistok.3.weight"}:
+        return "rmsnorm_mlp"
+    raise ValueError(f"unrecognised output_layer_vistok keys {sorted(keys)}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Text decoder (Qwen3-VL)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # statistics in fp32, cast back before the weight (Qwen3 order)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def mrope_inv_freq(cfg: TextConfig) -> torch.Tensor:
+    return 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.int64).float() / cfg.head_dim))
+
+
+def mrope_cos_sin(pos_ids: torch.Tensor, inv_freq: torch.Tensor, section: Sequence[int], dtype):
+    """Interleaved multimodal RoPE. pos_ids (3, B, T) (t, h, w) -> cos, sin (B, T, hd).
+
+    Frequency j uses the h position if j % 3 == 1 and j < 3 * section[1], the w position if j % 3 == 2 and
+    j < 3 * section[2], the t position otherwise (Qwen3-VL's interleaved layout THWTHW...TT).
+    """
+    freqs = pos_ids.float()[..., None] * inv_freq.float().to(pos_ids.device)  # (3, B, T, hd/2)
+    out = freqs[0].clone()
+    for axis, offset in ((1, 1), (2, 2)):
+        sl = slice(offset, section[axis] * 3, 3)
+        out[..., sl] = freqs[axis, ..., sl]
+    emb = torch.cat([out, out], dim=-1)  # (B, T, hd)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def attention_mask(q_start: int, T: int, key_valid: torch.Tensor) -> torch.Tensor:
+    """Causal + key-padding mask, True = attend. key_valid (B, S) bool -> (B, 1, T, S).
+
+    Query t sits at absolute index q_start + t. A query always sees its own key, so left-padding rows (which see no
+    valid key) stay finite instead of turning into NaN.
+    """
+    S = key_valid.shape[1]
+    q_idx = torch.arange(q_start, q_start + T, device=key_valid.device)[:, None]
+    k_idx = torch.arange(S, device=key_valid.device)[None, :]
+    allowed = (k_idx <= q_idx)[None] & key_valid[:, None, :]
+    allowed = allowed | (k_idx == q_idx)[None]
+    return allowed[:, None]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Every attention of the text model and the visual-decoder stack goes through here.
+
+    q (B, H, T, hd), k/v (B, Hk, S, hd) (grouped-query: each kv head serves H / Hk query heads), mask (B, 1, T, S)
+    bool -> (B, H, T, hd). Scale hd^-0.5.
+    """
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class KVCache:
+    """Static per-layer key/value cache with a length pointer (gpt-fast style).
+
+    k, v: (n_layers, B, Hk, S_max, hd); `valid` (B, S_max) marks which cached keys are real tokens (left padding).
+    A forward pass writes its T new keys at [length, length + T) in every layer, then advances `length`.
+    """
+
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
+                 device=None, dtype=torch.float32):
+        self.k = torch.zeros(n_layers, batch, n_kv_heads, max_len, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.length = 0
+
+    @classmethod
+    def for_layers(cls, n_layers: int, cfg: TextConfig, batch: int, max_len: int, device=None, dtype=torch.float32):
+        return cls(n_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim, device, dtype)
+
+    def begin(self, key_valid: torch.Tensor) -> torch.Tensor:
+        """Register the validity of T new tokens; returns the validity of all keys they attend to, (B, length + T)."""
+        T = key_valid.shape[1]
+        if self.length + T > self.k.shape[3]:
+            raise ValueError(f"KV cache overflow: {self.length} + {T} tokens > max_len {self.k.shape[3]}")
+        self.valid[:, self.length:self.length + T] = key_valid
+        return self.valid[:, :self.length + T]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        T = k.shape[2]
+        self.k[layer, :, :, self.length:self.length + T] = k
+        self.v[layer, :, :, self.length:self.length + T] = v
+        return self.k[layer, :, :, :self.length + T], self.v[layer, :, :, :self.length + T]
+
+    def advance(self, T: int):
+        self.length += T
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        H, Hk, hd, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
+        self.n_heads, self.n_kv, self.head_dim = H, Hk, hd
+        self.q_proj = nn.Linear(D, H * hd, bias=False)
+        self.k_proj = nn.Linear(D, Hk * hd, bias=False)
+        self.v_proj = nn.Linear(D, Hk * hd, bias=False)
+        self.o_proj = nn.Linear(H * hd, D, bias=False)
+        self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache: Optional[KVCache] = None, layer: int = 0):
+        B, T, _ = x.shape
+        # per-head RMSNorm on q and k BEFORE RoPE (Qwen3)
+        q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.head_dim)).transpose(1, 2)  # (B, Hk, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        c, s = cos[:, None], sin[:, None]  # (B, 1, T, hd)
+        q = q * c + rotate_half(q) * s
+        k = k * c + rotate_half(k) * s
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, Hk, S, hd)
+        y = attention(q, k, v, mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def run_stack(layers, x, cos, sin, key_valid, cache: Optional[KVCache] = None, visual_mask=None, deepstack=None):
+    """A causal stack of decoder layers over T new tokens. key_valid (B, T) bool marks real tokens.
+
+    With a cache the new tokens attend to everything cached before them. DeepStack (Qwen3-VL): after layer i, for
+    i < len(deepstack), the i-th extra visual feature is added at the visual positions (visual_mask (B, T) bool;
+    deepstack[i] (n_visual, D) in order of the visual positions).
+    """
+    T = x.shape[1]
+    if cache is not None:
+        start = cache.length
+        key_valid = cache.begin(key_valid)
+    else:
+        start = 0
+    mask = attention_mask(start, T, key_valid)
+    for i, layer in enumerate(layers):
+        x = layer(x, cos, sin, mask, cache, i)
+        if deepstack is not None and i < len(deepstack):
+            x = x.clone()
+            x[visual_mask] = x[visual_mask] + deepstack[i].to(x.dtype)
+    if cache is not None:
+        cache.advance(T)
+    return x
+
+
+class TextModel(nn.Module):
+    """`model.language_model`: embeddings, decoder layers, final norm."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def rope(self, pos_ids: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # recomputed per call (hd/2 values) rather than a buffer, so a meta-built model loaded with assign=True
+        # has nothing left on the meta device
+        return mrope_cos_sin(pos_ids, mrope_inv_freq(self.cfg), self.cfg.mrope_section, dtype)
+
+    def forward(self, x, pos_ids, key_valid, cache=None, visual_mask=None, deepstack=None):
+        """Embeddings x (B, T, D) -> last layer's states (B, T, D) BEFORE the final norm (the bit head's input)."""
+        cos, sin = self.rope(pos_ids, x.dtype)
+        return run_stack(self.layers, x, cos, sin, key_valid, cache, visual_mask, deepstack)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 3-D position ids
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def get_rope_index(input_ids: torch.Tensor, image_grid_thw: Optional[torch.Tensor], attention_mask: torch.Tensor,
+                   cfg: UniARConfig) -> torch.Tensor:
+    """MRoPE position ids (3, B, T) for text and images, left padding (padding positions get 1).
+
+    Text continues at (previous max + 1) on all three axes; an image with patch grid (t, h, w) becomes a
+    (t, h/2, w/2) block of tokens with ids (s + t_i, s + r, s + c), s = the id right after the preceding text.
+    image_grid_thw (n_images, 3) is consumed in order over the rows (edit mode: [input, output] per row).
+    """
+    B, T = input_ids.shape
+    ms = cfg.vision.spatial_merge_size
+    pos = torch.ones(3, B, T, dtype=torch.int64, device=input_ids.device)
+    grids = [] if image_grid_thw is None else [tuple(int(v) for v in g) for g in image_grid_thw.tolist()]
+    gi = 0
+    for b in range(B):
+        keep = attention_mask[b].bool()
+        toks = input_ids[b][keep].tolist()
+        if cfg.video_token_id in toks:
+            raise ValueError(f"row {b}: video tokens (id {cfg.video_token_id}) are not supported")
+        chunks, st, nxt = [], 0, 0
+        while True:
+            try:
+                ed = toks.index(cfg.image_token_id, st)
+            except ValueError:
+                break
+            if ed == 0 or toks[ed - 1] != cfg.vision_start_token_id:
+                raise ValueError(f"row {b}: image token at {ed} is not announced by <|vision_start|>")
+            if gi >= len(grids):
+                raise ValueError(f"row {b}: more images in input_ids than rows in image_grid_thw ({len(grids)})")
+            t, h, w = grids[gi]
+            gi += 1
+            gh, gw = h // ms, w // ms
+            n = t * gh * gw
+            if toks[ed:ed + n] != [cfg.image_token_id] * n:
+                raise ValueError(f"row {b}: image {gi - 1} with grid {(t, h, w)} needs {n} consecutive image tokens")
+            text = torch.arange(ed - st) + nxt
+            chunks.append(text.expand(3, -1))
+            s = nxt + ed - st
+            ti = torch.arange(t).view(-1, 1, 1).expand(t, gh, gw).flatten()
+            hi = torch.arange(gh).view(1, -1, 1).expand(t, gh, gw).flatten()
+            wi = torch.arange(gw).view(1, 1, -1).expand(t, gh, gw).flatten()
+            img = torch.stack([ti, hi, wi]) + s
+            chunks.append(img)
+            nxt = int(img.max()) + 1
+            st = ed + n
+        if st < len(toks):
+            chunks.append((torch.arange(len(toks) - st) + nxt).expand(3, -1))
+        if chunks:
+            pos[:, b, keep] = torch.cat(chunks, dim=1).to(pos.device)
+    if gi != len(grids):
+        raise ValueError(f"image_grid_thw has {len(grids)} rows but input_ids contain {gi} images")
+    return pos
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# UniAR
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class Backbone(nn.Module):
+    """`model`: the vision tower (`visual`) and the language model (`language_model`)."""
+
+    def __init__(self, cfg: UniARConfig):
+        super().__init__()
+        self.visual = bsq.VisionModel(cfg.vision)
+        self.language_model = TextModel(cfg.text)
+
+
+def build_vistok_head(cfg: UniARConfig) -> nn.Module:
+    """The bit head: D -> O = L * U * d * 2 logits, in one of the three released variants (all bias-free)."""
+    D, O, eps = cfg.text.hidden_size, cfg.head_out, cfg.text.rms_norm_eps
+    if cfg.head_variant == "rmsnorm_mlp":
+        return nn.Sequential(RMSNorm(D, eps), nn.Linear(D, cfg.vistok_mlp_dim, bias=False), nn.GELU(approximate="tanh"),
+                             nn.Linear(cfg.vistok_mlp_dim, O, bias=False))
+    if cfg.head_variant == "rmsnorm_linear":
+        return nn.Sequential(RMSNorm(D, eps), nn.Linear(D, O, bias=False))
+    return nn.Linear(D, O, bias=False)
+
+
+class UniAR(nn.Module):
+    """The released `UniARForConditionalGeneration` module tree: keys load with `load_state_dict(strict=True)`."""
+
+    def __init__(self, cfg: UniARConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        self.output_layer_vistok = build_vistok_head(cfg)
+        self.visual_decoder = nn.ModuleList(DecoderLayer(cfg.text) for _ in range(cfg.visual_transformer_decoder_depth))
+
+    @property
+    def visual(self) -> bsq.VisionModel:
+        return self.model.visual
+
+    @property
+    def language_model(self) -> TextModel:
+        return self.model.language_model
+
+    @property
+    def bits_shape(self) -> tuple[int, int, int]:
+        v = self.cfg.vision
+        return v.levels, v.merge_unit, v.bsq_dim
+
+    # ----- building blocks -----
+    def embed_prefix(self, input_ids, pixel_values=None, image_grid_thw=None):
+        """Token embeddings with input images spliced in at the image placeholders.
+
+        Returns (x (B, T, D), visual_mask (B, T) bool or None, deepstack list or None).
+        """
+        x = self.language_model.embed_tokens(input_ids)
+        img = input_ids == self.cfg.image_token_id
+        n_img_tokens = self.check_prefix_images(input_ids, pixel_values, image_grid_thw)
+        if pixel_values is None:
+            return x, None, None
+        main, deep = self.visual(pixel_values.to(x.dtype), image_grid_thw)  # (M, D), (L-1) x (M, D)
+        if main.shape[0] != n_img_tokens:
+            raise ValueError(f"the images give {main.shape[0]} tokens but input_ids hold {n_img_tokens} image "
+                             "placeholders (an image where none is expected, or a wrong grid)")
+        x = x.masked_scatter(img[..., None].expand_as(x), main.to(x.dtype))
+        return x, img, deep
+
+    def check_prefix_images(self, input_ids, pixel_values, image_grid_thw) -> int:
+        """Placeholders and pixels must come together; returns the number of image placeholders."""
+        n = int((input_ids == self.cfg.image_token_id).sum())
+        if pixel_values is None:
+            if n:
+                raise ValueError(f"input_ids contain {n} image tokens (id {self.cfg.image_token_id}) "
+                                 "but no pixel_values were given")
+            if image_grid_thw is not None:
+                raise ValueError("image_grid_thw given without pixel_values")
+        else:
+            if image_grid_thw is None:
+                raise ValueError("pixel_values given without image_grid_thw")
+            if n == 0:
+                raise ValueError("pixel_values given but input_ids hold no image placeholders (an image where "
+                                 "none is expected)")
+        return n
+
+    def vistok_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Bit head on visual-decoder states (..., D) -> (..., L, U, d, 2)."""
+        return self.output_layer_vistok(h).view(*h.shape[:-1], *self.bits_shape, 2)
+
+    def text_logits(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None):
+        """Understanding forward (no cache): final norm + lm_head on every position. -> (B, T, V)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        x, vmask, deep = self.embed_prefix(input_ids, pixel_values, image_grid_thw)
+        pos = get_rope_index(input_ids, image_grid_thw, attention_mask, self.cfg)
+        h = self.language_model(x, pos, attention_mask.bool(), None, vmask, deep)
+        return self.lm_head(self.language_model.norm(h))
+
+    def teacher_forced_logits(self, prefix_ids, attention_mask, bits, grid_hw, pixel_values=None,
+                              image_grid_thw=None):
+        """Per-bit logits of given image bits, the path training and GRPO use (official forward(is_vistok_pred)).
+
+        prefix_ids (B, Lp) left padded, ending in <|vision_start|>; bits (B, N, L, U, d) of an image whose token
+        grid is grid_hw = (h, w), h * w = N. -> (B, N, L, U, d, 2): position p predicts image token p (the
+        <|vision_start|> state predicts token 0). Optional input images in the prefix (edit).
+        """
+        B, Lp = prefix_ids.shape
+        gh, gw = grid_hw
+        N = gh * gw
+        self.check_prefix_images(prefix_ids, pixel_values, image_grid_thw)
+        if tuple(bits.shape) != (B, N, *self.bits_shape):
+            raise ValueError(f"bits must be (B={B}, N={N}, {self.bits_shape}), got {tuple(bits.shape)}")
+        x, vmask, deep = self.embed_prefix(prefix_ids, pixel_values, image_grid_thw)
+        gen_main, gen_deep = self.visual.bits_to_llm_features(bits)  # (B * N, D)
+        x = torch.cat([x, gen_main.to(x.dtype).view(B, N, -1)], dim=1)
+        ids_all, mask_all, grids = self.append_image_placeholders(prefix_ids, attention_mask, N, gh, gw, image_grid_thw)
+        pos = get_rope_index(ids_all, grids, mask_all, self.cfg)
+        vm = torch.zeros(B, Lp + N, dtype=torch.bool, device=x.device)
+        if vmask is not None:
+            vm[:, :Lp] = vmask
+        vm[:, Lp:] = True
+        # DeepStack features in order of the visual positions: per row, its input image(s) then its image
+        counts = vm[:, :Lp].sum(1).tolist()
+        deep_all = [torch.cat([t for b, inp in enumerate(d_in.split(counts)) for t in (inp, d_gen.view(B, N, -1)[b])])
+                    for d_in, d_gen in zip(deep or [g[:0] for g in gen_deep], gen_deep)]
+        h = self.language_model(x, pos, mask_all.bool(), None, vm, deep_all)
+        cos, sin = self.language_model.rope(pos, h.dtype)
+        h = run_stack(self.visual_decoder, h, cos, sin, mask_all.bool())
+        return self.vistok_logits(h[:, Lp - 1:Lp - 1 + N])
+
+    def append_image_placeholders(self, prefix_ids, attention_mask, N, gh, gw, input_grids=None):
+        """prefix ⊕ N image placeholders, its mask, and the grid list for get_rope_index."""
+        B = prefix_ids.shape[0]
+        ids = torch.cat([prefix_ids, prefix_ids.new_full((B, N), self.cfg.image_token_id)], dim=1)
+        mask = torch.cat([attention_mask, attention_mask.new_ones(B, N)], dim=1)
+        ms = self.cfg.vision.spatial_merge_size
+        out = torch.tensor([[1, gh * ms, gw * ms]], dtype=torch.int64)
+        if input_grids is None:
+            return ids, mask, out.expand(B, 3)
+        # per row: its input image grid(s) then its output grid (official edit-mode interleaving)
+        img_per_row = ((prefix_ids == self.cfg.vision_start_token_id)
+                       & (prefix_ids.roll(-1, 1) == self.cfg.image_token_id)).sum(1).tolist()
+        rows, i = [], 0
+        for b in range(B):
+            rows.append(input_grids[i:i + img_per_row[b]].cpu())
+            i += img_per_row[b]
+            rows.append(out)
+        return ids, mask, torch.cat(rows)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def cfg_guide(logits: torch.Tensor, cfg: float) -> torch.Tensor:
+    """Classifier-free guidance on logits: rows [cond; uncond] -> guided logits for both halves."""
+    if cfg <= 1.0:
+        return logits
+    c, u = logits.chunk(2, dim=0)
+    g = u + cfg * (c - u)
+    return torch.cat([g, g], dim=0)
+
+
+def sample_bits(logits: torch.Tensor, temperature: float, generator=None) -> torch.Tensor:
+    """Per-bit sampling, (..., 2) logits -> (...) int64 bits: one `torch.multinomial` over all bits of all rows,
+    in the official order, so a seeded run reproduces the official draws."""
+    probs = (logits / temperature).flatten(0, -2).softmax(-1)  # (n_bits, 2)
+    return torch.multinomial(probs, 1, generator=generator).view(logits.shape[:-1])
+
+
+@dataclass
+class ImageGeneration:
+    bits: torch.Tensor  # (B, N, L, U, d) int64, the conditional rows
+    indices: torch.Tensor  # (B, N, L, U) int64
+    step_logits: Optional[torch.Tensor] = None  # (B_all, N, O) before guidance, every row
+
+
+def check_generation_args(model: UniAR, prefix_len: int, ar_height: int, ar_width: int, cfg: float,
+                          temperature: float) -> tuple[int, int]:
+    ds = model.cfg.downsample
+    if ar_height <= 0 or ar_width <= 0 or ar_height % ds or ar_width % ds:
+        raise ValueError(f"AR size {ar_height}x{ar_width} must be positive multiples of {ds} px")
+    if cfg < 1.0 or not math.isfinite(cfg):
+        raise ValueError(f"cfg must be >= 1 (1 = no guidance), got {cfg}")
+    if not temperature > 0 or not math.isfinite(temperature):
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    gh, gw = ar_height // ds, ar_width // ds
+    budget = model.cfg.text.max_position_embeddings
+    if prefix_len + gh * gw > budget:
+        raise ValueError(f"prompt of {prefix_len} tokens + {gh * gw} image tokens exceeds the position budget "
+                         f"max_position_embeddings={budget}")
+    return gh, gw
+
+
+@torch.no_grad()
+def generate_image(model: UniAR, prefix_ids: torch.Tensor, attention_mask: torch.Tensor, ar_height: int,
+                   ar_width: int, *, cfg: float = 1.0, temperature: float = 1.0, pixel_values=None,
+                   image_grid_thw=None, visual_decoder_cache: bool = True, generator=None,
+                   return_step_logits: bool = False) -> ImageGeneration:
+    """Parallel bitwise text-to-image (and editing) rollout: one AR step per 32-px token, all its bits at once.
+
+    prefix_ids / attention_mask (B_all, Lp), left padded, each row ending in <|vision_start|>; with cfg > 1 the rows
+    are [cond x B; uncond x B]. Edit mode: pixel_values / image_grid_thw of the input image of every row (in row
+    order) whose placeholders are in the prefix. `visual_decoder_cache=False` re-runs the visual-decoder stack over
+    the whole sequence at every step, like the official loop.
+    """
+    B_all, Lp = prefix_ids.shape
+    if attention_mask.shape != prefix_ids.shape:
+        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} != prefix_ids {tuple(prefix_ids.shape)}")
+    gh, gw = check_generation_args(model, Lp, ar_height, ar_width, cfg, temperature)
+    if cfg > 1.0 and B_all % 2:
+        raise ValueError(f"with cfg > 1 the batch must be [cond; uncond] rows, got an odd {B_all} rows")
+    N = gh * gw
+    model.check_prefix_images(prefix_ids, pixel_values, image_grid_thw)
+    lm, dev = model.language_model, prefix_ids.device
+    dtype = lm.embed_tokens.weight.dtype
+
+    ids_all, mask_all, grids = model.append_image_placeholders(prefix_ids, attention_mask, N, gh, gw, image_grid_thw)
+    pos_all = get_rope_index(ids_all, grids, mask_all, model.cfg)  # (3, B_all, Lp + N)
+    valid_all = mask_all.bool()
+
+    x, vmask, deep = model.embed_prefix(prefix_ids, pixel_values, image_grid_thw)
+    cache = KVCache.for_layers(len(lm.layers), model.cfg.text, B_all, Lp + N, dev, dtype)
+    h = lm(x, pos_all[:, :, :Lp], valid_all[:, :Lp], cache, vmask, deep)  # (B_all, Lp, D), pre-norm
+    vd_cache = KVCache.for_layers(len(model.visual_decoder), model.cfg.text, B_all, Lp + N, dev, dtype) \
+        if visual_decoder_cache else None
+    seq = h  # the pre-norm states the visual decoder reads (recompute mode keeps all of them)
+    bits_steps, logit_steps = [], []
+    for i in range(N):
+        if visual_decoder_cache:
+            start = vd_cache.length
+            cos, sin = lm.rope(pos_all[:, :, start:start + h.shape[1]], dtype)
+            out = run_stack(model.visual_decoder, h, cos, sin, valid_all[:, start:start + h.shape[1]], vd_cache)
+        else:
+            L = seq.shape[1]
+            cos, sin = lm.rope(pos_all[:, :, :L], dtype)
+            out = run_stack(model.visual_decoder, seq, cos, sin, valid_all[:, :L])
+        logits = model.output_layer_vistok(out[:, -1])  # (B_all, O)
+        if return_step_logits:
+            logit_steps.append(logits)
+        bits = sample_bits(cfg_guide(logits, cfg).view(B_all, *model.bits_shape, 2), temperature, generator)
+        bits_steps.append(bits)  # (B_all, L, U, d)
+        if i == N - 1:
+            break
+        # shared context: the sampled bits re-enter through the tokenizer's output projections + mergers
+        main, ds = model.visual.bits_to_llm_features(bits)  # (B_all, D), (L-1) x (B_all, D)
+        p = Lp + i
+        h = lm(main.to(dtype)[:, None], pos_all[:, :, p:p + 1], valid_all[:, p:p + 1], cache,
+               torch.ones(B_all, 1, dtype=torch.bool, device=dev), ds)
+        if not visual_decoder_cache:
+            seq = torch.cat([seq, h], dim=1)
+    bits = torch.stack(bits_steps, dim=1)  # (B_all, N, L, U, d)
+    if cfg > 1.0:
+        bits = bits[: B_all // 2]
+    step_logits = torch.stack(logit_steps, dim=1) if return_step_logits else None
+    return ImageGeneration(bits=bits, indices=bsq.bits_to_indexes(bits), step_logits=step_logits)
+
+
+@torch.no_grad()
+def generate_text(model: UniAR, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                  pixel_values=None, image_grid_thw=None, *, max_new_tokens: int = 64, stop_ids: Sequence[int] = (),
+                  temperature: float = 0.0, generator=None, use_cache: bool = True) -> list[list[int]]:
+    """Understanding: greedy (temperature 0) or sampled text decoding with a KV cache, each row stopping at one of
+    `stop_ids` (kept in its output). `use_cache=False` recomputes the whole sequence every step (the reference).
+    Returns the new token ids of each row."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    B, Lp = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    budget = model.cfg.text.max_position_embeddings
+    if Lp + max_new_tokens > budget:
+        raise ValueError(f"prompt of {Lp} tokens + {max_new_tokens} new tokens exceeds the position budget "
+                         f"max_position_embeddings={budget}")
+    lm, dev = model.language_model, input_ids.device
+    dtype = lm.embed_tokens.weight.dtype
+    pos = get_rope_index(input_ids, image_grid_thw, attention_mask, model.cfg)
+    next_pos = pos.amax(dim=(0, 2)) + 1  # (B,) text after the prompt continues on all three axes
+    x, vmask, deep = model.embed_prefix(input_ids, pixel_values, image_grid_thw)
+    cache = KVCache.for_layers(len(lm.layers), model.cfg.text, B, Lp + max_new_tokens, dev, dtype) \
+        if use_cache else None
+    valid = attention_mask.bool()
+    h = lm(x, pos, valid, cache, vmask, deep)
+    out = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    stop = torch.tensor(list(stop_ids), dtype=torch.int64, device=dev)
+    for step in range(max_new_tokens):
+        logits = model.lm_head(lm.norm(h[:, -1])).float()  # (B, V)
+        if temperature == 0:
+            tok = logits.argmax(-1)
+        else:
+            tok = torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator)[:, 0]
+        for b in range(B):
+            if not done[b]:
+                out[b].append(int(tok[b]))
+        done = done | torch.isin(tok, stop)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        p = (next_pos + step).view(1, B, 1).expand(3, B, 1)
+        e = lm.embed_tokens(tok[:, None])
+        if use_cache:
+            h = lm(e, p, torch.ones(B, 1, dtype=torch.bool, device=dev), cache)
+        else:
+            x = torch.cat([x, e], dim=1)
+            pos = torch.cat([pos, p], dim=2)
+            valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool, device=dev)], dim=1)
+            h = lm(x, pos, valid, None, None if vmask is None else F.pad(vmask, (0, x.shape[1] - vmask.shape[1])),
+                   deep)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tokenizer and prompt templates
+# ---------------------------------------------------------------------------------------------------------------------
+
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+VISION_START, VISION_END, IMAGE_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"
+
+
+class Tokenizer:
+    """The checkpoint's byte-level BPE (`tokenizer.json`) with special tokens read from its config files."""
+
+    def __init__(self, folder):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        folder = Path(folder)
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            raise ValueError(f"no tokenizer.json in {folder}")
+        self.tk = HFTokenizer.from_file(str(path))
+        specials = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):  # tokenizer_config wins, like HF
+            p = folder / name
+            if p.is_file():
+                with open(p) as f:
+                    d = json.load(f)
+                specials.update({k: d[k]["content"] if isinstance(d[k], dict) else d[k]
+                                 for k in ("pad_token", "eos_token") if d.get(k)})
+        self._added = {}
+        if (folder / "added_tokens.json").is_file():
+            with open(folder / "added_tokens.json") as f:
+                self._added = json.load(f)
+        if "pad_token" not in specials or "eos_token" not in specials:
+            raise ValueError(f"{folder}: pad_token / eos_token not found in tokenizer_config.json or "
+                             "special_tokens_map.json")
+        self.pad_token, self.eos_token = specials["pad_token"], specials["eos_token"]
+        self.pad_id, self.eos_id = self.token_id(self.pad_token), self.token_id(self.eos_token)
+        for t in (IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD):
+            self.token_id(t)
+
+    def token_id(self, token: str) -> int:
+        i = self._added.get(token, self.tk.token_to_id(token))
+        if i is None:
+            raise ValueError(f"token {token!r} is not in the tokenizer")
+        return int(i)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def batch(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokenize and LEFT pad with the pad token -> ids, attention_mask (B, T) int64."""
+        seqs = [self.encode(t) for t in texts]
+        T = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), T), self.pad_id, dtype=torch.int64)
+        mask = torch.zeros((len(seqs), T), dtype=torch.int64)
+        for b, s in enumerate(seqs):
+            if s:
+                ids[b, T - len(s):] = torch.tensor(s)
+                mask[b, T - len(s):] = 1
+        return ids, mask
+
+
+def image_placeholder(n_tokens: int) -> str:
+    return VISION_START + IMAGE_PAD * n_tokens + VISION_END
+
+
+def render_generation_prompt(prompt: str, grid_h: int, grid_w: int, input_image_tokens: Optional[int] = None) -> str:
+    """UniAR's generation template: user turn = prompt [+ input image] + '<image_gen> generate image {h} {w}' (no
+    separator), the assistant turn opened, then <|vision_start|> announces the image to generate."""
+    image = "" if input_image_tokens is None else image_placeholder(input_image_tokens)
+    return (f"{IM_START}user\n{prompt}{image}<image_gen> generate image {grid_h} {grid_w}{IM_END}\n"
+            f"{IM_START}assistant\n{VISION_START}")
+
+
+def render_chat_prompt(question: str, image_tokens: Optional[int] = None) -> str:
+    """Understanding: one user turn with the image first, then the question; the assistant turn opened."""
+    image = "" if image_tokens is None else image_placeholder(image_tokens)
+    return f"{IM_START}user\n{image}{question}{IM_END}\n{IM_START}assistant\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# High-level API (sample.py)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _generator(seed: Optional[int], device) -> Optional[torch.Generator]:
+    # same stream as torch.manual_seed(seed) right before the call
+    return None if seed is None else torch.Generator(device=device).manual_seed(int(seed))
+
+
+def build_generation_batch(model: UniAR, tokenizer: Tokenizer, prompts: Sequence[str], ar_height: int, ar_width: int,
+                           cfg: float, input_images=None):
+    """Render + tokenize [cond prompts; empty prompts (if cfg > 1)], left padded. With input images (edit), every row
+    carries its image (resized to the AR size), CFG guides over the text only.
+    Returns ids, mask, pixel_values or None, image_grid_thw or None."""
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
+    gh, gw = check_generation_args(model, 0, ar_height, ar_width, cfg, 1.0)
+    rows = list(prompts) + ([""] * len(prompts) if cfg > 1.0 else [])
+    if input_images is None:
+        texts = [render_generation_prompt(p, gh, gw) for p in rows]
+        ids, mask = tokenizer.batch(texts)
+        return ids, mask, None, None
+    if len(input_images) != len(prompts):
+        raise ValueError(f"{len(input_images)} input images for {len(prompts)} prompts")
+    v = model.cfg.vision
+    pre = [bsq.preprocess_image(im, size=(ar_height, ar_width), patch_size=v.patch_size,
+                                merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size)
+           for im in input_images]
+    pre = pre + (pre if cfg > 1.0 else [])
+    texts = [render_generation_prompt(p, gh, gw, int(g[0].prod()) // v.merge_unit) for p, (_, g) in zip(rows, pre)]
+    ids, mask = tokenizer.batch(texts)
+    return ids, mask, torch.cat([pv for pv, _ in pre]), torch.cat([g for _, g in pre])
+
+
+def generate_bits(model: UniAR, tokenizer: Tokenizer, prompts, *, ar_height: int = 512, ar_width: int = 512,
+                  cfg: float = 1.5, temperature: float = 1.0, seed: Optional[int] = None, input_images=None,
+                  visual_decoder_cache: bool = True) -> torch.Tensor:
+    """Prompts (strings, or a (ids, mask) pair already in [cond; uncond] layout) -> bits (B, N, L, U, d) int64."""
+    dev = next(model.parameters()).device
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if isinstance(prompts, tuple) and len(prompts) == 2 and isinstance(prompts[0], torch.Tensor):
+        ids, mask = prompts
+        pv = grid = None
+    else:
+        ids, mask, pv, grid = build_generation_batch(model, tokenizer, prompts, ar_height, ar_width, cfg,
+                                                     input_images)
+    out = generate_image(model, ids.to(dev), mask.to(dev), ar_height, ar_width, cfg=cfg, temperature=temperature,
+                         pixel_values=None if pv is None else pv.to(dev), image_grid_thw=grid,
+                         visual_decoder_cache=visual_decoder_cache, generator=_generator(seed, dev))
+    return out.bits
+
+
+def answer(model: UniAR, tokenizer: Tokenizer, image, question: str, *, max_new_tokens: int = 256,
+           temperature: float = 0.0, seed: Optional[int] = None) -> str:
+    """Understanding: image (PIL / uint8 array / path, or None) + question -> answer text (greedy by default)."""
+    dev = next(model.parameters()).device
+    v = model.cfg.vision
+    pv = grid = n_img = None
+    if image is not None:
+        pv, grid = bsq.preprocess_image(image, patch_size=v.patch_size, merge_size=v.spatial_merge_size,
+                                        temporal_patch_size=v.temporal_patch_size)
+        n_img = int(grid[0].prod()) // v.merge_unit
+        pv = pv.to(dev)
+    ids, mask = tokenizer.batch([render_chat_prompt(question, n_img)])
+    new = generate_text(model, ids.to(dev), mask.to(dev), pv, grid, max_new_tokens=max_new_tokens,
+                        stop_ids=sorted({tokenizer.eos_id, tokenizer.token_id(IM_END)}), temperature=temperature,
+                        generator=_generator(seed, dev))
+    return tokenizer.decode(new[0])
