@@ -640,7 +640,7 @@ def check_generation_args(model: UniAR, prefix_len: int, ar_height: int, ar_widt
 def generate_image(model: UniAR, prefix_ids: torch.Tensor, attention_mask: torch.Tensor, ar_height: int,
                    ar_width: int, *, cfg: float = 1.0, temperature: float = 1.0, pixel_values=None,
                    image_grid_thw=None, visual_decoder_cache: bool = True, generator=None,
-                   return_step_logits: bool = False) -> ImageGeneration:
+                   return_step_logits: bool = False, progress: bool = False) -> ImageGeneration:
     """Parallel bitwise text-to-image (and editing) rollout: one AR step per 32-px token, all its bits at once.
 
     prefix_ids / attention_mask (B_all, Lp), left padded, each row ending in <|vision_start|>; with cfg > 1 the rows
@@ -670,7 +670,12 @@ def generate_image(model: UniAR, prefix_ids: torch.Tensor, attention_mask: torch
         if visual_decoder_cache else None
     seq = h  # the pre-norm states the visual decoder reads (recompute mode keeps all of them)
     bits_steps, logit_steps = [], []
-    for i in range(N):
+    steps = range(N)
+    if progress:
+        from tqdm import tqdm
+
+        steps = tqdm(steps, desc="AR steps", unit="tok")
+    for i in steps:
         if visual_decoder_cache:
             start = vd_cache.length
             cos, sin = lm.rope(pos_all[:, :, start:start + h.shape[1]], dtype)
@@ -872,7 +877,7 @@ def build_generation_batch(model: UniAR, tokenizer: Tokenizer, prompts: Sequence
 
 def generate_bits(model: UniAR, tokenizer: Tokenizer, prompts, *, ar_height: int = 512, ar_width: int = 512,
                   cfg: float = 1.5, temperature: float = 1.0, seed: Optional[int] = None, input_images=None,
-                  visual_decoder_cache: bool = True) -> torch.Tensor:
+                  visual_decoder_cache: bool = True, progress: bool = False) -> torch.Tensor:
     """Prompts (strings, or a (ids, mask) pair already in [cond; uncond] layout) -> bits (B, N, L, U, d) int64."""
     dev = next(model.parameters()).device
     if isinstance(prompts, str):
@@ -885,7 +890,8 @@ def generate_bits(model: UniAR, tokenizer: Tokenizer, prompts, *, ar_height: int
                                                      input_images)
     out = generate_image(model, ids.to(dev), mask.to(dev), ar_height, ar_width, cfg=cfg, temperature=temperature,
                          pixel_values=None if pv is None else pv.to(dev), image_grid_thw=grid,
-                         visual_decoder_cache=visual_decoder_cache, generator=_generator(seed, dev))
+                         visual_decoder_cache=visual_decoder_cache, generator=_generator(seed, dev),
+                         progress=progress)
     return out.bits
 
 
