@@ -31,7 +31,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -432,7 +431,7 @@ class VisionModel(nn.Module):
             raise ValueError(f"bits must end in (levels={L}, merge_unit={U}, bsq_dim={d}), got {tuple(bits.shape)}")
         if bits.dtype.is_floating_point and not torch.isfinite(bits).all():
             raise ValueError("bits contain NaN or inf")
-        return bits_to_codes(bits.reshape(-1, L, U, d), self.patch_embed.proj.weight.dtype)  # (M, L, U, d)
+        return bits_to_codes(bits.reshape(-1, L, U, d), self.bsq_output_proj.linear_fc1.weight.dtype)  # (M, L, U, d)
 
     def bits_to_llm_features(self, bits: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Bits (..., L, U, d) -> main (M, Co), DeepStack L - 1 x (M, Co): how generated tokens are read back."""

@@ -16,6 +16,7 @@ copies of the weights.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -267,7 +268,7 @@ def load_vision(folder, *, dtype=None, device="cpu", decoder_only: bool = False)
     return model.eval()
 
 
-def vision_config(d: dict, where) -> "bsq.VisionConfig":
+def vision_config(d: dict, where):
     import bsq
 
     if d.get("use_bsq", True) is not True:
@@ -325,6 +326,98 @@ def load_ar(root, *, dtype=None, device="cpu"):
     except ValueError as e:
         raise CheckpointError(f"{root}: tokenizer files: {e}") from None
     return net.eval(), tok
+
+
+# The VAE file holds the whole AutoencoderKL; decoding needs only its `decoder.*` half, so the encoder half is dropped
+# on purpose. (A VAE with post_quant_conv weights is reported as unexpected keys: only the SD3 VAE is supported.)
+VAE_KEYMAP = KeyMap(drop=[r"encoder\..*", r"quant_conv\..*"])
+# T5 stores one embedding table under two tied names; files may hold either or both.
+T5_KEYMAP = KeyMap(alias={"encoder.embed_tokens.weight": "shared.weight", "shared.weight": "encoder.embed_tokens.weight"})
+
+
+def _pipeline_dir(root) -> Path:
+    root = Path(root)
+    for cand in (root / "sd3_pipeline", root):
+        if (cand / "vae").is_dir() and (cand / "scheduler").is_dir():
+            return cand
+    raise CheckpointError(f"SD3 pipeline parts not found: expected {root / 'sd3_pipeline'}/vae/ and scheduler/\n"
+                          f"{EXPECTED_LAYOUT}")
+
+
+def _part(factory_cfg, folder: Path, where: str):
+    try:
+        return factory_cfg(read_config(folder / "config.json"))
+    except (TypeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{folder / 'config.json'}: invalid {where} config ({e})") from None
+
+
+def load_text_encoders(pipeline_dir, *, dtype=torch.float32, device="cpu", max_sequence_length: int = 256) -> dict:
+    """The SD3 pipeline's text encoders and tokenizers: {"clip_l", "clip_g", "t5"} -> (model, tokenizer); "t5" is
+    None when the pipeline has no text_encoder_3/ (SD3 then uses zeros for the T5 part)."""
+    import text_encoders as TE
+
+    root = Path(pipeline_dir)
+    out = {}
+    for name, enc, tok, cls, ccls, km in (
+            ("clip_l", "text_encoder", "tokenizer", TE.CLIPTextModel, TE.CLIPTextConfig, None),
+            ("clip_g", "text_encoder_2", "tokenizer_2", TE.CLIPTextModel, TE.CLIPTextConfig, None),
+            ("t5", "text_encoder_3", "tokenizer_3", TE.T5Encoder, TE.T5Config, T5_KEYMAP)):
+        if not (root / enc).is_dir():
+            if name == "t5":
+                out[name] = None
+                continue
+            raise CheckpointError(f"{root}: missing {enc}/ (the decoder prompt is encoded once with it, then cached)"
+                                  f"\n{EXPECTED_LAYOUT}")
+        cfg = _part(ccls.from_dict, root / enc, name)
+        model = build_on_meta(lambda: cls(cfg))
+        load_weights(model, weight_files(root / enc), km, dtype=dtype, device=device, where=str(root / enc))
+        try:
+            tokenizer = TE.Tokenizer(root / tok, max_sequence_length if name == "t5" else None)
+        except ValueError as e:
+            raise CheckpointError(f"{root / tok}: {e}") from None
+        out[name] = (model.eval(), tokenizer)
+    return out
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("UNIAR_CACHE", Path.home() / ".cache" / "uniar"))
+
+
+def load_decoder(root, *, dtype=None, device="cpu", cache_dir=None, prompt_embeds=None):
+    """The decoder stage: `bsq_encoder/` (output projections only), `sd3_transformer/`, `sd3_pipeline/{vae,
+    scheduler}` -> decoder.Decoder. The fixed decoder prompt is embedded once by the pipeline's text encoders and
+    cached on disk (cache_dir, default $UNIAR_CACHE or ~/.cache/uniar); `prompt_embeds=(embeds, pooled)` skips that.
+    """
+    import decoder as D
+    import text_encoders as TE
+
+    root = Path(root)
+    vision = load_vision(root, dtype=dtype, device=device, decoder_only=True)
+    tdir = resolve_part(root, "sd3_transformer")
+    tcfg = _part(D.MMDiTConfig.from_dict, tdir, "transformer")
+    transformer = build_on_meta(lambda: D.MMDiT(tcfg))
+    load_weights(transformer, weight_files(tdir, "diffusion_pytorch_model"), dtype=dtype, device=device,
+                 where=str(tdir))
+    pipe = _pipeline_dir(root)
+    vcfg = _part(D.VAEConfig.from_dict, pipe / "vae", "VAE")
+    vae = build_on_meta(lambda: D.VAE(vcfg))
+    load_weights(vae, weight_files(pipe / "vae", "diffusion_pytorch_model"), VAE_KEYMAP, dtype=dtype, device=device,
+                 where=str(pipe / "vae"))
+    sched_path = pipe / "scheduler" / "scheduler_config.json"
+    try:
+        sched = D.SchedulerConfig.from_dict(read_config(sched_path))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{sched_path}: {e}") from None
+    if prompt_embeds is None:
+        prompt_embeds = TE.cached_prompt_embeds(pipe, cache_dir or default_cache_dir(), D.DECODER_PROMPT,
+                                                tcfg.joint_attention_dim, device=device)
+    pe, pooled = (t.to(device=device, dtype=dtype or t.dtype) for t in prompt_embeds)
+    try:
+        return D.Decoder(vision, transformer.eval(), vae.eval(), sched, pe, pooled).eval()
+    except ValueError as e:
+        raise CheckpointError(f"{root}: parts do not fit together ({e})") from None
 
 
 def default_dtype(device) -> torch.dtype:
