@@ -281,26 +281,39 @@ def encode_prompt(encoders: dict, prompts: Sequence[str], joint_dim: int, max_se
     return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1)
 
 
+def prompt_cache_path(pipeline_dir, cache_dir, prompt: str = DECODER_PROMPT, joint_dim: int = 4096,
+                      max_sequence_length: int = 256, dtype=torch.float32) -> Path:
+    """Where the embeddings of `prompt` for this pipeline folder (and encoder dtype) are cached."""
+    key = json.dumps([str(Path(pipeline_dir).resolve()), prompt, joint_dim, max_sequence_length, str(dtype)])
+    return Path(cache_dir) / f"prompt_{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
+
+
+def write_prompt_cache(path: Path, prompt_embeds: torch.Tensor, pooled: torch.Tensor) -> None:
+    """Written whole to a temporary file, then renamed: an interrupted run never leaves half a cache file."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({"prompt_embeds": prompt_embeds.float().cpu().contiguous(), "pooled": pooled.float().cpu().contiguous()},
+              str(tmp))
+    os.replace(tmp, path)
+
+
 def cached_prompt_embeds(pipeline_dir, cache_dir, prompt: str = DECODER_PROMPT, joint_dim: int = 4096,
-                         max_sequence_length: int = 256, device=None,
+                         max_sequence_length: int = 256, device="cpu",
                          dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """The fixed decoder prompt's embeddings (1, S, joint_dim), (1, pooled), computed once per (pipeline folder,
     prompt, encoder dtype) and stored as safetensors in cache_dir; later calls read the file and never load the text
     encoders. (The official pipeline encodes in its torch_dtype, bfloat16; float32 here unless dtype says so.)"""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
-    key = json.dumps([str(Path(pipeline_dir).resolve()), prompt, joint_dim, max_sequence_length, str(dtype)])
-    path = Path(cache_dir) / f"prompt_{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
+    path = prompt_cache_path(pipeline_dir, cache_dir, prompt, joint_dim, max_sequence_length, dtype)
     if not path.is_file():
         import load_hf  # the loader builds the encoders on the meta device and fills them from the files
 
         enc = load_hf.load_text_encoders(pipeline_dir, device=device, dtype=dtype,
                                          max_sequence_length=max_sequence_length)
-        pe, pooled = encode_prompt(enc, [prompt], joint_dim, max_sequence_length)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")  # written whole, then renamed: an interrupted run leaves no half file
-        save_file({"prompt_embeds": pe.float().cpu().contiguous(), "pooled": pooled.float().cpu().contiguous()},
-                  str(tmp), metadata={"key": key})
-        os.replace(tmp, path)
+        write_prompt_cache(path, *encode_prompt(enc, [prompt], joint_dim, max_sequence_length))
+        del enc
     t = load_file(str(path))
     return t["prompt_embeds"].to(device), t["pooled"].to(device)

@@ -102,3 +102,85 @@ def test_invalid_config_value(tmp_path, golden):
 
 def test_golden_dir_helper_points_at_fixtures():
     assert (golden_dir() / "golden.json").exists()
+
+
+# ----- the key maps against the full-size manifests -----
+
+def _manifest_cases():
+    import decoder
+    import model
+    import text_encoders as TE
+
+    return {
+        "ar_model": (lambda: model.UniAR(model.UniARConfig()), load_hf.AR_KEYMAP),
+        "bsq_encoder": (lambda: bsq.VisionModel(bsq.VisionConfig()), load_hf.KeyMap()),
+        "sd3_transformer.sd35_medium": (lambda: decoder.MMDiT(decoder.MMDiTConfig.sd35_medium()), load_hf.KeyMap()),
+        "sd3_transformer.sd3_medium": (lambda: decoder.MMDiT(decoder.MMDiTConfig.sd3_medium()), load_hf.KeyMap()),
+        "vae": (lambda: decoder.VAE(decoder.VAEConfig()), load_hf.VAE_KEYMAP),
+        "text_encoder.clip_l": (lambda: TE.CLIPTextModel(TE.CLIPTextConfig()), load_hf.KeyMap()),
+        "text_encoder_2.clip_g": (lambda: TE.CLIPTextModel(TE.CLIPTextConfig.bigg()), load_hf.KeyMap()),
+        "text_encoder_3.t5_xxl": (lambda: TE.T5Encoder(TE.T5Config()), load_hf.T5_KEYMAP),
+    }
+
+
+@pytest.mark.parametrize("name", list(_manifest_cases()))
+def test_key_maps_account_for_every_manifest_key(name):
+    from conftest import load_manifest
+
+    factory, keymap = _manifest_cases()[name]
+    module = load_hf.build_on_meta(factory)
+    manifest = load_manifest(name)
+    plan = load_hf.plan_load(load_hf.module_shapes(module), manifest, keymap, name)  # raises on any mismatch
+    used = set(plan.values())
+    assert all(k in used or keymap.dropped(k) for k in manifest), name
+    assert set(plan) == set(load_hf.module_shapes(module))
+
+
+def test_t5_tied_embedding_from_either_name():
+    import text_encoders as TE
+
+    module = load_hf.build_on_meta(lambda: TE.T5Encoder(TE.T5Config()))
+    shapes = load_hf.module_shapes(module)
+    for keep in ("shared.weight", "encoder.embed_tokens.weight"):
+        other = ({"shared.weight", "encoder.embed_tokens.weight"} - {keep}).pop()
+        plan = load_hf.plan_load(shapes, {k: v for k, v in shapes.items() if k != other}, load_hf.T5_KEYMAP)
+        assert plan[other] == keep
+
+
+# ----- the AR stage end to end through the public API -----
+
+def test_e2e_indices_through_load_hf_and_generate_bits(golden):
+    import model
+
+    net, tok = load_hf.load_ar(golden.dir)
+    s = golden.scenario("e2e")
+    ids, mask = tok.batch(s["rendered"])
+    assert torch.equal(ids, golden["e2e.prefix_ids"]) and torch.equal(mask, golden["e2e.attention_mask"])
+    bits = model.generate_bits(net, tok, s["prompt"], ar_height=s["ar_height"], ar_width=s["ar_width"], cfg=s["cfg"],
+                               temperature=s["temperature"], seed=s["seed"])
+    assert torch.equal(bsq.bits_to_indexes(bits), golden["e2e.indices"])
+
+
+def test_unknown_head_variant(tmp_path, golden):
+    root = tmp_path / "ckpt"
+    shutil.copytree(golden.dir, root, ignore=shutil.ignore_patterns("golden*", "sd3_*", "bsq_encoder"))
+    sd = load_file(str(root / "model.safetensors"))
+    sd = {("output_layer_vistok.7.weight" if k.startswith("output_layer_vistok.1") else k): v for k, v in sd.items()}
+    save_file(sd, str(root / "model.safetensors"))
+    with pytest.raises(load_hf.CheckpointError, match="unknown bit-head variant.*output_layer_vistok.7.weight"):
+        load_hf.load_ar(root)
+
+
+def test_ar_config_must_enable_generation(tmp_path, golden):
+    root = tmp_path / "ckpt"
+    shutil.copytree(golden.dir, root, ignore=shutil.ignore_patterns("golden*", "sd3_*", "bsq_encoder"))
+    cfg = json.loads((root / "config.json").read_text())
+    cfg["visual_transformer_decoder"] = False
+    (root / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(load_hf.CheckpointError, match="visual_transformer_decoder must be true"):
+        load_hf.load_ar(root)
+
+
+def test_missing_text_encoders_named(golden, tmp_path):
+    with pytest.raises(load_hf.CheckpointError, match=r"sd3_pipeline: missing text_encoder/"):
+        load_hf.load_decoder(golden.dir, cache_dir=tmp_path)
