@@ -245,11 +245,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     q (B, H, T, hd), k/v (B, Hk, S, hd) (grouped-query: each kv head serves H / Hk query heads), mask (B, 1, T, S)
     bool -> (B, H, T, hd). Scale hd^-0.5.
     """
-    rep = q.shape[1] // k.shape[1]
-    if rep > 1:
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
 class KVCache:
