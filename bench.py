@@ -1,6 +1,8 @@
 """Benchmarks, printed as ratios measured in one run.
 
     python bench.py rollout    # CFG image rollout: visual-decoder KV cache vs the official recompute-every-step loop
+    python bench.py step       # one full-size AR step (released config, random bf16 weights, batch 2) vs its
+                               # physical limit, weight bytes / memory bandwidth (meant for a GPU)
 
 Each benchmark is a function `bench_<name>(args)`; `main()` dispatches on the first argument.
 """
@@ -77,7 +79,76 @@ def bench_rollout(args) -> dict:
     return {"speedup": t_ref / t_fast, "max_logit_diff": diff, "identical_steps": k, "tokens": N}
 
 
-BENCHES = {"rollout": bench_rollout}
+# HBM bandwidth (GB/s) by device name, for the physical limit of a memory-bound decode step
+BANDWIDTH_GBS = {"H200": 4800.0, "H100 SXM": 3350.0, "H100 PCIe": 2000.0, "H100": 3350.0, "A100": 2039.0}
+
+
+def step_weight_bytes(m: M.UniAR) -> int:
+    """Bytes of the weights one image AR step must read: every text layer, the visual-decoder stack, the bit head,
+    and the re-embedding of the sampled bits (BSQ output projections + mergers). Not read: token embeddings,
+    lm_head, the ViT blocks."""
+    v = m.visual
+    parts = [m.language_model.layers, m.visual_decoder, m.output_layer_vistok, v.merger, v.deepstack_merger_list]
+    parts += [v.output_proj(lvl) for lvl in range(m.cfg.vision.levels)]
+    return sum(p.numel() * p.element_size() for part in parts for p in part.parameters())
+
+
+def bench_step(args) -> dict:
+    """Per-step time of image generation at the released size: rollouts of 1 and of 1 + k tokens (same prompt,
+    batch = 1 prompt + its unconditional row), the difference divided by k, beside weight bytes / bandwidth."""
+    dev = torch.device(args.device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    cfg = M.UniARConfig()
+    if args.text_layers:
+        cfg.text.num_hidden_layers = args.text_layers  # scaled-down smoke run (CPU)
+    with torch.device("meta"):
+        m = M.UniAR(cfg)
+    m = m.to_empty(device=dev).to(dtype).eval()
+    g = torch.Generator(device=dev).manual_seed(0)
+    for p in m.parameters():
+        p.normal_(0, 0.02, generator=g)
+    for mod in m.modules():  # norms at 1 like a trained model's scale
+        if isinstance(mod, (M.RMSNorm, torch.nn.LayerNorm)):
+            mod.weight.data.fill_(1.0)
+            if getattr(mod, "bias", None) is not None:
+                mod.bias.data.zero_()
+    ids = torch.randint(0, 1000, (2, args.prompt_len), device=dev)
+    ids[:, -1] = cfg.vision_start_token_id
+    mask = torch.ones_like(ids)
+    ds, k = cfg.downsample, args.steps
+
+    def rollout(n_tok: int) -> float:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        M.generate_image(m, ids, mask, ds, ds * n_tok, cfg=args.cfg, temperature=1.0,
+                         generator=torch.Generator(device=dev).manual_seed(0))
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return time.perf_counter() - t0
+
+    rollout(2)  # warm-up
+    t1 = min(rollout(1) for _ in range(2))
+    tk = min(rollout(1 + k) for _ in range(2))
+    per_step = (tk - t1) / k
+    nbytes = step_weight_bytes(m)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    bw = args.bandwidth or next((v for key, v in BANDWIDTH_GBS.items() if key in name), None)
+    print(f"full-size AR step ({sum(p.numel() for p in m.parameters()) / 1e9:.2f} B params, {dtype}, batch 1 prompt "
+          f"+ 1 uncond, CFG {args.cfg}) on {name}")
+    print(f"  measured            {1e3 * per_step:8.2f} ms/step  (({tk:.3f} s - {t1:.3f} s) / {k} steps)")
+    out = {"ms_per_step": 1e3 * per_step, "weight_bytes": nbytes}
+    if bw:
+        limit = nbytes / (bw * 1e9)
+        print(f"  physical limit      {1e3 * limit:8.2f} ms/step  ({nbytes / 1e9:.2f} GB of weights / {bw:.0f} GB/s)")
+        print(f"  fraction of limit   {limit / per_step:8.2f}")
+        out["limit_ms"] = 1e3 * limit
+    else:
+        print(f"  weights read / step {nbytes / 1e9:8.2f} GB (pass --bandwidth GB/s for the physical limit)")
+    return out
+
+
+BENCHES = {"rollout": bench_rollout, "step": bench_step}
 
 
 def main(argv=None):
@@ -91,6 +162,9 @@ def main(argv=None):
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--vd-depth", type=int, default=4, help="visual-decoder layers")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=16, help="step: AR steps timed beyond the first")
+    p.add_argument("--text-layers", type=int, default=0, help="step: override the 36 text layers (CPU smoke runs)")
+    p.add_argument("--bandwidth", type=float, default=0.0, help="step: memory bandwidth in GB/s (default: by GPU name)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
