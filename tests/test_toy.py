@@ -1,0 +1,162 @@
+"""Toy world (toy.py): determinism, splits, the evaluator on ground truth and on wrong images, the toy tokenizer."""
+import json
+import re
+
+import numpy as np
+import pytest
+
+import toy
+from model import Tokenizer, render_chat_prompt, render_generation_prompt
+
+
+def blur_noise(img: np.ndarray, rng, sigma_blur=1.0, sigma_noise=0.05) -> np.ndarray:
+    """A decoder-like degradation: separable Gaussian blur + additive Gaussian noise, float [0, 1]."""
+    x = img.astype(np.float32) / 255.0
+    r = np.arange(-3, 4)
+    k = np.exp(-r ** 2 / (2 * sigma_blur ** 2))
+    k /= k.sum()
+    n = x.shape[0]
+    p = np.pad(x, ((3, 3), (0, 0), (0, 0)), mode="edge")
+    x = sum(w * p[j:j + n] for j, w in enumerate(k))
+    p = np.pad(x, ((0, 0), (3, 3), (0, 0)), mode="edge")
+    x = sum(w * p[:, j:j + n] for j, w in enumerate(k))
+    return np.clip(x + rng.normal(0, sigma_noise, x.shape), 0, 1)
+
+
+def corruptions(scene, rng):
+    """Wrong scenes for a spec: one colour, shape or position changed, one object dropped or one added."""
+    o = scene[rng.integers(len(scene))]
+    rest = [x for x in scene if x != o]
+    free = [p for p in toy.POSITIONS if p not in {x.pos for x in scene}]
+    out = {
+        "color": rest + [o._replace(color=[c for c in toy.COLORS if c != o.color][rng.integers(4)])],
+        "shape": rest + [o._replace(shape=[s for s in toy.SHAPES if s != o.shape][rng.integers(2)])],
+        "position": rest + [o._replace(pos=free[rng.integers(len(free))])],
+        "count": rest if rest else [o, toy.Obj("yellow" if o.color != "yellow" else "red", o.shape, free[0])],
+    }
+    return {k: toy.make_scene(v) for k, v in out.items()}
+
+
+def test_deterministic_by_seed_and_index():
+    a, b = toy.t2i_example(7, "train", seed=3), toy.t2i_example(7, "train", seed=3)
+    assert a.caption == b.caption and np.array_equal(a.image, b.image)
+    assert toy.t2i_example(7, "train", seed=4).caption != a.caption or toy.t2i_example(8, "train", 3).caption != a.caption
+    e1, e2 = toy.edit_batch(5, 4, "heldout", 1), toy.edit_batch(5, 4, "heldout", 1)
+    assert e1[1] == e2[1] and np.array_equal(e1[0], e2[0]) and np.array_equal(e1[2], e2[2])
+    q1, q2 = toy.qa_batch(0, 6, "train", 2), toy.qa_batch(0, 6, "train", 2)
+    assert q1[1:] == q2[1:] and np.array_equal(q1[0], q2[0])
+    imgs, caps = toy.t2i_batch(10, 3, size=96)
+    assert imgs.shape == (3, 96, 96, 3) and imgs.dtype == np.uint8 and len(caps) == 3
+
+
+def test_splits_are_disjoint_in_pairs():
+    for i in range(300):
+        t = toy.t2i_example(i, "train")
+        assert not toy.is_heldout(t.scene)
+        assert toy.is_heldout(toy.t2i_example(i, "heldout").scene)
+        e = toy.edit_example(i, "train")
+        assert not toy.is_heldout(e.source_scene) and not toy.is_heldout(e.target_scene)
+        assert toy.apply_edit(e.source_scene, e.instruction) == e.target_scene
+        h = toy.edit_example(i, "heldout")
+        assert toy.is_heldout(h.source_scene) or toy.is_heldout(h.target_scene)
+        q = toy.qa_example(i, "train")
+        assert not toy.is_heldout(q.scene) and q.answer in toy.ANSWERS
+        for c, s in toy.HELDOUT_PAIRS:  # train text never names a held-out pair either
+            assert f"{c} {s}" not in t.caption + e.instruction + q.question
+    prompts = toy.heldout_prompts(40)
+    assert len(set(prompts)) == 40 and prompts == toy.heldout_prompts(40)
+    assert all(toy.is_heldout(toy.parse_caption(p)) for p in prompts)
+
+
+def test_caption_roundtrip_and_answers():
+    for i in range(50):
+        s = toy.t2i_example(i, "heldout").scene
+        assert toy.parse_caption(toy.caption(s)) == s
+    q = toy.qa_example(0)
+    assert toy.score_answer(q.answer.upper() + ".", q.answer) and not toy.score_answer("purple", "red")
+    ex = toy.heldout_questions(30)
+    assert all(toy.read_scene(e.image) == e.scene for e in ex)
+
+
+def test_evaluator_ground_truth_and_degraded():
+    rng = np.random.default_rng(0)
+    ok_clean = ok_noisy = n = 0
+    for split in toy.SPLITS:
+        for i in range(250):
+            t = toy.t2i_example(i, split, seed=11)
+            ok_clean += toy.score_image(t.image, t.caption)["correct"]
+            r = toy.score_image(blur_noise(t.image, rng), t.scene)
+            ok_noisy += r["correct"]
+            n += 1
+    assert ok_clean == n  # exact on clean renders
+    assert ok_noisy >= 0.99 * n, f"{ok_noisy}/{n} fully correct on blurred + noisy ground truth"
+
+
+def test_evaluator_rejects_wrong_images():
+    rng = np.random.default_rng(1)
+    rejected = {k: 0 for k in ("color", "shape", "position", "count")}
+    n = 150
+    for i in range(n):
+        t = toy.t2i_example(i, "heldout" if i % 2 else "train", seed=5)
+        for kind, wrong in corruptions(t.scene, rng).items():
+            r = toy.score_image(blur_noise(toy.render(wrong), rng), t.scene)
+            rejected[kind] += (not r["correct"]) and (not r[kind])
+    for kind, v in rejected.items():
+        assert v >= 0.99 * n, f"{kind}: only {v}/{n} wrong images rejected"
+
+
+def test_edit_scoring():
+    for e in toy.heldout_edits(20):
+        assert toy.score_edit(e.target, e.target_scene)["correct"]
+        assert toy.score_edit(e.target, e.target)["correct"]
+        assert not toy.score_edit(e.source, e.target_scene)["correct"]  # an unedited image fails
+
+
+def test_bad_inputs_are_named():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        toy.render((), size=48)
+    with pytest.raises(ValueError, match="split"):
+        toy.t2i_example(0, "test")
+    with pytest.raises(ValueError, match="not 'a <color>"):
+        toy.parse_caption("a red cube on a table")
+    with pytest.raises(ValueError, match="color in"):
+        toy.make_scene([("pink", "circle", "top left")])
+    with pytest.raises(ValueError, match="no blue circle"):
+        toy.apply_edit(toy.parse_caption("a red square at the top left"), "remove the blue circle")
+    with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
+        toy.read_scene(np.zeros((64, 64), np.uint8))
+    with pytest.raises(ValueError, match=r"expected values in \[0, 1\]"):
+        toy.read_scene(toy.t2i_example(0).image.astype(np.float32))
+    with pytest.raises(ValueError, match="uint8 or float"):
+        toy.read_scene(toy.t2i_example(0).image.astype(np.int64))
+
+
+def test_tokenizer_files_and_templates(golden, tmp_path):
+    toy.save_tokenizer(tmp_path)
+    gd = golden.dir
+    for name in ("special_tokens_map.json", "added_tokens.json"):
+        mine, ref = json.loads((tmp_path / name).read_text()), json.loads((gd / name).read_text())
+        assert set(ref) <= set(mine), name
+    mine_cfg, ref_cfg = (json.loads((d / "tokenizer_config.json").read_text()) for d in (tmp_path, gd))
+    for k in ("additional_special_tokens", "eos_token", "pad_token", "padding_side"):
+        assert mine_cfg[k] == ref_cfg[k], k
+    ref_added = json.loads((gd / "added_tokens.json").read_text())
+    mine_added = json.loads((tmp_path / "added_tokens.json").read_text())
+    base_ref, base_mine = min(ref_added.values()), min(mine_added.values())
+    assert {t: i - base_mine for t, i in mine_added.items()} == {t: i - base_ref for t, i in ref_added.items()}
+
+    tk = Tokenizer(tmp_path)  # the project's loader
+    assert tk.pad_id == mine_added["<|endoftext|>"] and tk.eos_id == mine_added["<|im_end|>"]
+    e2e = json.loads((gd / "golden.json").read_text())["e2e"]
+    unk = tk.token_id(toy.UNK)
+    gh, gw = map(int, re.search(r"generate image (\d+) (\d+)", e2e["rendered"][0]).groups())
+    for i in range(40):
+        t, e, q = toy.t2i_example(i, "heldout"), toy.edit_example(i), toy.qa_example(i)
+        texts = [r.replace(e2e["prompt"], t.caption) for r in e2e["rendered"]]
+        assert texts[0] == render_generation_prompt(t.caption, gh, gw)
+        texts += [render_generation_prompt(e.instruction, 2, 2, 4), render_chat_prompt(q.question, 4) + q.answer]
+        for text in texts:
+            ids = tk.encode(text)
+            assert unk not in ids, (text, toy.unknown_words(text))
+        assert tk.decode(tk.encode(q.answer)) == q.answer
+    assert toy.unknown_words("a red cube on a table") == ["cube", "on", "table"]
