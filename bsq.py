@@ -254,11 +254,21 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def _segment_attention(q, k, v, cu_seqlens: list[int]) -> torch.Tensor:
-    """Bidirectional attention restricted to each image / frame. q, k, v: (H, Np, hd) -> (Np, H * hd)."""
-    out = []
-    for s, e in zip(cu_seqlens[:-1], cu_seqlens[1:]):
-        out.append(F.scaled_dot_product_attention(q[:, s:e], k[:, s:e], v[:, s:e]))
-    o = torch.cat(out, dim=1) if len(out) > 1 else out[0]  # (H, Np, hd)
+    """Bidirectional attention restricted to each image / frame. q, k, v: (H, Np, hd) -> (Np, H * hd).
+
+    On CUDA without autograd (or UNIAR_KERNELS=triton) one variable-length flash kernel launch (kernels/attention.py) covers every
+    image; elsewhere one SDPA call per image.
+    """
+    from kernels.attention import attention as kernel_attention
+    from kernels.attention import use_kernel
+
+    if use_kernel(q):
+        cu = torch.tensor(cu_seqlens, device=q.device)
+        o = kernel_attention(q[None], k[None], v[None], cu_seqlens=cu, backend="triton")[0]
+    else:
+        out = [F.scaled_dot_product_attention(q[:, s:e], k[:, s:e], v[:, s:e])
+               for s, e in zip(cu_seqlens[:-1], cu_seqlens[1:])]
+        o = torch.cat(out, dim=1) if len(out) > 1 else out[0]  # (H, Np, hd)
     return o.transpose(0, 1).reshape(q.shape[1], -1)
 
 

@@ -40,13 +40,16 @@ import json
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import bsq
+from kernels.attention import attention as kernel_attention
+from kernels.attention import use_kernel
+from kernels import bitwise
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Config
@@ -239,12 +242,20 @@ def attention_mask(q_start: int, T: int, key_valid: torch.Tensor) -> torch.Tenso
     return allowed[:, None]
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+class KernelMask(NamedTuple):
+    """The mask of `attention_mask`, described instead of materialised: the flash kernel builds it per tile."""
+    key_valid: torch.Tensor  # (B, S) bool; queries are the last T of the S keys
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
     """Every attention of the text model and the visual-decoder stack goes through here.
 
     q (B, H, T, hd), k/v (B, Hk, S, hd) (grouped-query: each kv head serves H / Hk query heads), mask (B, 1, T, S)
-    bool -> (B, H, T, hd). Scale hd^-0.5.
+    bool, or a KernelMask for the Triton flash kernel (kernels/attention.py: on CUDA, or UNIAR_KERNELS=triton)
+    -> (B, H, T, hd). Scale hd^-0.5.
     """
+    if isinstance(mask, KernelMask):
+        return kernel_attention(q, k, v, causal=True, key_padding_mask=mask.key_valid, backend="triton")
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
@@ -348,7 +359,10 @@ def run_stack(layers, x, cos, sin, key_valid, cache: Optional[KVCache] = None, v
         key_valid = cache.begin(key_valid)
     else:
         start = 0
-    mask = attention_mask(start, T, key_valid)
+    if use_kernel(x):
+        mask = KernelMask(key_valid)
+    else:
+        mask = attention_mask(start, T, key_valid)
     for i, layer in enumerate(layers):
         x = layer(x, cos, sin, mask, cache, i)
         if deepstack is not None and i < len(deepstack):
@@ -636,13 +650,16 @@ def check_generation_args(model: UniAR, prefix_len: int, ar_height: int, ar_widt
 def generate_image(model: UniAR, prefix_ids: torch.Tensor, attention_mask: torch.Tensor, ar_height: int,
                    ar_width: int, *, cfg: float = 1.0, temperature: float = 1.0, pixel_values=None,
                    image_grid_thw=None, visual_decoder_cache: bool = True, generator=None,
-                   return_step_logits: bool = False, progress: bool = False) -> ImageGeneration:
+                   return_step_logits: bool = False, progress: bool = False,
+                   sampler: str = "multinomial") -> ImageGeneration:
     """Parallel bitwise text-to-image (and editing) rollout: one AR step per 32-px token, all its bits at once.
 
     prefix_ids / attention_mask (B_all, Lp), left padded, each row ending in <|vision_start|>; with cfg > 1 the rows
     are [cond x B; uncond x B]. Edit mode: pixel_values / image_grid_thw of the input image of every row (in row
     order) whose placeholders are in the prefix. `visual_decoder_cache=False` re-runs the visual-decoder stack over
-    the whole sequence at every step, like the official loop.
+    the whole sequence at every step, like the official loop. `sampler="multinomial"` draws like the official
+    loop (seeded outputs bit-identical to it); `sampler="kernel"` uses the one-launch bitwise kernel
+    (kernels/bitwise.py: Triton on CUDA, its PyTorch reference elsewhere), a different random stream.
     """
     B_all, Lp = prefix_ids.shape
     if attention_mask.shape != prefix_ids.shape:
@@ -651,6 +668,9 @@ def generate_image(model: UniAR, prefix_ids: torch.Tensor, attention_mask: torch
     if cfg > 1.0 and B_all % 2:
         raise ValueError(f"with cfg > 1 the batch must be [cond; uncond] rows, got an odd {B_all} rows")
     N = gh * gw
+    if sampler not in ("multinomial", "kernel"):
+        raise ValueError(f"sampler must be 'multinomial' or 'kernel', got {sampler!r}")
+    kernel_seed = int(torch.randint(2**31 - 1, (1,), generator=generator)) if sampler == "kernel" else 0
     model.check_prefix_images(prefix_ids, pixel_values, image_grid_thw)
     lm, dev = model.language_model, prefix_ids.device
     dtype = lm.embed_tokens.weight.dtype
@@ -683,7 +703,11 @@ def generate_image(model: UniAR, prefix_ids: torch.Tensor, attention_mask: torch
         logits = model.output_layer_vistok(out[:, -1])  # (B_all, O)
         if return_step_logits:
             logit_steps.append(logits)
-        bits = sample_bits(cfg_guide(logits, cfg).view(B_all, *model.bits_shape, 2), temperature, generator)
+        if sampler == "kernel":
+            bits = bitwise.sample_bits(logits.view(B_all, -1, 2), cfg, temperature, seed=kernel_seed, step=i)[0]
+            bits = bits.view(B_all, *model.bits_shape)
+        else:
+            bits = sample_bits(cfg_guide(logits, cfg).view(B_all, *model.bits_shape, 2), temperature, generator)
         bits_steps.append(bits)  # (B_all, L, U, d)
         if i == N - 1:
             break
@@ -873,7 +897,8 @@ def build_generation_batch(model: UniAR, tokenizer: Tokenizer, prompts: Sequence
 
 def generate_bits(model: UniAR, tokenizer: Tokenizer, prompts, *, ar_height: int = 512, ar_width: int = 512,
                   cfg: float = 1.5, temperature: float = 1.0, seed: Optional[int] = None, input_images=None,
-                  visual_decoder_cache: bool = True, progress: bool = False) -> torch.Tensor:
+                  visual_decoder_cache: bool = True, progress: bool = False,
+                  sampler: str = "multinomial") -> torch.Tensor:
     """Prompts (strings, or a (ids, mask) pair already in [cond; uncond] layout) -> bits (B, N, L, U, d) int64."""
     dev = next(model.parameters()).device
     if isinstance(prompts, str):
@@ -887,7 +912,7 @@ def generate_bits(model: UniAR, tokenizer: Tokenizer, prompts, *, ar_height: int
     out = generate_image(model, ids.to(dev), mask.to(dev), ar_height, ar_width, cfg=cfg, temperature=temperature,
                          pixel_values=None if pv is None else pv.to(dev), image_grid_thw=grid,
                          visual_decoder_cache=visual_decoder_cache, generator=_generator(seed, dev),
-                         progress=progress)
+                         progress=progress, sampler=sampler)
     return out.bits
 
 

@@ -88,6 +88,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=28, help="decoder denoising steps")
     ap.add_argument("--decoder-cfg", type=float, default=1.5, help="decoder guidance over the visual condition")
     ap.add_argument("--num-images", type=int, default=1)
+    ap.add_argument("--sampler", default="multinomial", choices=["multinomial", "kernel"],
+                    help="bit sampler: the official multinomial draw (bit-identical seeds), or the one-launch bitwise "
+                    "kernel (Triton on GPU; another random stream)")
     ap.add_argument("--max-new-tokens", type=int, default=1024, help="understanding: answer length limit")
     ap.add_argument("--answer-temperature", type=float, default=0.0, help="understanding: 0 = greedy (official)")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -142,7 +145,8 @@ def main(argv=None) -> int:
         prompts = [args.prompt] * args.num_images
         images_in = None if args.image is None else [args.image] * args.num_images
         bits = M.generate_bits(net, tok, prompts, ar_height=ar_h, ar_width=ar_w, cfg=args.cfg,
-                               temperature=args.temperature, seed=args.seed, input_images=images_in, progress=True)
+                               temperature=args.temperature, seed=args.seed, input_images=images_in, progress=True,
+                               sampler=args.sampler)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
