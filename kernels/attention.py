@@ -74,7 +74,8 @@ if triton is not None:
     def _flash_fwd(Q, K, V, O, KV_VALID, SEG_LO, SEG_HI, SEG_ID,
                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, skvb,
                    H, HK, Lq, Lk, D, scale,
-                   CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, VARLEN: tl.constexpr, DOT_F32: tl.constexpr,
+                   CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, VARLEN: tl.constexpr,
+                   DOT_F32: tl.constexpr, PREC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
@@ -109,7 +110,7 @@ if triton is not None:
                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
             if DOT_F32:
                 k = k.to(tl.float32)
-            s = tl.dot(q, k).to(tl.float32) * scale
+            s = tl.dot(q, k, input_precision=PREC).to(tl.float32) * scale
             allowed = n_ok[None, :] & m_ok[:, None]
             if VARLEN:
                 seg_k = tl.load(SEG_ID + offs_n, mask=n_ok, other=-2)
@@ -131,7 +132,7 @@ if triton is not None:
                         mask=n_ok[:, None] & d_ok[None, :], other=0.0)
             if DOT_F32:
                 v = v.to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC).to(tl.float32)
             m_i = m_new
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :], out.to(O.dtype.element_ty),
@@ -139,7 +140,8 @@ if triton is not None:
 
 
 # Triton's CPU interpreter multiplies bfloat16 tiles wrongly (numpy has no bfloat16), so there the dot operands are
-# upcast to float32; on a GPU bf16 tiles go to the tensor cores with float32 accumulation.
+# upcast to float32; on a GPU bf16 tiles go to the tensor cores with float32 accumulation, and float32 tiles are
+# multiplied in full precision ("ieee", not TF32) so that fp32 results match the reference to 1e-5.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -174,7 +176,7 @@ def attention_triton(q, k, v, *, causal: bool = False, key_padding_mask=None, cu
                              valid.stride(0) if key_padding_mask is not None else 0,
                              H, Hk, Lq, Lk, D, float(scale if scale is not None else 1.0 / math.sqrt(D)),
                              CAUSAL=causal, HAS_PAD=key_padding_mask is not None, VARLEN=cu_seqlens is not None,
-                             DOT_F32=_INTERPRETED,
+                             DOT_F32=_INTERPRETED, PREC="ieee" if q.dtype == torch.float32 else "tf32",
                              BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_D=BLOCK_D)
     return o
 
