@@ -338,10 +338,14 @@ T5_KEYMAP = KeyMap(alias={"encoder.embed_tokens.weight": "shared.weight", "share
 def _pipeline_dir(root) -> Path:
     root = Path(root)
     for cand in (root / "sd3_pipeline", root):
-        if (cand / "vae").is_dir() and (cand / "scheduler").is_dir():
+        if (cand / "scheduler").is_dir():
             return cand
     raise CheckpointError(f"SD3 pipeline parts not found: expected {root / 'sd3_pipeline'}/vae/ and scheduler/\n"
                           f"{EXPECTED_LAYOUT}")
+
+
+# A project checkpoint may store the decoder's (learned or precomputed) prompt embeddings instead of text encoders.
+PROMPT_EMBEDS_FILE = "prompt_embeds.safetensors"
 
 
 def _part(factory_cfg, folder: Path, where: str):
@@ -401,23 +405,121 @@ def load_decoder(root, *, dtype=None, device="cpu", cache_dir=None, prompt_embed
     load_weights(transformer, weight_files(tdir, "diffusion_pytorch_model"), dtype=dtype, device=device,
                  where=str(tdir))
     pipe = _pipeline_dir(root)
-    vcfg = _part(D.VAEConfig.from_dict, pipe / "vae", "VAE")
-    vae = build_on_meta(lambda: D.VAE(vcfg))
-    load_weights(vae, weight_files(pipe / "vae", "diffusion_pytorch_model"), VAE_KEYMAP, dtype=dtype, device=device,
-                 where=str(pipe / "vae"))
+    vae = None  # no vae/: a pixel-space decoder (the project's toy checkpoints)
+    if (pipe / "vae").is_dir():
+        vcfg = _part(D.VAEConfig.from_dict, pipe / "vae", "VAE")
+        vae = build_on_meta(lambda: D.VAE(vcfg))
+        load_weights(vae, weight_files(pipe / "vae", "diffusion_pytorch_model"), VAE_KEYMAP, dtype=dtype,
+                     device=device, where=str(pipe / "vae"))
+        vae.eval()
     sched_path = pipe / "scheduler" / "scheduler_config.json"
     try:
         sched = D.SchedulerConfig.from_dict(read_config(sched_path))
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{sched_path}: {e}") from None
+    if prompt_embeds is None and (pipe / PROMPT_EMBEDS_FILE).exists():
+        with _open(pipe / PROMPT_EMBEDS_FILE) as st:
+            prompt_embeds = (st.get_tensor("prompt_embeds"), st.get_tensor("pooled"))
     if prompt_embeds is None:
         prompt_embeds = TE.cached_prompt_embeds(pipe, cache_dir or default_cache_dir(), D.DECODER_PROMPT,
                                                 tcfg.joint_attention_dim, device=device)
     pe, pooled = (t.to(device=device, dtype=dtype or t.dtype) for t in prompt_embeds)
     try:
-        return D.Decoder(vision, transformer.eval(), vae.eval(), sched, pe, pooled).eval()
+        return D.Decoder(vision, transformer.eval(), vae, sched, pe, pooled).eval()
     except ValueError as e:
         raise CheckpointError(f"{root}: parts do not fit together ({e})") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Writing checkpoints in the released layout (train.py, rl.py)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _plain(d: dict) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def ar_config_dict(cfg) -> dict:
+    """model.UniARConfig -> the root config.json of a released checkpoint (read back by `ar_config`)."""
+    from dataclasses import asdict
+
+    text = _plain(asdict(cfg.text))
+    text["rope_scaling"] = {"rope_type": "default", "mrope_section": text.pop("mrope_section"),
+                            "mrope_interleaved": True}
+    top = {k: v for k, v in asdict(cfg).items() if k not in ("text", "vision")}
+    return {"architectures": ["UniARForConditionalGeneration"], "model_type": "uniar", **top,
+            "text_config": {"model_type": "qwen3_vl_text", **text},
+            "vision_config": {"model_type": "uniar_vision", **_plain(asdict(cfg.vision))}}
+
+
+def _write_json(path: Path, d: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(d, f, indent=2)
+
+
+def _write_weights(path: Path, module_or_state, keep: Callable[[str], bool] = lambda k: True) -> None:
+    from safetensors.torch import save_file
+
+    state = module_or_state.state_dict() if isinstance(module_or_state, nn.Module) else module_or_state
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items() if keep(k)}, str(path))
+
+
+def save_checkpoint(root, *, ar=None, tokenizer_dir=None, vision=None, decoder=None, sample_defaults=None) -> Path:
+    """Write the given parts in the released layout, atomically: everything goes to a temporary sibling folder
+    which then replaces `root` in one rename, so an interrupted save never leaves a half-written checkpoint and the
+    previous one survives until the new one is complete.
+
+    ar: model.UniAR (root config.json + model.safetensors) with its tokenizer files copied from tokenizer_dir;
+    vision: bsq.VisionModel for bsq_encoder/ (the decoder's copy of the tokenizer); decoder: decoder.Decoder
+    (sd3_transformer/, sd3_pipeline/scheduler/, sd3_pipeline/vae/ when it has a VAE, and its prompt embeddings in
+    sd3_pipeline/prompt_embeds.safetensors); sample_defaults: uniar_sample.json for sample.py.
+    """
+    import shutil
+    from dataclasses import asdict
+
+    root = Path(root)
+    tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        if ar is not None:
+            _write_json(tmp / "config.json", ar_config_dict(ar.cfg))
+            _write_weights(tmp / "model.safetensors", ar)
+            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"):
+                if tokenizer_dir is not None and (Path(tokenizer_dir) / name).exists():
+                    shutil.copy(Path(tokenizer_dir) / name, tmp / name)
+        if vision is not None:
+            _write_json(tmp / "bsq_encoder" / "config.json",
+                        {"architectures": ["UniARVisionModel"], "model_type": "uniar_vision", "use_bsq": True,
+                         **_plain(asdict(vision.cfg))})
+            _write_weights(tmp / "bsq_encoder" / "model.safetensors", vision)
+        if decoder is not None:
+            _write_json(tmp / "sd3_transformer" / "config.json",
+                        {"_class_name": "SD3Transformer2DModelWithSigLIP", **_plain(asdict(decoder.transformer.cfg))})
+            _write_weights(tmp / "sd3_transformer" / "diffusion_pytorch_model.safetensors", decoder.transformer)
+            _write_json(tmp / "sd3_pipeline" / "scheduler" / "scheduler_config.json",
+                        {"_class_name": "FlowMatchEulerDiscreteScheduler", **_plain(asdict(decoder.scheduler))})
+            if decoder.vae is not None:
+                _write_json(tmp / "sd3_pipeline" / "vae" / "config.json",
+                            {"_class_name": "AutoencoderKL", **_plain(asdict(decoder.vae.cfg))})
+                _write_weights(tmp / "sd3_pipeline" / "vae" / "diffusion_pytorch_model.safetensors", decoder.vae)
+            pe, pooled = decoder.text(1)
+            _write_weights(tmp / "sd3_pipeline" / PROMPT_EMBEDS_FILE, {"prompt_embeds": pe, "pooled": pooled})
+        if sample_defaults is not None:
+            _write_json(tmp / "uniar_sample.json", sample_defaults)
+        old = root.with_name(f".{root.name}.old-{os.getpid()}")
+        if root.exists():
+            os.replace(root, old)
+        os.replace(tmp, root)
+        if old.exists():
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root
 
 
 def default_dtype(device) -> torch.dtype:

@@ -184,3 +184,60 @@ def test_ar_config_must_enable_generation(tmp_path, golden):
 def test_missing_text_encoders_named(golden, tmp_path):
     with pytest.raises(load_hf.CheckpointError, match=r"sd3_pipeline: missing text_encoder/"):
         load_hf.load_decoder(golden.dir, cache_dir=tmp_path)
+
+
+# ----- the project's own checkpoints (train.py / rl.py write the released layout) -----
+
+def _toy_parts(tmp_path):
+    import decoder
+    import model
+    import toy
+
+    torch.manual_seed(0)
+    tok_dir = toy.save_tokenizer(tmp_path / "tok")
+    tok = model.Tokenizer(tok_dir)
+    cfg = model.UniARConfig.tiny()
+    cfg.text.vocab_size = tok.tk.get_vocab_size()
+    cfg = model.UniARConfig(**{**cfg.__dict__, "image_token_id": tok.token_id(model.IMAGE_PAD),
+                               "vision_start_token_id": tok.token_id(model.VISION_START),
+                               "vision_end_token_id": tok.token_id(model.VISION_END),
+                               "video_token_id": tok.token_id("<|video_pad|>")})
+    net = model.UniAR(cfg).eval()
+    dec = decoder.Decoder.toy(net.visual).eval()
+    return net, tok_dir, dec
+
+
+def test_project_checkpoint_round_trip(tmp_path):
+    import model
+
+    net, tok_dir, dec = _toy_parts(tmp_path)
+    root = load_hf.save_checkpoint(tmp_path / "ckpt", ar=net, tokenizer_dir=tok_dir, vision=net.visual, decoder=dec,
+                                   sample_defaults={"ar_size": [64, 64], "upsample": 1.0})
+    net2, tok2 = load_hf.load_ar(root)
+    for (k, a), (_, b) in zip(net.state_dict().items(), net2.state_dict().items()):
+        assert torch.equal(a, b), k
+    dec2 = load_hf.load_decoder(root)
+    assert dec2.vae is None  # pixel space
+    bits = model.generate_bits(net2, tok2, "a red square at the top left", ar_height=64, ar_width=64, cfg=2.0,
+                               seed=0)
+    kw = dict(upsampling_ratio=1.0, steps=2, guidance=1.5, seed=0)
+    with torch.no_grad():
+        assert torch.equal(dec.decode(bits, 64, 64, **kw), dec2.decode(bits, 64, 64, **kw))
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    net, tok_dir, dec = _toy_parts(tmp_path)
+    root = load_hf.save_checkpoint(tmp_path / "ckpt", ar=net, tokenizer_dir=tok_dir)
+    before = (root / "model.safetensors").read_bytes()
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(load_hf, "_write_weights", crash)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        load_hf.save_checkpoint(root, ar=net, tokenizer_dir=tok_dir)
+    assert (root / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "tok"]  # no temporary folder left behind
