@@ -459,9 +459,12 @@ class VisionModel(nn.Module):
         x = torch.stack(feats, dim=-1).flatten(-2)  # (M*U, C*L), interleaved
         return x.reshape(*bits.shape[:-3], self.cfg.merge_unit, -1)
 
-    def training_forward(self, pixel_values: torch.Tensor, grid_thw):
+    def training_forward(self, pixel_values: torch.Tensor, grid_thw, flip_prob: float = 0.0, generator=None):
         """Tokenizer training: straight-through codes on every level and the summed BSQ entropy loss.
 
+        flip_prob: each code bit the decoder features read is flipped with this probability (the LLM features read
+        the clean codes), so a decoder trained on them tolerates the bit errors of generated tokens (a project
+        choice for toy training, in the spirit of bitwise self-correction; the released recipe is not published).
         Returns (main (M, Co), DeepStack list, decoder features (M, U, C * L), loss, bits (M, L, U, d)).
         """
         U, d = self.cfg.merge_unit, self.cfg.bsq_dim
@@ -471,7 +474,11 @@ class VisionModel(nn.Module):
             q, lvl_loss, info = self.bsq(z)
             loss = loss + lvl_loss
             bits.append(info["bits"].view(-1, U, d))
-            dec.append(self.output_proj(lvl)(q))
+            qd = q
+            if flip_prob > 0:
+                flip = torch.rand(q.shape, generator=generator) < flip_prob
+                qd = torch.where(flip.to(q.device), -q, q)
+            dec.append(self.output_proj(lvl)(qd))
             llm.append(self._level_features(q, lvl, True))
         dec = torch.stack(dec, dim=-1).flatten(-2).reshape(-1, U, dec[0].shape[-1] * len(dec))
         return llm[0], llm[1:], dec, loss, torch.stack(bits, dim=1)

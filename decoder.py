@@ -82,9 +82,12 @@ class MMDiTConfig(JsonConfig):
     super_resolution: bool = True
     upscale_factor: int = 2
     drop_image_token_prob_for_cfg: float = 0.0
+    prediction_type: str = "velocity"  # the released decoder; "sample" (x0) is the toy pixel-space decoder's
 
     def __post_init__(self):
         self.dual_attention_layers = tuple(self.dual_attention_layers)
+        if self.prediction_type not in ("velocity", "sample"):
+            raise ValueError(f"prediction_type must be 'velocity' or 'sample', got {self.prediction_type!r}")
         if self.qk_norm not in (None, "rms_norm"):
             raise ValueError(f"qk_norm must be None or 'rms_norm', got {self.qk_norm!r}")
         if self.caption_projection_dim != self.inner_dim:
@@ -437,8 +440,13 @@ def bits_to_condition(vision: "bsq.VisionModel", bits: torch.Tensor, ar_height: 
     if bits.dim() != 5 or tuple(bits.shape[1:]) != (N, L, U, d):
         raise ValueError(f"bits must be (B, N={N}, levels={L}, merge_unit={U}, bsq_dim={d}) for a {ar_height}x"
                          f"{ar_width} AR image (or int64 indices (B, N, L, U)), got {tuple(bits.shape)}")
-    B = bits.shape[0]
-    feats = vision.bits_to_decoder_features(bits)  # (B, N, U, Dc)
+    return blocks_to_raster(vision.bits_to_decoder_features(bits), gh, gw, m)  # (B, N, U, Dc) -> (B, gh*gw, Dc)
+
+
+def blocks_to_raster(feats: torch.Tensor, gh: int, gw: int, m: int) -> torch.Tensor:
+    """Per-token features in AR order with the m x m block inside, (B, N, U, Dc) -> raster order at patch
+    resolution (B, gh*gw, Dc)."""
+    B = feats.shape[0]
     feats = feats.reshape(B, gh // m, gw // m, m, m, -1).permute(0, 1, 3, 2, 4, 5)  # (B, gh/2, 2, gw/2, 2, Dc)
     return feats.reshape(B, gh * gw, -1)
 
@@ -474,12 +482,13 @@ def euler_sample(velocity: Callable, x: torch.Tensor, sigmas: torch.Tensor, time
     return x
 
 
-def flow_matching_loss(velocity: Callable, x0: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor,
-                       num_train_timesteps: int = 1000) -> torch.Tensor:
-    """Rectified-flow loss: x_s = (1 - s) x0 + s eps, target eps - x0; sigma (B,) in [0, 1]."""
+def flow_matching_loss(net: Callable, x0: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor,
+                       num_train_timesteps: int = 1000, prediction_type: str = "velocity") -> torch.Tensor:
+    """Rectified-flow loss: x_s = (1 - s) x0 + s eps; sigma (B,) in [0, 1]. The network predicts the velocity
+    eps - x0 (SD3), or with prediction_type="sample" the clean sample x0 (then v = (x_s - x0_hat) / s)."""
     s = sigma.view(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)
     x_t = (1 - s) * x0 + s * eps
-    return F.mse_loss(velocity(x_t, sigma * num_train_timesteps), eps - x0)
+    return F.mse_loss(net(x_t, sigma * num_train_timesteps), x0 if prediction_type == "sample" else eps - x0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -645,12 +654,16 @@ class Decoder(nn.Module):
         def v(x, t):
             if guidance <= 1.0:
                 pe, pooled = self.text(B)
-                return self.transformer(x, pe, pooled, t.expand(B), cond, cond_grid)
-            pe, pooled = self.text(2 * B)
-            out = self.transformer(torch.cat([x, x]), pe, pooled, t.expand(2 * B),
-                                   torch.cat([torch.zeros_like(cond), cond]), cond_grid)
-            u, c = out.chunk(2)
-            return u + guidance * (c - u)
+                out = self.transformer(x, pe, pooled, t.expand(B), cond, cond_grid)
+            else:
+                pe, pooled = self.text(2 * B)
+                u, c = self.transformer(torch.cat([x, x]), pe, pooled, t.expand(2 * B),
+                                        torch.cat([torch.zeros_like(cond), cond]), cond_grid).chunk(2)
+                out = u + guidance * (c - u)
+            if self.transformer.cfg.prediction_type == "sample":  # x0 -> velocity (guidance commutes: linear)
+                sigma = t.to(torch.float32) / self.scheduler.num_train_timesteps
+                out = ((x.float() - out.float()) / sigma).to(out.dtype)
+            return out
         return v
 
     @torch.no_grad()
