@@ -78,15 +78,17 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", help="text-to-image prompt, or the edit instruction with --image")
     ap.add_argument("--image", help="input image: edited with --prompt, or asked about with --question")
     ap.add_argument("--question", help="understanding: a question about --image")
-    ap.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance of the AR model (1 = off)")
-    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--cfg", type=float, default=None, help="classifier-free guidance of the AR model (1 = off; "
+                    "default 1.5)")
+    ap.add_argument("--temperature", type=float, default=None, help="bit sampling temperature (default 1.0)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ar-size", type=parse_size, default=None, help="AR grid in pixels, HxW, multiples of 32 "
                     "(default 960x960)")
     ap.add_argument("--upsample", type=float, default=None, help="decoder output / AR size, in [1, 2] "
                     "(default 1.067)")
-    ap.add_argument("--steps", type=int, default=28, help="decoder denoising steps")
-    ap.add_argument("--decoder-cfg", type=float, default=1.5, help="decoder guidance over the visual condition")
+    ap.add_argument("--steps", type=int, default=None, help="decoder denoising steps (default 28)")
+    ap.add_argument("--decoder-cfg", type=float, default=None, help="decoder guidance over the visual condition "
+                    "(default 1.5)")
     ap.add_argument("--num-images", type=int, default=1)
     ap.add_argument("--sampler", default="multinomial", choices=["multinomial", "kernel"],
                     help="bit sampler: the official multinomial draw (bit-identical seeds), or the one-launch bitwise "
@@ -112,6 +114,13 @@ def main(argv=None) -> int:
                   "ShareLab-SII/UniAR-SFT or ShareLab-SII/UniAR-RL.", file=sys.stderr)
             return 2
         ckpt = DEFAULT_CKPT
+    defaults = _checkpoint_defaults(ckpt)
+    if args.question is None and args.prompt is None and args.image is None and defaults.get("prompt"):
+        args.prompt = defaults["prompt"]  # `python sample.py` alone: the checkpoint's example prompt
+        print(f"prompt: {args.prompt!r}", file=sys.stderr)
+    for name in ("cfg", "temperature", "steps", "decoder_cfg"):
+        if getattr(args, name) is None:
+            setattr(args, name, defaults[name])
     if args.question is None and args.prompt is None:
         ap.error("give --prompt (text-to-image, or editing with --image) or --image with --question")
     if args.question is not None and args.image is None:
@@ -121,7 +130,6 @@ def main(argv=None) -> int:
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    defaults = _checkpoint_defaults(ckpt)
     ar_h, ar_w = args.ar_size or defaults["ar_size"]
     upsample = args.upsample if args.upsample is not None else defaults["upsample"]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -189,14 +197,15 @@ def main(argv=None) -> int:
 
 def _checkpoint_defaults(ckpt: Path) -> dict:
     """The official defaults, or those a project checkpoint records in `uniar_sample.json` (the toy model is
-    trained at a small AR size)."""
-    d = {"ar_size": (960, 960), "upsample": 1.067}
+    trained at a small AR size and has an example prompt)."""
+    d = {"ar_size": (960, 960), "upsample": 1.067, "cfg": 1.5, "temperature": 1.0, "steps": 28, "decoder_cfg": 1.5,
+         "prompt": None}
     f = Path(ckpt) / "uniar_sample.json"
     if f.exists():
         with open(f) as fh:
             j = json.load(fh)
-        d["ar_size"] = tuple(j.get("ar_size", d["ar_size"]))
-        d["upsample"] = j.get("upsample", d["upsample"])
+        d.update({k: j[k] for k in d if k in j})
+        d["ar_size"] = tuple(d["ar_size"])
     return d
 
 

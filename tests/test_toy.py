@@ -61,8 +61,10 @@ def test_splits_are_disjoint_in_pairs():
         assert toy.is_heldout(h.source_scene) or toy.is_heldout(h.target_scene)
         q = toy.qa_example(i, "train")
         assert not toy.is_heldout(q.scene) and q.answer in toy.ANSWERS
-        for c, s in toy.HELDOUT_PAIRS:  # train text never names a held-out pair either
-            assert f"{c} {s}" not in t.caption + e.instruction + q.question
+        for c, s, pos in toy.HELDOUT_OBJECTS:  # train text never names a held-out object either
+            assert f"a {c} {s} at the {pos}" not in t.caption
+            assert not e.instruction.endswith(f"{c} {s} to the {pos}") and f"add a {c} {s} at the {pos}" != \
+                e.instruction
     prompts = toy.heldout_prompts(40)
     assert len(set(prompts)) == 40 and prompts == toy.heldout_prompts(40)
     assert all(toy.is_heldout(toy.parse_caption(p)) for p in prompts)
