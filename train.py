@@ -1,0 +1,731 @@
+"""Train the whole UniAR system from scratch on the toy world (toy.py), on a laptop.
+
+    python train.py                          # both stages with defaults -> checkpoints/toy, plots in runs/toy
+    python train.py --resume                 # continue an interrupted run from runs/toy/state (same losses)
+    torchrun --nproc_per_node 2 train.py     # data-parallel (gloo on CPU, nccl on GPU)
+    python train.py --eval checkpoints/toy   # held-out scores of a checkpoint, one JSON line
+
+The stages follow the paper's recipe at toy scale, with the released model's classes:
+  stage 1, the shared tokenizer (paper: "Visual Tokenizer is Key to Unification"): the vision tower and its four BSQ
+    levels (bsq.VisionModel.training_forward: straight-through codes + the BSQ entropy loss) trained jointly with
+    the diffusion decoder (decoder.MMDiT, rectified-flow loss conditioned on the codes' output projections), so the
+    bits are whatever the decoder needs to redraw the image;
+  stage 2, the unified AR model (model.UniAR) on one shared context with the tokenizer frozen: text-to-image and
+    editing with the per-bit cross-entropy of parallel bitwise prediction (all L x U x d bits of a 32-px token
+    predicted at one step, model.UniAR.teacher_forced_logits), and understanding with the next-token loss on
+    answers (model.UniAR.text_logits), in every batch.
+
+Departures from the paper / official code (whose tokenizer, decoder and SFT training code are not released):
+    - The decoder works in pixel space (no VAE, 4-px patches) with a learned constant text context
+      (decoder.LearnedContext) instead of SD3's frozen text encoders; it outputs the AR size (upsampling 1.0).
+    - The tokenizer and the decoder are trained jointly from scratch (the released tower starts from Qwen3-VL and
+      the decoder from SD3); the mergers (the LLM side of the tokenizer) are trained in stage 2 with the AR model.
+    - Stage 2 trains every AR task at once from scratch; the official recipe has pre-training and SFT stages.
+    - Classifier-free guidance is learned by dropping the prompt text (edit: the instruction only) with
+      probability `cfg_drop`, the AR analogue of the decoder's condition dropout.
+
+Letters: B batch, S image side (px), N AR tokens per image, L levels, U merge unit, d bsq_dim, V vocabulary.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import bsq
+import decoder as D
+import load_hf
+import model as M
+import toy
+
+ROOT = Path(__file__).resolve().parent
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    """Defaults: the shipped toy checkpoint (both stages in < 20 min on 2 CPU cores)."""
+
+    seed: int = 0
+    size: int = 64  # image side: a 2x2 grid of AR tokens, one per quadrant of the toy world
+    # stage 1: tokenizer + decoder
+    stage1_steps: int = 1500
+    stage1_batch: int = 32
+    stage1_lr: float = 1e-3
+    bsq_weight: float = 0.1  # weight of the BSQ entropy penalty next to the flow-matching loss
+    flip_prob: float = 0.05  # bit flips in the decoder's condition: robustness to the AR model's bit errors
+    # stage 2: AR model (per step: this many examples of each task)
+    stage2_steps: int = 2000
+    stage2_batch: int = 16
+    stage2_lr: float = 1e-3
+    cfg_drop: float = 0.1
+    warmup: int = 50
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    # model sizes
+    vit_width: int = 64
+    vit_depth: int = 4
+    lm_width: int = 128
+    lm_layers: int = 4
+    lm_mlp: int = 384
+    visual_decoder_depth: int = 2
+    dit_width: int = 128
+    dit_layers: int = 3
+    dit_patch: int = 8  # pixel-space patches: (S / 8)^2 = 64 decoder tokens at S = 64
+    # sampling (evaluation, sample grids, the checkpoint's uniar_sample.json)
+    cfg: float = 1.5
+    temperature: float = 1.0
+    decoder_steps: int = 10
+    decoder_cfg: float = 1.5
+    eval_n: int = 64
+    save_every: int = 250
+
+    @classmethod
+    def smoke(cls) -> "TrainConfig":
+        """A run of a minute or two that the tests use: tiny widths, a few dozen steps."""
+        return cls(stage1_steps=30, stage1_batch=8, stage2_steps=30, stage2_batch=4, warmup=5, vit_width=32,
+                   vit_depth=3, lm_width=64, lm_layers=2, lm_mlp=128, visual_decoder_depth=1, dit_width=64,
+                   dit_layers=1, decoder_steps=4, eval_n=8, save_every=10)
+
+
+def vision_config(tc: TrainConfig) -> bsq.VisionConfig:
+    side = tc.size // 16
+    return bsq.VisionConfig(depth=tc.vit_depth, hidden_size=tc.vit_width, intermediate_size=2 * tc.vit_width,
+                            num_heads=4, out_hidden_size=tc.lm_width, num_position_embeddings=side * side,
+                            deepstack_visual_indexes=tuple(range(3)), bsq_hidden_dim=2 * tc.vit_width)
+
+
+def ar_config(tc: TrainConfig, tk) -> M.UniARConfig:
+    head_dim = 32
+    heads = tc.lm_width // head_dim
+    text = M.TextConfig(hidden_size=tc.lm_width, num_hidden_layers=tc.lm_layers, num_attention_heads=heads,
+                        num_key_value_heads=max(1, heads // 2), head_dim=head_dim, intermediate_size=tc.lm_mlp,
+                        vocab_size=tk.tk.get_vocab_size(with_added_tokens=True), mrope_section=(6, 5, 5),
+                        max_position_embeddings=512, rope_theta=10000.0)
+    return M.UniARConfig(image_token_id=tk.token_id(M.IMAGE_PAD), video_token_id=tk.token_id("<|video_pad|>"),
+                         vision_start_token_id=tk.token_id(M.VISION_START),
+                         vision_end_token_id=tk.token_id(M.VISION_END),
+                         visual_transformer_decoder_depth=tc.visual_decoder_depth, text=text,
+                         vision=vision_config(tc))
+
+
+def dit_config(tc: TrainConfig, vcfg: bsq.VisionConfig) -> D.MMDiTConfig:
+    heads = tc.dit_width // 32
+    return D.MMDiTConfig(sample_size=tc.size // tc.dit_patch, patch_size=tc.dit_patch, in_channels=3, out_channels=3,
+                         num_layers=tc.dit_layers, attention_head_dim=32, num_attention_heads=heads,
+                         joint_attention_dim=64, caption_projection_dim=tc.dit_width, pooled_projection_dim=32,
+                         pos_embed_max_size=tc.size // tc.dit_patch, dual_attention_layers=(), qk_norm="rms_norm",
+                         siglip_channels=vcfg.hidden_size * vcfg.levels, drop_image_token_prob_for_cfg=0.1,
+                         prediction_type="sample")
+
+
+def sample_defaults(tc: TrainConfig) -> dict:
+    """uniar_sample.json: how sample.py and rl.py sample this checkpoint."""
+    return {"ar_size": [tc.size, tc.size], "upsample": 1.0, "cfg": tc.cfg, "temperature": tc.temperature,
+            "steps": tc.decoder_steps, "decoder_cfg": tc.decoder_cfg,
+            "prompt": "a red circle at the top left and a blue square at the bottom right"}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data: toy examples -> model inputs
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def to_pixels(images: np.ndarray, vcfg: bsq.VisionConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, S, S, 3) uint8 -> pixel_values (B * Np, patch_dim), grid_thw (B, 3), the processor's layout."""
+    out = [bsq.preprocess_image(im, resize=False, patch_size=vcfg.patch_size, merge_size=vcfg.spatial_merge_size,
+                                temporal_patch_size=vcfg.temporal_patch_size) for im in images]
+    return torch.cat([p for p, _ in out]), torch.cat([g for _, g in out])
+
+
+def to_signed(images: np.ndarray) -> torch.Tensor:
+    """(B, S, S, 3) uint8 -> (B, 3, S, S) float in [-1, 1], the pixel-space decoder's x0."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def example_index(step: int, i: int, batch: int, rank: int, world: int) -> int:
+    """Global example index of row i of this rank's batch at this step: ranks read disjoint slices."""
+    return (step * world + rank) * batch + i
+
+
+def drop_text(texts: list, p: float, g: torch.Generator) -> list:
+    keep = torch.rand(len(texts), generator=g) >= p
+    return [t if k else "" for t, k in zip(texts, keep.tolist())]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Losses (nn.Modules, so DistributedDataParallel sees one forward per step)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class TokenizerLoss(nn.Module):
+    """Stage 1: images -> straight-through BSQ codes -> decoder condition; flow matching + BSQ entropy penalty."""
+
+    def __init__(self, vision: bsq.VisionModel, dec: D.Decoder, bsq_weight: float, flip_prob: float):
+        super().__init__()
+        self.vision, self.dec, self.bsq_weight, self.flip_prob = vision, dec, bsq_weight, flip_prob
+
+    def forward(self, images: np.ndarray, g: torch.Generator):
+        vc = self.vision.cfg
+        B, S = images.shape[0], images.shape[1]
+        dev = self.vision.pos_embed.weight.device
+        pv, grid = to_pixels(images, vc)
+        _, _, feats, bsq_loss, bits = self.vision.training_forward(pv.to(dev), grid, self.flip_prob, g)  # feats (B * N, U, C * L)
+        gh = S // vc.patch_size
+        cond = D.blocks_to_raster(feats.view(B, -1, *feats.shape[1:]), gh, gh, vc.spatial_merge_size)
+        x0 = to_signed(images).to(dev)
+        u = torch.rand(B, generator=g)
+        s = self.dec.scheduler.shift
+        sigma = (s * u / (1 + (s - 1) * u)).to(dev)  # the inference schedule's shift, applied to uniform times
+        eps = torch.randn(x0.shape, generator=g).to(dev)
+        pe, pooled = self.dec.text(B)
+        fm = D.flow_matching_loss(lambda x, t: self.dec.transformer(x, pe, pooled, t, cond, (gh, gh)), x0, sigma, eps,
+                                  prediction_type=self.dec.transformer.cfg.prediction_type)
+        loss = fm + self.bsq_weight * bsq_loss
+        return loss, {"flow": fm.detach(), "bsq": bsq_loss.detach()}
+
+
+def bit_metrics(logits: torch.Tensor, bits: torch.Tensor) -> dict:
+    """Per level: bit accuracy, and token accuracy (a 64-bit code of one 16-px patch entirely right), of
+    (B, N, L, U, d, 2) logits."""
+    hit = (logits.argmax(-1) == bits).detach()
+    bit_acc = hit.float().mean(dim=(0, 1, 3, 4))  # (L,)
+    tok_acc = hit.all(-1).float().mean(dim=(0, 1, 3))  # (L,)
+    return {**{f"bit_acc_l{i}": a for i, a in enumerate(bit_acc)},
+            **{f"code_acc_l{i}": a for i, a in enumerate(tok_acc)}}
+
+
+class ARLoss(nn.Module):
+    """Stage 2: text-to-image + editing (per-bit cross-entropy) + understanding (next-token on answers)."""
+
+    def __init__(self, net: M.UniAR, tok: M.Tokenizer, tc: TrainConfig):
+        super().__init__()
+        self.net, self.tok, self.tc = net, tok, tc
+
+    def image_bits(self, images: np.ndarray) -> torch.Tensor:
+        """The frozen tokenizer's bits (B, N, L, U, d): the targets of parallel bitwise prediction."""
+        pv, grid = to_pixels(images, self.net.cfg.vision)
+        with torch.no_grad():
+            bits = self.net.visual.encode_bits(pv.to(self.device), grid)
+        return bits.view(images.shape[0], -1, *bits.shape[1:])
+
+    @property
+    def device(self):
+        return self.net.lm_head.weight.device
+
+    def bits_loss(self, prompts, images_in, targets):
+        net, S = self.net, self.tc.size
+        gh = S // net.cfg.downsample
+        bits = self.image_bits(targets)
+        ids, mask, pv, grid = M.build_generation_batch(net, self.tok, prompts, S, S, 1.0, input_images=images_in)
+        logits = net.teacher_forced_logits(ids.to(self.device), mask.to(self.device), bits, (gh, gh),
+                                           None if pv is None else pv.to(self.device), grid)
+        loss = F.cross_entropy(logits.flatten(0, -2).float(), bits.flatten())  # mean over all bits of all steps
+        return loss, bit_metrics(logits, bits)
+
+    def answer_loss(self, images, questions, answers):
+        net, tok = self.net, self.tok
+        pv, grid = to_pixels(images, net.cfg.vision)
+        n_img = int(grid[0].prod()) // net.cfg.vision.merge_unit
+        prompts = [M.render_chat_prompt(q, n_img) + a + M.IM_END for q, a in zip(questions, answers)]
+        n_target = [len(tok.encode(a + M.IM_END)) for a in answers]
+        ids, mask = tok.batch(prompts)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        logits = net.text_logits(ids, mask, pv.to(self.device), grid)[:, :-1]  # position t predicts t + 1
+        T = ids.shape[1] - 1
+        target_mask = torch.arange(T, device=self.device)[None] >= torch.tensor([T - n for n in n_target],
+                                                                                 device=self.device)[:, None]
+        ce = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")
+        loss = (ce * target_mask).sum() / target_mask.sum()
+        hit = (logits.argmax(-1) == ids[:, 1:]) | ~target_mask
+        return loss, {"token_acc": (((logits.argmax(-1) == ids[:, 1:]) & target_mask).sum() / target_mask.sum()
+                                    ).detach(), "answer_acc": hit.all(1).float().mean().detach()}
+
+    def forward(self, step: int, rank: int, world: int, g: torch.Generator):
+        tc, B = self.tc, self.tc.stage2_batch
+        idx = [example_index(step, i, B, rank, world) for i in range(B)]
+        t2i = [toy.t2i_example(i, "train", tc.seed, tc.size) for i in idx]
+        ed = [toy.edit_example(i, "train", tc.seed, tc.size) for i in idx]
+        qa = [toy.qa_example(i, "train", tc.seed, tc.size) for i in idx]
+        l_gen, m_gen = self.bits_loss(drop_text([e.caption for e in t2i], tc.cfg_drop, g), None,
+                                      np.stack([e.image for e in t2i]))
+        l_edit, m_edit = self.bits_loss(drop_text([e.instruction for e in ed], tc.cfg_drop, g),
+                                        [e.source for e in ed], np.stack([e.target for e in ed]))
+        l_und, m_und = self.answer_loss(np.stack([e.image for e in qa]), [e.question for e in qa],
+                                        [e.answer for e in qa])
+        metrics = {"t2i": l_gen.detach(), "edit": l_edit.detach(), "understanding": l_und.detach(), **m_gen,
+                   **{f"edit_{k}": v for k, v in m_edit.items()}, **m_und}
+        return l_gen + l_edit + l_und, metrics
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def build(tc: TrainConfig, tok: M.Tokenizer, device) -> tuple[bsq.VisionModel, M.UniAR, D.Decoder]:
+    """The three parts, sharing one vision tower (the AR model's `model.visual` is the tokenizer)."""
+    torch.manual_seed(tc.seed)
+    cfg = ar_config(tc, tok)
+    net = M.UniAR(cfg)
+    vision = net.model.visual
+    dit = dit_config(tc, cfg.vision)
+    dec = D.Decoder(vision, D.MMDiT(dit), None, D.SchedulerConfig(shift=1.0), context=D.LearnedContext(dit))
+    return vision, net.to(device), dec.to(device)
+
+
+MERGERS = ("merger.", "deepstack_merger_list.")
+
+
+def stage_params(stage: int, vision, net, dec) -> list:
+    """Stage 1: the tower, BSQ projections and the decoder; stage 2: the AR model and the mergers (tower frozen)."""
+    for p in list(net.parameters()) + list(dec.parameters()):
+        p.requires_grad_(False)
+    if stage == 1:
+        named = [(n, p) for n, p in vision.named_parameters() if not n.startswith(MERGERS)]
+        named += list(dec.transformer.named_parameters()) + list(dec.context.named_parameters())
+    else:
+        named = [(n, p) for n, p in net.named_parameters()
+                 if not n.startswith("model.visual.") or n.startswith(tuple("model.visual." + m for m in MERGERS))]
+    for _, p in named:
+        p.requires_grad_(True)
+    return [p for _, p in named]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training state: safetensors + JSON, written atomically (resume gives the same losses as an uninterrupted run)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def model_state(vision, net, dec) -> dict:
+    out = {f"vision.{k}": v for k, v in vision.state_dict().items()}
+    out.update({f"net.{k}": v for k, v in net.state_dict().items() if not k.startswith("model.visual.")})
+    out.update({f"dit.{k}": v for k, v in dec.transformer.state_dict().items()})
+    out.update({f"ctx.{k}": v for k, v in dec.context.state_dict().items()})
+    return out
+
+
+def load_model_state(state: dict, vision, net, dec) -> None:
+    def part(prefix):
+        return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+    vision.load_state_dict(part("vision."))
+    net_sd = part("net.")
+    net_sd.update({f"model.visual.{k}": v for k, v in vision.state_dict().items()})
+    net.load_state_dict(net_sd)
+    dec.transformer.load_state_dict(part("dit."))
+    dec.context.load_state_dict(part("ctx."))
+
+
+def save_state(folder: Path, meta: dict, vision, net, dec, opt) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model_state(vision, net, dec).items()}
+    if opt is not None:
+        for i, st in opt.state_dict()["state"].items():
+            for k, v in st.items():
+                tensors[f"opt.{i}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(tensors, str(tmp / "state.safetensors"))
+    with open(tmp / "state.json", "w") as f:
+        json.dump(meta, f)
+    old = folder.with_name(folder.name + ".old")
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_state(folder: Path) -> tuple[dict, dict]:
+    from safetensors.torch import load_file
+
+    if not (folder / "state.json").is_file() or not (folder / "state.safetensors").is_file():
+        raise ValueError(f"--resume: no training state in {folder} (state.json + state.safetensors)")
+    with open(folder / "state.json") as f:
+        meta = json.load(f)
+    return meta, load_file(str(folder / "state.safetensors"))
+
+
+def load_optimizer(opt: torch.optim.Optimizer, tensors: dict) -> None:
+    sd = opt.state_dict()
+    state = {}
+    for i in range(len(sd["param_groups"][0]["params"])):
+        keys = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
+        if keys:
+            state[i] = keys
+    opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training loop
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10%."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.45 * (1 + math.cos(math.pi * p)))
+
+
+def step_seed(seed: int, stage: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + stage * 100_003 + step) * 64 + rank
+
+
+def reduce_metrics(metrics: dict, world: int) -> dict:
+    keys = sorted(metrics)
+    v = torch.stack([metrics[k].float().cpu() for k in keys])
+    if world > 1:
+        dist.all_reduce(v)
+        v = v / world
+    return {k: float(x) for k, x in zip(keys, v)}
+
+
+def train_stage(stage: int, loss_fn, params, batch_fn, tc: TrainConfig, ctx: dict, opt_tensors=None) -> bool:
+    """Runs one stage from ctx['step']; returns False when --stop-after interrupted it (state saved)."""
+    steps, lr = (tc.stage1_steps, tc.stage1_lr) if stage == 1 else (tc.stage2_steps, tc.stage2_lr)
+    rank, world = ctx["rank"], ctx["world"]
+    module = loss_fn
+    if world > 1:
+        # a text stack shallower than the deepstack taps leaves the last mergers without gradient
+        unused = stage == 2 and tc.lm_layers < len(vision_config(tc).deepstack_visual_indexes)
+        module = nn.parallel.DistributedDataParallel(loss_fn, find_unused_parameters=unused)
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay)
+    if opt_tensors:
+        load_optimizer(opt, opt_tensors)
+    history = ctx["meta"]["history"].setdefault(f"stage{stage}", [])
+    start = ctx["meta"]["step"]
+    bar = range(start, steps)
+    if rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(bar, desc=f"stage {stage}", initial=start, total=steps, dynamic_ncols=True)
+    for step in bar:
+        seed = step_seed(tc.seed, stage, step, rank)
+        g = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)  # the decoder's condition dropout draws from the global generator
+        with ctx["autocast"]():
+            loss, metrics = module(*batch_fn(step, g))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+        for grp in opt.param_groups:
+            grp["lr"] = lr_at(step, steps, lr, tc.warmup)
+        opt.step()
+        metrics["loss"] = loss.detach()
+        row = reduce_metrics(metrics, world)
+        history.append(row)
+        if rank == 0:
+            bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "flow", "bsq", "t2i", "edit", "understanding",
+                                                          "bit_acc_l0", "answer_acc") if k in row})
+        ctx["meta"]["step"] = step + 1
+        ctx["global_step"] += 1
+        stop = ctx["stop_after"] is not None and ctx["global_step"] >= ctx["stop_after"]
+        if (step + 1) % tc.save_every == 0 or stop:
+            checkpoint_state(ctx, opt)
+        if stop:
+            return False
+    ctx["meta"]["stage"], ctx["meta"]["step"] = stage + 1, 0
+    checkpoint_state(ctx, None)
+    return True
+
+
+def checkpoint_state(ctx: dict, opt) -> None:
+    if ctx["rank"] == 0:
+        save_state(ctx["run_dir"] / "state", ctx["meta"], *ctx["models"], opt)
+    if ctx["world"] > 1:
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Evaluation on held-out prompts (unseen colour-shape pairs)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def generate(net, tok, dec, prompts, settings: dict, *, input_images=None, seed: int = 0) -> np.ndarray:
+    """Prompts (+ input images for editing) -> decoded images (B, S, S, 3) uint8 with the checkpoint's settings."""
+    S = settings["ar_size"][0]
+    dev = net.lm_head.weight.device
+    ids, mask, pv, grid = M.build_generation_batch(net, tok, prompts, S, S, settings["cfg"], input_images)
+    out = M.generate_image(net, ids.to(dev), mask.to(dev), S, S, cfg=settings["cfg"],
+                           temperature=settings["temperature"], pixel_values=None if pv is None else pv.to(dev),
+                           image_grid_thw=grid, generator=torch.Generator(device=dev).manual_seed(seed))
+    imgs = dec.decode(out.bits, S, S, upsampling_ratio=settings["upsample"], steps=settings["steps"],
+                      guidance=settings["decoder_cfg"], seed=seed)
+    return imgs.cpu().numpy()
+
+
+@torch.no_grad()
+def answers(net, tok, images: np.ndarray, questions: list) -> list:
+    dev = net.lm_head.weight.device
+    pv, grid = to_pixels(images, net.cfg.vision)
+    n_img = int(grid[0].prod()) // net.cfg.vision.merge_unit
+    ids, mask = tok.batch([M.render_chat_prompt(q, n_img) for q in questions])
+    new = M.generate_text(net, ids.to(dev), mask.to(dev), pv.to(dev), grid, max_new_tokens=8,
+                          stop_ids=sorted({tok.eos_id, tok.token_id(M.IM_END)}))
+    return [tok.decode(t) for t in new]
+
+
+def evaluate(net, tok, dec, *, settings: dict, n: int = 64, batch: int = 32, seed: int = 0) -> dict:
+    """Held-out scores in [0, 1]: generation (images fully correct), understanding (exact answers), editing (edited
+    image shows exactly the target scene), plus the per-attribute generation scores."""
+    was = net.training, dec.training
+    net.eval(), dec.eval()
+    prompts = toy.heldout_prompts(n)
+    gen = []
+    for i in range(0, n, batch):
+        imgs = generate(net, tok, dec, prompts[i:i + batch], settings, seed=seed + i)
+        gen += [toy.score_image(im, p) for im, p in zip(imgs, prompts[i:i + batch])]
+    qa = toy.heldout_questions(n)
+    und = []
+    for i in range(0, n, batch):
+        chunk = qa[i:i + batch]
+        preds = answers(net, tok, np.stack([e.image for e in chunk]), [e.question for e in chunk])
+        und += [toy.score_answer(p, e.answer) for p, e in zip(preds, chunk)]
+    edits = toy.heldout_edits(n)
+    ed = []
+    for i in range(0, n, batch):
+        chunk = edits[i:i + batch]
+        imgs = generate(net, tok, dec, [e.instruction for e in chunk], settings,
+                        input_images=[e.source for e in chunk], seed=seed + i)
+        ed += [toy.score_edit(im, e.target_scene)["correct"] for im, e in zip(imgs, chunk)]
+    net.train(was[0]), dec.train(was[1])
+    out = {"generation": float(np.mean([s["correct"] for s in gen])), "understanding": float(np.mean(und)),
+           "editing": float(np.mean(ed)), "n": n}
+    out.update({f"generation_{k}": float(np.mean([s[k] for s in gen])) for k in gen[0] if k != "correct"})
+    return out
+
+
+@torch.no_grad()
+def reconstruction_score(vision, dec, settings: dict, n: int = 32) -> float:
+    """Tokenizer + decoder round trip on held-out images: fraction decoded back to exactly their scene."""
+    S = settings["ar_size"][0]
+    ex = [toy.t2i_example(i, "heldout", toy.EVAL_SEED, S) for i in range(n)]
+    imgs = reconstruct(vision, dec, np.stack([e.image for e in ex]), settings)
+    return float(np.mean([toy.read_scene(im) == e.scene for im, e in zip(imgs, ex)]))
+
+
+@torch.no_grad()
+def reconstruct(vision, dec, images: np.ndarray, settings: dict) -> np.ndarray:
+    S = images.shape[1]
+    dev = vision.pos_embed.weight.device
+    pv, grid = to_pixels(images, vision.cfg)
+    bits = vision.encode_bits(pv.to(dev), grid)
+    bits = bits.view(len(images), -1, *bits.shape[1:])
+    return dec.decode(bits, S, S, upsampling_ratio=1.0, steps=settings["steps"], guidance=settings["decoder_cfg"],
+                      seed=0).cpu().numpy()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Plots
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def save_grid(images: np.ndarray, path: Path, cols: int = 8) -> None:
+    from PIL import Image
+
+    B, S = images.shape[:2]
+    rows = (B + cols - 1) // cols
+    canvas = np.full((rows * (S + 2), cols * (S + 2), 3), 255, np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, cols)
+        canvas[r * (S + 2):r * (S + 2) + S, c * (S + 2):c * (S + 2) + S] = im
+    Image.fromarray(canvas).resize((canvas.shape[1] * 2, canvas.shape[0] * 2), Image.NEAREST).save(path)
+
+
+def plot_history(meta: dict, folder: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    h1, h2 = meta["history"].get("stage1", []), meta["history"].get("stage2", [])
+    fig, ax = plt.subplots(1, 4, figsize=(20, 4))
+    for k in ("flow", "bsq"):
+        ax[0].plot([r[k] for r in h1], label=k)
+    ax[0].set_title("stage 1: tokenizer + decoder")
+    for k in ("t2i", "edit", "understanding"):
+        ax[1].plot([r[k] for r in h2], label=k)
+    ax[1].set_title("stage 2: AR losses")
+    ax[1].set_yscale("log")
+    for k in sorted(k for k in (h2[0] if h2 else {}) if k.startswith("bit_acc_l")):
+        ax[2].plot([r[k] for r in h2], label=f"t2i {k}")
+    ax[2].set_title("stage 2: text-to-image bit accuracy per level")
+    for k in sorted(k for k in (h2[0] if h2 else {}) if k.startswith("code_acc_l")):
+        ax[3].plot([r[k] for r in h2], label=f"t2i {k}")
+    for k in ("token_acc", "answer_acc"):
+        ax[3].plot([r[k] for r in h2], label=f"understanding {k}")
+    ax[3].set_title("stage 2: token accuracy (64-bit codes per level; answer tokens)")
+    for a in ax:
+        a.set_xlabel("step")
+        a.legend()
+    fig.tight_layout()
+    fig.savefig(folder / "losses.png", dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def setup_distributed(device: torch.device) -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def eval_main(ckpt: Path, device, n: int) -> int:
+    try:
+        net, tok = load_hf.load_ar(ckpt, device=device)
+        dec = load_hf.load_decoder(ckpt, device=device)
+    except load_hf.CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    settings = {**sample_defaults(TrainConfig()), **read_sample_defaults(ckpt)}
+    print(json.dumps(evaluate(net, tok, dec, settings=settings, n=n)))
+    return 0
+
+
+def read_sample_defaults(ckpt: Path) -> dict:
+    f = Path(ckpt) / "uniar_sample.json"
+    if not f.is_file():
+        raise ValueError(f"{f} not found: not a checkpoint written by train.py / rl.py")
+    with open(f) as fh:
+        return json.load(fh)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=ROOT / "checkpoints" / "toy", help="final checkpoint folder")
+    ap.add_argument("--run-dir", type=Path, default=ROOT / "runs" / "toy", help="plots, metrics, training state")
+    ap.add_argument("--resume", action="store_true", help="continue from <run-dir>/state")
+    ap.add_argument("--smoke", action="store_true", help="the tests' tiny, one-minute configuration")
+    ap.add_argument("--eval", type=Path, metavar="CKPT", help="only evaluate a checkpoint; print one JSON line")
+    ap.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
+    ap.add_argument("--stop-after", type=int, default=None, help="stop (saving the state) after this many steps "
+                    "in total, as if interrupted")
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="auto: bf16 autocast on GPU, fp32 on CPU")
+    for f in fields(TrainConfig):
+        ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None,
+                        help=f"default {f.default}" + (" (held-out examples per task)" if f.name == "eval_n" else ""))
+    args = ap.parse_args(argv)
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    if args.eval is not None:
+        return eval_main(args.eval, device, args.eval_n or TrainConfig().eval_n)
+    tc = TrainConfig.smoke() if args.smoke else TrainConfig()
+    tc = TrainConfig(**{**asdict(tc), **{f.name: getattr(args, f.name) for f in fields(TrainConfig)
+                                         if getattr(args, f.name) is not None}})
+    bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda")
+    if bf16 and device.type != "cuda":
+        raise SystemExit("--dtype bfloat16 needs a GPU (training on CPU runs in float32)")
+    rank, world = setup_distributed(device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    run_dir = args.run_dir
+    tok_dir = run_dir / "tokenizer"
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        toy.save_tokenizer(tok_dir)
+    if world > 1:
+        dist.barrier()
+    tok = M.Tokenizer(tok_dir)
+    vision, net, dec = build(tc, tok, device)
+    meta = {"stage": 1, "step": 0, "history": {}, "config": asdict(tc), "world": world}
+    opt_tensors = None
+    if args.resume:
+        meta, tensors = load_state(run_dir / "state")
+        if meta["config"] != asdict(tc) or meta["world"] != world:
+            raise SystemExit(f"--resume: the state in {run_dir / 'state'} was written with another configuration or "
+                             "world size; pass the same flags")
+        load_model_state(tensors, vision, net, dec)
+        opt_tensors = tensors
+    from contextlib import nullcontext
+
+    ctx = {"rank": rank, "world": world, "meta": meta, "run_dir": run_dir, "models": (vision, net, dec),
+           "stop_after": args.stop_after, "global_step": 0,
+           "autocast": (lambda: torch.autocast("cuda", torch.bfloat16)) if bf16 else nullcontext}
+    settings = sample_defaults(tc)
+    t0 = time.perf_counter()
+    B1 = tc.stage1_batch
+    if meta["stage"] == 1:
+        vision.train(), dec.train()
+        params = stage_params(1, vision, net, dec)
+
+        def batch1(step, g):
+            idx = [example_index(step, i, B1, rank, world) for i in range(B1)]
+            return np.stack([toy.t2i_example(i, "train", tc.seed, tc.size).image for i in idx]), g
+
+        if not train_stage(1, TokenizerLoss(vision, dec, tc.bsq_weight, tc.flip_prob), params, batch1, tc, ctx, opt_tensors):
+            return 0
+        opt_tensors = None
+        if rank == 0:
+            rec = reconstruction_score(vision, dec, settings)
+            meta["reconstruction_heldout"] = rec
+            ex = [toy.t2i_example(i, "heldout", toy.EVAL_SEED, tc.size).image for i in range(8)]
+            save_grid(np.concatenate([np.stack(ex), reconstruct(vision, dec, np.stack(ex), settings)]),
+                      run_dir / "stage1_reconstructions.png")
+            print(f"stage 1: held-out images decoded back to their scene: {rec:.1%}", file=sys.stderr)
+    t1 = time.perf_counter()
+    if meta["stage"] == 2:
+        net.train()
+        params = stage_params(2, vision, net, dec)
+        if not train_stage(2, ARLoss(net, tok, tc), params, lambda step, g: (step, rank, world, g), tc, ctx,
+                           opt_tensors):
+            return 0
+    t2 = time.perf_counter()
+    if world > 1:  # every rank must hold the same weights (DDP keeps them in sync)
+        flat = torch.cat([p.detach().flatten().cpu() for p in net.parameters()])
+        ref = flat.clone()
+        dist.broadcast(ref, 0)
+        if not torch.equal(flat, ref):
+            raise RuntimeError(f"rank {rank}: weights diverged from rank 0")
+    if rank == 0:
+        net.eval(), dec.eval()
+        load_hf.save_checkpoint(args.out, ar=net, tokenizer_dir=tok_dir, vision=vision, decoder=dec,
+                                sample_defaults=settings)
+        prompts = toy.heldout_prompts(16)
+        save_grid(generate(net, tok, dec, prompts, settings), run_dir / "stage2_samples.png")
+        metrics = {"config": asdict(tc), "world": world, "time_stage1_s": round(t1 - t0, 1),
+                   "time_stage2_s": round(t2 - t1, 1), "reconstruction_heldout": meta.get("reconstruction_heldout"),
+                   "final": {k: v for k, v in meta["history"].get("stage2", [{}])[-1].items()}}
+        if not args.no_eval:
+            metrics["eval"] = evaluate(net, tok, dec, settings=settings, n=tc.eval_n)
+            print(json.dumps(metrics["eval"]))
+        with open(run_dir / "metrics.json", "w") as f:
+            json.dump(metrics, f, indent=2)
+        plot_history(meta, run_dir)
+        print(f"checkpoint: {args.out}  run folder: {run_dir}  (stage 1 {t1 - t0:.0f}s, stage 2 {t2 - t1:.0f}s)",
+              file=sys.stderr)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
