@@ -16,8 +16,12 @@ The stages follow the paper's recipe at toy scale, with the released model's cla
     answers (model.UniAR.text_logits), in every batch.
 
 Departures from the paper / official code (whose tokenizer, decoder and SFT training code are not released):
-    - The decoder works in pixel space (no VAE, 4-px patches) with a learned constant text context
-      (decoder.LearnedContext) instead of SD3's frozen text encoders; it outputs the AR size (upsampling 1.0).
+    - The decoder works in pixel space (no VAE, 8-px patches) with a learned constant text context
+      (decoder.LearnedContext) instead of SD3's frozen text encoders; it outputs the AR size (upsampling 1.0), and
+      predicts the clean image (prediction_type "sample", turned into a velocity for the same Euler sampler)
+      because flat toy images are learned far faster that way than through the velocity target.
+    - Stage 1 flips each code bit of the decoder's condition with probability `flip_prob` (bsq.VisionModel.
+      training_forward), so the decoder tolerates the few wrong bits an AR model samples.
     - The tokenizer and the decoder are trained jointly from scratch (the released tower starts from Qwen3-VL and
       the decoder from SD3); the mergers (the LLM side of the tokenizer) are trained in stage 2 with the AR model.
     - Stage 2 trains every AR task at once from scratch; the official recipe has pre-training and SFT stages.

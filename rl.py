@@ -1,0 +1,361 @@
+"""GRPO on generated images: UniAR's reinforcement-learning stage, on the project's own model.
+
+    python rl.py                                   # from checkpoints/toy -> checkpoints/toy-rl, plots in runs/rl
+    python rl.py --ckpt CKPT --out OUT --steps 200 --loss-type dapo
+
+Group Relative Policy Optimisation (Shao et al., 2024) as UniAR applies it to parallel bitwise generation (paper: the
+RL stage; SPEC section 4). A step:
+  1. rollouts: G images per prompt from the current policy (model.generate_image: its own sampler, temperature,
+     optional guidance), decoded to pixels (decoder.Decoder.decode) and scored by a weighted stack of reward
+     functions of (image, prompt) (RewardStack; the toy GenEval-style evaluator by default);
+  2. group-normalised advantages: A = (r - mean_G r) / (std_G r + 1e-4) (group_advantages);
+  3. per-bit log-probabilities of the sampled bits from the teacher-forced forward (per_bit_logps: every bit of every
+     AR token is one "token" of the policy), for the policy before the update and for a frozen reference model;
+  4. several optimisation passes over the rollouts with the clipped importance ratio (separate low / high epsilons),
+     the k3 KL estimate against the reference with weight beta, and the official trainer's normalisations
+     (grpo_loss: grpo, bnpo, dr_grpo, dapo). The vision tower (tokenizer and mergers) stays frozen.
+
+Departures from the paper and the official trainer (trl GRPOTrainer, UniAR fork):
+    - Several passes per rollout batch (`--passes`, default 2): the official run is on-policy (num_iterations 1,
+      so the ratio is identically 1 and clipping never acts); here the later passes are off-policy and clip.
+    - Rewards come from in-process functions (the toy evaluator), not from reward and decoding servers; the decoder
+      runs in-process with the checkpoint's sampling settings.
+    - With `--cfg` > 1 the rollouts are drawn from the guided distribution while the log-probabilities are those of
+      the conditional policy (the official rollouts use cfg 1.0, the default here too).
+    - Plain AdamW with a constant learning rate after a short warm-up, fp32 on CPU; no DeepSpeed, no gradient
+      accumulation across processes, one process.
+    - `dr_grpo` divides by B * max_completion_length with max_completion_length = the number of bits of one image
+      (the official default, 256, counts text tokens and is meaningless for images); `dapo` divides by the number of
+      AR tokens in the batch, as the official trainer does (not by bits).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+import load_hf
+import model as M
+import toy
+
+ROOT = Path(__file__).resolve().parent
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+SCALES = ("group", "batch", "none")
+
+
+@dataclass
+class RLConfig:
+    """Defaults: the shipped toy RL checkpoint (< 15 min on 2 CPU cores, evaluations included)."""
+
+    steps: int = 60
+    prompts_per_step: int = 8
+    group_size: int = 8
+    passes: int = 2
+    minibatch: int = 32
+    lr: float = 2e-5
+    warmup: int = 5
+    beta: float = 0.01
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    loss_type: str = "grpo"
+    scale_rewards: str = "group"
+    temperature: float = 1.0
+    cfg: float = 1.0
+    seed: int = 0
+    grad_clip: float = 1.0
+    eval_n: int = 64
+
+    def __post_init__(self):
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type {self.loss_type!r} is not one of {LOSS_TYPES}")
+        if self.scale_rewards not in SCALES:
+            raise ValueError(f"scale_rewards {self.scale_rewards!r} is not one of {SCALES}")
+        if self.group_size < 2:
+            raise ValueError(f"group_size must be >= 2 (advantages compare samples of one prompt), got "
+                             f"{self.group_size}")
+        if not (0 <= self.eps_low < 1 and self.eps_high >= 0):
+            raise ValueError(f"need 0 <= eps_low < 1 and eps_high >= 0, got {self.eps_low}, {self.eps_high}")
+        if self.passes < 1 or self.steps < 0 or self.prompts_per_step < 1 or self.minibatch < 1:
+            raise ValueError("passes, prompts_per_step and minibatch must be >= 1 and steps >= 0")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The pieces a reader looks up
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def group_advantages(rewards: torch.Tensor, G: int, scale: str = "group") -> torch.Tensor:
+    """(B,) rewards of consecutive groups of G samples -> (B,) advantages: reward minus its group mean, divided by the
+    group's (or the batch's) unbiased std + 1e-4, or not divided (scale "none")."""
+    if rewards.dim() != 1 or rewards.numel() % G:
+        raise ValueError(f"rewards must be (B,) with B a multiple of the group size {G}, got {tuple(rewards.shape)}")
+    r = rewards.view(-1, G)
+    adv = (r - r.mean(1, keepdim=True)).flatten()
+    if scale == "group":
+        return adv / (r.std(1).repeat_interleave(G) + 1e-4)
+    if scale == "batch":
+        return adv / (rewards.std() + 1e-4)
+    if scale == "none":
+        return adv
+    raise ValueError(f"scale {scale!r} is not one of {SCALES}")
+
+
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: Optional[torch.Tensor], adv: torch.Tensor,
+              mask: torch.Tensor, *, loss_type: str = "grpo", eps_low: float = 0.2, eps_high: float = 0.2,
+              beta: float = 0.0, delta: Optional[float] = None, max_completion_length: Optional[int] = None,
+              num_items: Optional[float] = None) -> tuple[torch.Tensor, dict]:
+    """The clipped GRPO objective per bit, with the k3 KL penalty, reduced like the official trainer.
+
+    logp, old_logp, ref_logp, mask: (B, K) per-bit values (K = N * L * U * d); adv (B,).
+    Per bit: rho = exp(logp - old_logp); L = -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A) (rho first capped
+    at delta when given); + beta * (exp(ref - logp) - (ref - logp) - 1).
+    Reductions: grpo: mean over each sequence's bits, then over sequences; bnpo: sum / number of bits in the batch;
+    dr_grpo: sum / (B * max_completion_length); dapo: sum / num_items (the official trainer's count of AR tokens).
+    """
+    if logp.shape != old_logp.shape or logp.shape != mask.shape or adv.shape != logp.shape[:1]:
+        raise ValueError(f"shapes disagree: logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)}, mask "
+                         f"{tuple(mask.shape)}, adv {tuple(adv.shape)}")
+    mask = mask.to(logp.dtype)
+    ratio = torch.exp(logp - old_logp)
+    if delta is not None:
+        ratio = ratio.clamp(max=delta)
+    a = adv[:, None]
+    unclipped = ratio * a
+    clipped = ratio.clamp(1 - eps_low, 1 + eps_high) * a
+    per_bit = -torch.min(unclipped, clipped)
+    kl = None
+    if beta != 0.0:
+        if ref_logp is None:
+            raise ValueError("beta != 0 needs ref_logp")
+        d = ref_logp - logp
+        kl = torch.exp(d) - d - 1
+        per_bit = per_bit + beta * kl
+    if loss_type == "grpo":
+        loss = ((per_bit * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    elif loss_type == "bnpo":
+        loss = (per_bit * mask).sum() / mask.sum().clamp(min=1)
+    elif loss_type == "dr_grpo":
+        if max_completion_length is None:
+            raise ValueError("dr_grpo needs max_completion_length")
+        loss = (per_bit * mask).sum() / (logp.shape[0] * max_completion_length)
+    elif loss_type == "dapo":
+        if num_items is None:
+            raise ValueError("dapo needs num_items")
+        loss = (per_bit * mask).sum() / num_items
+    else:
+        raise ValueError(f"loss_type {loss_type!r} is not one of {LOSS_TYPES}")
+    with torch.no_grad():
+        n = mask.sum().clamp(min=1)
+        low = (ratio < 1 - eps_low) & (a < 0)
+        high = (ratio > 1 + eps_high) & (a > 0)
+        metrics = {"clip_low": float((low * mask).sum() / n), "clip_high": float((high * mask).sum() / n),
+                   "clip_fraction": float(((low | high) * mask).sum() / n),
+                   "kl": float((kl * mask).sum() / n) if kl is not None else 0.0}
+    return loss, metrics
+
+
+def per_bit_logps(net: M.UniAR, prefix_ids: torch.Tensor, attention_mask: torch.Tensor, bits: torch.Tensor,
+                  grid_hw: tuple[int, int], temperature: float = 1.0) -> torch.Tensor:
+    """Log-probability of every sampled bit under the teacher-forced forward: (B, N * L * U * d), fp32, logits divided
+    by the sampling temperature (the official `logits_use_temperature`)."""
+    logits = net.teacher_forced_logits(prefix_ids, attention_mask, bits, grid_hw).float() / temperature
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, bits[..., None]).squeeze(-1)  # (B, N, L, U, d)
+    return logp.flatten(1)
+
+
+class RewardStack:
+    """Weighted sum of reward functions fn(image (H, W, 3) uint8, prompt) -> float or None. None (the function does
+    not apply to this prompt) counts as NaN and is skipped in the sum, like the official nansum."""
+
+    def __init__(self, fns: Sequence[tuple[str, Callable, float]]):
+        if not fns:
+            raise ValueError("RewardStack needs at least one (name, fn, weight)")
+        self.fns = list(fns)
+
+    def __call__(self, images, prompts) -> tuple[torch.Tensor, dict]:
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
+        per = {}
+        for name, fn, _ in self.fns:
+            vals = [fn(im, p) for im, p in zip(images, prompts)]
+            per[name] = torch.tensor([float("nan") if v is None else float(v) for v in vals])
+        total = torch.stack([w * per[name] for name, _, w in self.fns]).nansum(0)
+        return total, per
+
+
+def toy_geneval_reward(image, prompt: str) -> float:
+    """The toy evaluator as a reward: 1 for a fully correct image, else the fraction of attribute checks passed / 2."""
+    s = toy.score_image(image, prompt)
+    if s["correct"]:
+        return 1.0
+    return 0.5 * float(np.mean([s[k] for k in ("object", "color", "shape", "position", "count")]))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loop
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def train_prompts(step: int, n: int, seed: int) -> list:
+    """Training prompts of a step (the toy train split: no held-out object is ever named)."""
+    return [toy.t2i_example(step * n + i, "train", seed + 7919).caption for i in range(n)]
+
+
+def rollout(net, tok, dec, prompts: list, rc: RLConfig, settings: dict, generator) -> tuple:
+    """prompts (each repeated G times consecutively) -> (cond ids, mask, bits, images uint8)."""
+    S = settings["ar_size"][0]
+    dev = net.lm_head.weight.device
+    ids, mask, _, _ = M.build_generation_batch(net, tok, prompts, S, S, rc.cfg)
+    out = M.generate_image(net, ids.to(dev), mask.to(dev), S, S, cfg=rc.cfg, temperature=rc.temperature,
+                           generator=generator)
+    images = dec.decode(out.bits, S, S, upsampling_ratio=settings["upsample"], steps=settings["steps"],
+                        guidance=settings["decoder_cfg"], seed=int(torch.randint(2**31 - 1, (1,),
+                                                                                  generator=generator)))
+    B = len(prompts)
+    return ids[:B].to(dev), mask[:B].to(dev), out.bits, images.cpu().numpy()
+
+
+def grpo_step(net, ref, opt, ids, mask, bits, adv, rc: RLConfig, grid_hw) -> dict:
+    """Several passes of minibatch updates over one batch of rollouts."""
+    B = bits.shape[0]
+    with torch.no_grad():
+        old = torch.cat([per_bit_logps(net, ids[i:i + rc.minibatch], mask[i:i + rc.minibatch],
+                                       bits[i:i + rc.minibatch], grid_hw, rc.temperature)
+                         for i in range(0, B, rc.minibatch)])
+        refl = torch.cat([per_bit_logps(ref, ids[i:i + rc.minibatch], mask[i:i + rc.minibatch],
+                                        bits[i:i + rc.minibatch], grid_hw, rc.temperature)
+                          for i in range(0, B, rc.minibatch)]) if rc.beta != 0 else None
+    K = old.shape[1]
+    params = [p for p in net.parameters() if p.requires_grad]
+    logs = []
+    for _ in range(rc.passes):
+        for i in range(0, B, rc.minibatch):
+            sl = slice(i, i + rc.minibatch)
+            logp = per_bit_logps(net, ids[sl], mask[sl], bits[sl], grid_hw, rc.temperature)
+            loss, m = grpo_loss(logp, old[sl], None if refl is None else refl[sl], adv[sl], torch.ones_like(logp),
+                                loss_type=rc.loss_type, eps_low=rc.eps_low, eps_high=rc.eps_high, beta=rc.beta,
+                                max_completion_length=K, num_items=float(bits[sl].shape[0] * bits.shape[1]))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, rc.grad_clip)
+            opt.step()
+            logs.append({"loss": float(loss), **m})
+    return {k: float(np.mean([r[k] for r in logs])) for k in logs[0]}
+
+
+def plot(history: list, folder: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    steps = [h["step"] for h in history]
+    ax[0].plot(steps, [h["reward"] for h in history], label="mean reward")
+    ax[0].plot(steps, [h["correct"] for h in history], label="fully correct")
+    ax[0].set_title("rollout reward (train prompts)")
+    ax[1].plot(steps, [h["kl"] for h in history])
+    ax[1].set_title("KL to the reference (k3, per bit)")
+    for k in ("clip_fraction", "clip_low", "clip_high"):
+        ax[2].plot(steps, [h[k] for h in history], label=k)
+    ax[2].set_title("clipped fraction of bits")
+    for a in ax:
+        a.set_xlabel("step")
+        a.legend() if a is not ax[1] else None
+    fig.tight_layout()
+    fig.savefig(folder / "rl_curves.png", dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ckpt", type=Path, default=ROOT / "checkpoints" / "toy", help="starting checkpoint")
+    ap.add_argument("--out", type=Path, default=ROOT / "checkpoints" / "toy-rl", help="RL checkpoint folder")
+    ap.add_argument("--run-dir", type=Path, default=ROOT / "runs" / "rl", help="plots and metrics")
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    ap.add_argument("--no-eval", action="store_true", help="skip the before / after evaluations")
+    for f in fields(RLConfig):
+        ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None,
+                        help=f"default {f.default}")
+    args = ap.parse_args(argv)
+    try:
+        rc = RLConfig(**{f.name: getattr(args, f.name) for f in fields(RLConfig) if getattr(args, f.name) is not None})
+    except ValueError as e:
+        ap.error(str(e))
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    import train
+
+    try:
+        net, tok = load_hf.load_ar(args.ckpt, device=device)
+        dec = load_hf.load_decoder(args.ckpt, device=device)
+        settings = train.read_sample_defaults(args.ckpt)
+    except (load_hf.CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    torch.manual_seed(rc.seed)
+    ref = copy.deepcopy(net).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    for n, p in net.named_parameters():
+        p.requires_grad_(not n.startswith("model.visual."))
+    net.eval()  # no dropout anywhere; eval mode keeps the frozen tower's behaviour fixed
+    args.run_dir.mkdir(parents=True, exist_ok=True)
+    eval_settings = {**settings}
+    before = None
+    if not args.no_eval:
+        before = train.evaluate(net, tok, dec, settings=eval_settings, n=rc.eval_n)
+        print("before " + json.dumps(before), flush=True)
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=rc.lr, betas=(0.9, 0.99),
+                            weight_decay=0.0)
+    rewards = RewardStack([("geneval", toy_geneval_reward, 1.0)])
+    S = settings["ar_size"][0]
+    grid_hw = (S // net.cfg.downsample, S // net.cfg.downsample)
+    gen = torch.Generator(device=device).manual_seed(rc.seed)
+    history = []
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    bar = tqdm(range(rc.steps), desc="GRPO", dynamic_ncols=True)
+    for step in bar:
+        for grp in opt.param_groups:
+            grp["lr"] = rc.lr * min(1.0, (step + 1) / max(1, rc.warmup))
+        prompts = [p for p in train_prompts(step, rc.prompts_per_step, rc.seed) for _ in range(rc.group_size)]
+        with torch.no_grad():
+            ids, mask, bits, images = rollout(net, tok, dec, prompts, rc, settings, gen)
+        r, _ = rewards(images, prompts)
+        adv = group_advantages(r, rc.group_size, rc.scale_rewards).to(device)
+        m = grpo_step(net, ref, opt, ids, mask, bits, adv, rc, grid_hw)
+        correct = float(np.mean([toy.score_image(im, p)["correct"] for im, p in zip(images, prompts)]))
+        history.append({"step": step, "reward": float(r.mean()), "correct": correct, **m})
+        bar.set_postfix(reward=f"{r.mean():.3f}", correct=f"{correct:.2f}", kl=f"{m['kl']:.2e}",
+                        clip=f"{m['clip_fraction']:.3f}")
+    t_train = time.perf_counter() - t0
+    load_hf.save_checkpoint(args.out, ar=net, tokenizer_dir=args.ckpt, vision=net.visual, decoder=dec,
+                            sample_defaults=settings)
+    metrics = {"config": asdict(rc), "start": str(args.ckpt), "train_s": round(t_train, 1), "history": history}
+    if not args.no_eval:
+        after = train.evaluate(net, tok, dec, settings=eval_settings, n=rc.eval_n)
+        print("after  " + json.dumps(after), flush=True)
+        metrics.update(before=before, after=after)
+        print(f"held-out generation {before['generation']:.3f} -> {after['generation']:.3f}, understanding "
+              f"{before['understanding']:.3f} -> {after['understanding']:.3f}", file=sys.stderr)
+    with open(args.run_dir / "metrics.json", "w") as f:
+        json.dump(metrics, f, indent=2)
+    if history:
+        plot(history, args.run_dir)
+    print(f"checkpoint: {args.out}  run folder: {args.run_dir}  (GRPO {t_train:.0f}s)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
