@@ -18,6 +18,11 @@ RL stage; SPEC section 4). A step:
 Departures from the paper and the official trainer (trl GRPOTrainer, UniAR fork):
     - Several passes per rollout batch (`--passes`, default 2): the official run is on-policy (num_iterations 1,
       so the ratio is identically 1 and clipping never acts); here the later passes are off-policy and clip.
+    - Prompts (`--prompt-split heldout`, the default) are two-object scenes of the toy world's held-out split, minus
+      the evaluation command's prompts, as the paper's RL stage trains on GenEval-style prompts with a GenEval-style
+      reward. After GRPO the held-out combinations are therefore no longer unseen by the policy: it has met them
+      through its own samples and the reward (never through a ground-truth image). The train split
+      (`--prompt-split train`) gives almost no signal: the SFT toy model already draws its prompts right.
     - Rewards come from in-process functions (the toy evaluator), not from reward and decoding servers; the decoder
       runs in-process with the checkpoint's sampling settings.
     - With `--cfg` > 1 the rollouts are drawn from the guided distribution while the log-probabilities are those of
@@ -56,12 +61,12 @@ SCALES = ("group", "batch", "none")
 class RLConfig:
     """Defaults: the shipped toy RL checkpoint (< 15 min on 2 CPU cores, evaluations included)."""
 
-    steps: int = 60
+    steps: int = 300
     prompts_per_step: int = 8
     group_size: int = 8
     passes: int = 2
     minibatch: int = 32
-    lr: float = 2e-5
+    lr: float = 3e-5
     warmup: int = 5
     beta: float = 0.01
     eps_low: float = 0.2
@@ -72,7 +77,8 @@ class RLConfig:
     cfg: float = 1.0
     seed: int = 0
     grad_clip: float = 1.0
-    eval_n: int = 64
+    eval_n: int = 256
+    prompt_split: str = "heldout"
 
     def __post_init__(self):
         if self.loss_type not in LOSS_TYPES:
@@ -84,6 +90,8 @@ class RLConfig:
                              f"{self.group_size}")
         if not (0 <= self.eps_low < 1 and self.eps_high >= 0):
             raise ValueError(f"need 0 <= eps_low < 1 and eps_high >= 0, got {self.eps_low}, {self.eps_high}")
+        if self.prompt_split not in ("heldout", "train"):
+            raise ValueError(f"prompt_split {self.prompt_split!r} is not one of ('heldout', 'train')")
         if self.passes < 1 or self.steps < 0 or self.prompts_per_step < 1 or self.minibatch < 1:
             raise ValueError("passes, prompts_per_step and minibatch must be >= 1 and steps >= 0")
 
@@ -205,9 +213,29 @@ def toy_geneval_reward(image, prompt: str) -> float:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def train_prompts(step: int, n: int, seed: int) -> list:
-    """Training prompts of a step (the toy train split: no held-out object is ever named)."""
-    return [toy.t2i_example(step * n + i, "train", seed + 7919).caption for i in range(n)]
+PROMPT_SPLITS = ("heldout", "train")
+
+
+def train_prompts(step: int, n: int, seed: int, split: str = "heldout", exclude: frozenset = frozenset()) -> list:
+    """The prompts of one GRPO step.
+
+    "heldout" (default): two-object scenes of the held-out split, as the paper's RL stage draws GenEval-style prompts
+    for a GenEval-style reward; captions in `exclude` (the evaluation prompts) are skipped, so no evaluated prompt is
+    ever rolled out. The policy meets held-out combinations only through its own samples and the reward, never
+    through a ground-truth image. "train": the train split (the SFT model already draws these right, so the
+    advantages are mostly zero)."""
+    if split == "train":
+        return [toy.t2i_example(step * n + i, "train", seed + 7919).caption for i in range(n)]
+    if split != "heldout":
+        raise ValueError(f"prompt split {split!r} is not one of {PROMPT_SPLITS}")
+    out, i = [], 0
+    while len(out) < n:
+        rng = np.random.default_rng([seed + 7919, step, i])
+        c = toy.caption(toy.sample_scene(rng, "heldout", 2))
+        i += 1
+        if c not in exclude:
+            out.append(c)
+    return out
 
 
 def rollout(net, tok, dec, prompts: list, rc: RLConfig, settings: dict, generator) -> tuple:
@@ -322,6 +350,7 @@ def main(argv=None) -> int:
     grid_hw = (S // net.cfg.downsample, S // net.cfg.downsample)
     gen = torch.Generator(device=device).manual_seed(rc.seed)
     history = []
+    exclude = frozenset(toy.heldout_prompts(rc.eval_n))  # never roll out an evaluation prompt
     from tqdm import tqdm
 
     t0 = time.perf_counter()
@@ -329,7 +358,8 @@ def main(argv=None) -> int:
     for step in bar:
         for grp in opt.param_groups:
             grp["lr"] = rc.lr * min(1.0, (step + 1) / max(1, rc.warmup))
-        prompts = [p for p in train_prompts(step, rc.prompts_per_step, rc.seed) for _ in range(rc.group_size)]
+        prompts = [p for p in train_prompts(step, rc.prompts_per_step, rc.seed, rc.prompt_split, exclude)
+                   for _ in range(rc.group_size)]
         with torch.no_grad():
             ids, mask, bits, images = rollout(net, tok, dec, prompts, rc, settings, gen)
         r, _ = rewards(images, prompts)

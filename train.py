@@ -74,7 +74,7 @@ class TrainConfig:
     bsq_weight: float = 0.1  # weight of the BSQ entropy penalty next to the flow-matching loss
     flip_prob: float = 0.05  # bit flips in the decoder's condition: robustness to the AR model's bit errors
     # stage 2: AR model (per step: this many examples of each task)
-    stage2_steps: int = 2000
+    stage2_steps: int = 4500
     stage2_batch: int = 16
     stage2_lr: float = 1e-3
     cfg_drop: float = 0.1
@@ -96,7 +96,7 @@ class TrainConfig:
     temperature: float = 1.0
     decoder_steps: int = 10
     decoder_cfg: float = 1.5
-    eval_n: int = 64
+    eval_n: int = 256
     save_every: int = 250
 
     @classmethod
