@@ -55,6 +55,7 @@ import toy
 ROOT = Path(__file__).resolve().parent
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALES = ("group", "batch", "none")
+PROMPT_SPLITS = ("heldout", "train")
 
 
 @dataclass
@@ -90,8 +91,8 @@ class RLConfig:
                              f"{self.group_size}")
         if not (0 <= self.eps_low < 1 and self.eps_high >= 0):
             raise ValueError(f"need 0 <= eps_low < 1 and eps_high >= 0, got {self.eps_low}, {self.eps_high}")
-        if self.prompt_split not in ("heldout", "train"):
-            raise ValueError(f"prompt_split {self.prompt_split!r} is not one of ('heldout', 'train')")
+        if self.prompt_split not in PROMPT_SPLITS:
+            raise ValueError(f"prompt_split {self.prompt_split!r} is not one of {PROMPT_SPLITS}")
         if self.passes < 1 or self.steps < 0 or self.prompts_per_step < 1 or self.minibatch < 1:
             raise ValueError("passes, prompts_per_step and minibatch must be >= 1 and steps >= 0")
 
@@ -211,9 +212,6 @@ def toy_geneval_reward(image, prompt: str) -> float:
 # ---------------------------------------------------------------------------------------------------------------------
 # Loop
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-PROMPT_SPLITS = ("heldout", "train")
 
 
 def train_prompts(step: int, n: int, seed: int, split: str = "heldout", exclude: frozenset = frozenset()) -> list:
