@@ -25,6 +25,12 @@ Departures from the paper / official code (whose tokenizer, decoder and SFT trai
     - The tokenizer and the decoder are trained jointly from scratch (the released tower starts from Qwen3-VL and
       the decoder from SD3); the mergers (the LLM side of the tokenizer) are trained in stage 2 with the AR model.
     - Stage 2 trains every AR task at once from scratch; the official recipe has pre-training and SFT stages.
+    - Stage 2 flips each bit the AR model reads (input images, and the teacher-forced tokens of the image being
+      generated) with probability `read_flip_prob` (noisy_reading); the targets stay clean. The model thereby learns
+      to read codes near the ones it was trained on, which is what it meets at inference (its own sampled bits, and
+      the held-out objects' codes, which no training image contains). The shipped run (read_flip_prob 0.1) scores
+      92.2% / 100% / 96.5% on held-out generation / understanding / editing; the same recipe without read flips
+      scored 87.9% / 99.6% / 54.7% (the README has the table).
     - Classifier-free guidance is learned by dropping the prompt text (edit: the instruction only) with
       probability `cfg_drop`, the AR analogue of the decoder's condition dropout.
 
@@ -78,6 +84,7 @@ class TrainConfig:
     stage2_batch: int = 16
     stage2_lr: float = 1e-3
     cfg_drop: float = 0.1
+    read_flip_prob: float = 0.1  # bit flips in what the AR model reads (input images, teacher-forced tokens)
     warmup: int = 50
     weight_decay: float = 0.01
     grad_clip: float = 1.0
@@ -214,6 +221,29 @@ def bit_metrics(logits: torch.Tensor, bits: torch.Tensor) -> dict:
             **{f"code_acc_l{i}": a for i, a in enumerate(tok_acc)}}
 
 
+from contextlib import contextmanager
+
+
+@contextmanager
+def noisy_reading(vision: bsq.VisionModel, p: float, g: torch.Generator):
+    """Within the block, every bit the LLM reads back (input images' and teacher-forced tokens') is flipped with
+    probability p; the targets (computed by encode_bits) stay clean."""
+    if p <= 0:
+        yield
+        return
+    clean = vision.bits_to_llm_features
+
+    def flipped(bits):
+        flip = (torch.rand(bits.shape, generator=g) < p).to(bits.device)
+        return clean(torch.where(flip, 1 - bits, bits))
+
+    vision.bits_to_llm_features = flipped
+    try:
+        yield
+    finally:
+        del vision.bits_to_llm_features
+
+
 class ARLoss(nn.Module):
     """Stage 2: text-to-image + editing (per-bit cross-entropy) + understanding (next-token on answers)."""
 
@@ -261,6 +291,10 @@ class ARLoss(nn.Module):
                                     ).detach(), "answer_acc": hit.all(1).float().mean().detach()}
 
     def forward(self, step: int, rank: int, world: int, g: torch.Generator):
+        with noisy_reading(self.net.visual, self.tc.read_flip_prob, g):
+            return self._forward(step, rank, world, g)
+
+    def _forward(self, step: int, rank: int, world: int, g: torch.Generator):
         tc, B = self.tc, self.tc.stage2_batch
         idx = [example_index(step, i, B, rank, world) for i in range(B)]
         t2i = [toy.t2i_example(i, "train", tc.seed, tc.size) for i in idx]

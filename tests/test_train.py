@@ -148,3 +148,27 @@ def test_lr_schedule():
     assert train.lr_at(0, 100, 1.0, 10) == pytest.approx(0.1)
     assert train.lr_at(10, 100, 1.0, 10) == pytest.approx(1.0)
     assert train.lr_at(100, 100, 1.0, 10) == pytest.approx(0.1)
+
+
+def test_noisy_reading_flips_what_the_llm_reads_and_nothing_else():
+    vision = bsq.VisionModel(bsq.VisionConfig.tiny()).eval()
+    L, U, d = vision.cfg.levels, vision.cfg.merge_unit, vision.cfg.bsq_dim
+    bits = torch.randint(0, 2, (6, L, U, d), generator=torch.Generator().manual_seed(0))
+    clean_main, clean_deep = vision.bits_to_llm_features(bits)
+    g = torch.Generator().manual_seed(1)
+    with train.noisy_reading(vision, 0.1, g):
+        noisy_main, noisy_deep = vision.bits_to_llm_features(bits)
+    # the same draw, done by hand: each bit flipped with probability 0.1
+    flip = torch.rand(bits.shape, generator=torch.Generator().manual_seed(1)) < 0.1
+    assert 0.05 < flip.float().mean() < 0.15
+    want_main, want_deep = vision.bits_to_llm_features(torch.where(flip, 1 - bits, bits))
+    torch.testing.assert_close(noisy_main, want_main, rtol=0, atol=0)
+    for a, b in zip(noisy_deep, want_deep):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(noisy_main, clean_main)
+    # outside the block (and with p = 0) the reading is clean again; encode_bits (the targets) is never touched
+    after_main, _ = vision.bits_to_llm_features(bits)
+    torch.testing.assert_close(after_main, clean_main, rtol=0, atol=0)
+    with train.noisy_reading(vision, 0.0, g):
+        torch.testing.assert_close(vision.bits_to_llm_features(bits)[0], clean_main, rtol=0, atol=0)
+    assert "bits_to_llm_features" not in vars(vision)
