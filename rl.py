@@ -60,14 +60,14 @@ PROMPT_SPLITS = ("heldout", "train")
 
 @dataclass
 class RLConfig:
-    """Defaults: the shipped toy RL checkpoint (15 min 59 s on 2 shared CPU cores, evaluations included)."""
+    """Defaults: the shipped toy RL checkpoint (`time python rl.py`: 7 min 2 s on 2 CPU cores, evaluations included)."""
 
-    steps: int = 300
+    steps: int = 200
     prompts_per_step: int = 8
     group_size: int = 8
     passes: int = 2
     minibatch: int = 32
-    lr: float = 3e-5
+    lr: float = 1e-4
     warmup: int = 5
     beta: float = 0.01
     eps_low: float = 0.2
