@@ -253,13 +253,14 @@ def rollout(net, tok, dec, prompts: list, rc: RLConfig, settings: dict, generato
 def grpo_step(net, ref, opt, ids, mask, bits, adv, rc: RLConfig, grid_hw) -> dict:
     """Several passes of minibatch updates over one batch of rollouts."""
     B = bits.shape[0]
-    with torch.no_grad():
-        old = torch.cat([per_bit_logps(net, ids[i:i + rc.minibatch], mask[i:i + rc.minibatch],
-                                       bits[i:i + rc.minibatch], grid_hw, rc.temperature)
-                         for i in range(0, B, rc.minibatch)])
-        refl = torch.cat([per_bit_logps(ref, ids[i:i + rc.minibatch], mask[i:i + rc.minibatch],
-                                        bits[i:i + rc.minibatch], grid_hw, rc.temperature)
-                          for i in range(0, B, rc.minibatch)]) if rc.beta != 0 else None
+    def all_logps(model):
+        with torch.no_grad():
+            return torch.cat([per_bit_logps(model, ids[i:i + rc.minibatch], mask[i:i + rc.minibatch],
+                                            bits[i:i + rc.minibatch], grid_hw, rc.temperature)
+                              for i in range(0, B, rc.minibatch)])
+
+    old = all_logps(net)
+    refl = all_logps(ref) if rc.beta != 0 else None
     K = old.shape[1]
     params = [p for p in net.parameters() if p.requires_grad]
     logs = []
@@ -274,7 +275,7 @@ def grpo_step(net, ref, opt, ids, mask, bits, adv, rc: RLConfig, grid_hw) -> dic
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, rc.grad_clip)
             opt.step()
-            logs.append({"loss": float(loss), **m})
+            logs.append({"loss": float(loss.detach()), **m})
     return {k: float(np.mean([r[k] for r in logs])) for k in logs[0]}
 
 
@@ -336,10 +337,9 @@ def main(argv=None) -> int:
         p.requires_grad_(not n.startswith("model.visual."))
     net.eval()  # no dropout anywhere; eval mode keeps the frozen tower's behaviour fixed
     args.run_dir.mkdir(parents=True, exist_ok=True)
-    eval_settings = {**settings}
     before = None
     if not args.no_eval:
-        before = train.evaluate(net, tok, dec, settings=eval_settings, n=rc.eval_n)
+        before = train.evaluate(net, tok, dec, settings=settings, n=rc.eval_n)
         print("before " + json.dumps(before), flush=True)
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=rc.lr, betas=(0.9, 0.99),
                             weight_decay=0.0)
@@ -360,10 +360,10 @@ def main(argv=None) -> int:
                    for _ in range(rc.group_size)]
         with torch.no_grad():
             ids, mask, bits, images = rollout(net, tok, dec, prompts, rc, settings, gen)
-        r, _ = rewards(images, prompts)
+        r, per = rewards(images, prompts)
         adv = group_advantages(r, rc.group_size, rc.scale_rewards).to(device)
         m = grpo_step(net, ref, opt, ids, mask, bits, adv, rc, grid_hw)
-        correct = float(np.mean([toy.score_image(im, p)["correct"] for im, p in zip(images, prompts)]))
+        correct = float((per["geneval"] == 1.0).float().mean())  # toy_geneval_reward is 1 only when fully correct
         history.append({"step": step, "reward": float(r.mean()), "correct": correct, **m})
         bar.set_postfix(reward=f"{r.mean():.3f}", correct=f"{correct:.2f}", kl=f"{m['kl']:.2e}",
                         clip=f"{m['clip_fraction']:.3f}")
@@ -372,7 +372,7 @@ def main(argv=None) -> int:
                             sample_defaults=settings)
     metrics = {"config": asdict(rc), "start": str(args.ckpt), "train_s": round(t_train, 1), "history": history}
     if not args.no_eval:
-        after = train.evaluate(net, tok, dec, settings=eval_settings, n=rc.eval_n)
+        after = train.evaluate(net, tok, dec, settings=settings, n=rc.eval_n)
         print("after  " + json.dumps(after), flush=True)
         metrics.update(before=before, after=after)
         print(f"held-out generation {before['generation']:.3f} -> {after['generation']:.3f}, understanding "

@@ -45,6 +45,7 @@ import os
 import shutil
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -219,9 +220,6 @@ def bit_metrics(logits: torch.Tensor, bits: torch.Tensor) -> dict:
     tok_acc = hit.all(-1).float().mean(dim=(0, 1, 3))  # (L,)
     return {**{f"bit_acc_l{i}": a for i, a in enumerate(bit_acc)},
             **{f"code_acc_l{i}": a for i, a in enumerate(tok_acc)}}
-
-
-from contextlib import contextmanager
 
 
 @contextmanager
@@ -702,8 +700,6 @@ def main(argv=None) -> int:
                              "world size; pass the same flags")
         load_model_state(tensors, vision, net, dec)
         opt_tensors = tensors
-    from contextlib import nullcontext
-
     ctx = {"rank": rank, "world": world, "meta": meta, "run_dir": run_dir, "models": (vision, net, dec),
            "stop_after": args.stop_after, "global_step": 0,
            "autocast": (lambda: torch.autocast("cuda", torch.bfloat16)) if bf16 else nullcontext}
