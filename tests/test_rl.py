@@ -96,6 +96,41 @@ def test_config_errors():
         rl.RLConfig(loss_type="ppo")
     with pytest.raises(ValueError, match="group_size"):
         rl.RLConfig(group_size=1)
+    with pytest.raises(ValueError, match="max_rounds"):
+        rl.RLConfig(max_rounds=0)
+
+
+def test_dynamic_sampling_keeps_only_groups_whose_rewards_differ(monkeypatch):
+    # A fake policy: rollout k gives every sample of group j the reward stored in its "image"; the reward table per
+    # round says which groups are informative.
+    G = 2
+    table = iter([[1, 1, 0, 1, 5, 5],  # round 1: group 1 differs
+                  [0, 0, 2, 2, 3, 3],  # round 2: none
+                  [7, 8, 0, 0, 1, 0]])  # round 3: groups 0 and 2 differ
+    def fake_rollout(net, tok, dec, prompts, rc, settings, generator):
+        r = next(table)
+        return torch.arange(len(prompts)).view(-1, 1), [np.full((1,), v) for v in r]
+
+    monkeypatch.setattr(rl, "rollout", fake_rollout)
+    stack = rl.RewardStack([("geneval", lambda im, p: float(im[0]), 1.0)])
+    prompts = iter(["p%d" % i for i in range(99)])
+    next_round = lambda: [next(prompts) for _ in range(3)]
+    rc = rl.RLConfig(group_size=G, prompts_per_step=3, filter_groups=3, max_rounds=5)
+    kept, bits, r, stats = rl.collect(None, None, None, stack, rc, {}, None, next_round)
+    assert kept == ["p1", "p1", "p6", "p6", "p8", "p8"]  # G copies of each kept prompt, in rollout order
+    assert bits.flatten().tolist() == [2, 3, 0, 1, 4, 5] and r.tolist() == [0, 1, 7, 8, 1, 0]
+    assert stats["rounds"] == 3 and stats["groups"] == 3
+    assert stats["reward"] == pytest.approx(np.mean([1, 1, 0, 1, 5, 5, 0, 0, 2, 2, 3, 3, 7, 8, 0, 0, 1, 0]))
+    # max_rounds bounds the search; nothing informative -> no batch
+    table = iter([[1, 1, 2, 2, 3, 3]] * 2)
+    kept, bits, r, stats = rl.collect(None, None, None, stack, rl.RLConfig(group_size=G, prompts_per_step=3,
+                                                                        max_rounds=2), {}, None, next_round)
+    assert kept == [] and bits is None and stats["rounds"] == 2 and stats["groups"] == 0
+    # filter_groups=0: one round, every group trains, as the official trainer
+    table = iter([[1, 1, 2, 2, 3, 4]])
+    kept, bits, r, stats = rl.collect(None, None, None, stack, rl.RLConfig(group_size=G, prompts_per_step=3,
+                                                                        filter_groups=0), {}, None, next_round)
+    assert len(kept) == 6 and r.tolist() == [1, 1, 2, 2, 3, 4] and stats["rounds"] == 1
 
 
 @pytest.fixture(scope="module")

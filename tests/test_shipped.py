@@ -49,10 +49,10 @@ def test_toy_checkpoint_meets_the_training_bar(toy_scores):
 
 def test_rl_checkpoint_improves_generation_and_keeps_understanding(toy_scores):
     rl_scores = _scores(TOY_RL)
-    # +3.5 points measured (92.2% -> 95.7% at n=256), short of the GRPO issue's +5 (that issue stays open); this
-    # floor guards the shipped RL checkpoint's gain against regressions.
+    # The GRPO issue's bar: +5 points of held-out generation, or >= 97%, understanding within 1 point. Measured with
+    # `time python rl.py`: 92.2% -> 98.0% (n=256), understanding 100% -> 99.6%.
     gain = rl_scores["generation"] - toy_scores["generation"]
-    assert gain >= 0.03, (toy_scores, rl_scores)
+    assert gain >= 0.05 or rl_scores["generation"] >= 0.97, (toy_scores, rl_scores)
     assert abs(rl_scores["understanding"] - toy_scores["understanding"]) <= 0.01, (toy_scores, rl_scores)
 
 
