@@ -488,7 +488,8 @@ def save_checkpoint(root, *, ar=None, tokenizer_dir=None, vision=None, decoder=N
         if ar is not None:
             _write_json(tmp / "config.json", ar_config_dict(ar.cfg))
             _write_weights(tmp / "model.safetensors", ar)
-            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"):
+            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                         "generation_config.json"):
                 if tokenizer_dir is not None and (Path(tokenizer_dir) / name).exists():
                     shutil.copy(Path(tokenizer_dir) / name, tmp / name)
         if vision is not None:

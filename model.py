@@ -816,6 +816,14 @@ class Tokenizer:
         self.pad_id, self.eos_id = self.token_id(self.pad_token), self.token_id(self.eos_token)
         for t in (IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD):
             self.token_id(t)
+        # where an answer ends: the eos token, the chat turn's end and generation_config.json's eos_token_id (int or
+        # list; Qwen3-VL lists <|im_end|> and <|endoftext|>)
+        gen_eos = None
+        if (folder / "generation_config.json").is_file():
+            with open(folder / "generation_config.json") as f:
+                gen_eos = json.load(f).get("eos_token_id")
+        gen_eos = [] if gen_eos is None else [gen_eos] if isinstance(gen_eos, int) else gen_eos
+        self.end_ids = sorted({self.eos_id, self.token_id(IM_END), *(int(i) for i in gen_eos)})
 
     def token_id(self, token: str) -> int:
         i = self._added.get(token, self.tk.token_to_id(token))
@@ -929,6 +937,6 @@ def answer(model: UniAR, tokenizer: Tokenizer, image, question: str, *, max_new_
         pv = pv.to(dev)
     ids, mask = tokenizer.batch([render_chat_prompt(question, n_img)])
     new = generate_text(model, ids.to(dev), mask.to(dev), pv, grid, max_new_tokens=max_new_tokens,
-                        stop_ids=sorted({tokenizer.eos_id, tokenizer.token_id(IM_END)}), temperature=temperature,
+                        stop_ids=tokenizer.end_ids, temperature=temperature,
                         generator=_generator(seed, dev))
     return tokenizer.decode(new[0])

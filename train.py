@@ -517,7 +517,7 @@ def answers(net, tok, images: np.ndarray, questions: list) -> list:
     n_img = int(grid[0].prod()) // net.cfg.vision.merge_unit
     ids, mask = tok.batch([M.render_chat_prompt(q, n_img) for q in questions])
     new = M.generate_text(net, ids.to(dev), mask.to(dev), pv.to(dev), grid, max_new_tokens=8,
-                          stop_ids=sorted({tok.eos_id, tok.token_id(M.IM_END)}))
+                          stop_ids=tok.end_ids)
     return [tok.decode(t) for t in new]
 
 

@@ -28,8 +28,12 @@ def test_decoder_only_vision_loads_just_the_output_projections(golden):
 
 
 def test_dtype_conversion_keeps_integer_buffers(golden):
+    """Floating weights are cast to the asked dtype (values rounded from the file), integer buffers keep theirs."""
     m = load_hf.load_vision(golden.dir, dtype=torch.bfloat16)
-    assert m.pos_embed.weight.dtype == torch.bfloat16 and m.bsq.basis.dtype == torch.int64
+    full = load_hf.load_vision(golden.dir)
+    sd = load_file(str(golden.dir / "bsq_encoder" / "model.safetensors"))
+    assert torch.equal(m.pos_embed.weight, sd["pos_embed.weight"].bfloat16())
+    assert m.bsq.basis.dtype == torch.int64 and torch.equal(m.bsq.basis, full.bsq.basis)
 
 
 def test_sharded_checkpoint(tmp_path, golden):
@@ -165,7 +169,8 @@ def test_unknown_head_variant(tmp_path, golden):
     root = tmp_path / "ckpt"
     shutil.copytree(golden.dir, root, ignore=shutil.ignore_patterns("golden*", "sd3_*", "bsq_encoder"))
     sd = load_file(str(root / "model.safetensors"))
-    sd = {("output_layer_vistok.7.weight" if k.startswith("output_layer_vistok.1") else k): v for k, v in sd.items()}
+    last = sorted(k for k in sd if k.startswith("output_layer_vistok."))[-1]  # the fixture's head, any variant
+    sd["output_layer_vistok.7.weight"] = sd.pop(last)
     save_file(sd, str(root / "model.safetensors"))
     with pytest.raises(load_hf.CheckpointError, match="unknown bit-head variant.*output_layer_vistok.7.weight"):
         load_hf.load_ar(root)
@@ -241,3 +246,69 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         load_hf.save_checkpoint(root, ar=net, tokenizer_dir=tok_dir)
     assert (root / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "tok"]  # no temporary folder left behind
+
+
+def _unusual_config(cfg):
+    """The same weight shapes with every config value the forward reads changed away from the fixture's (and the
+    defaults): rope_theta, eps, mrope section, deepstack order, position budget; a head variant other than it."""
+    import dataclasses
+
+    t, v = cfg.text, cfg.vision
+    text = dataclasses.replace(t, rope_theta=12345.678, rms_norm_eps=t.rms_norm_eps * 3.7,
+                               mrope_section=t.mrope_section[1:] + t.mrope_section[:1],
+                               max_position_embeddings=t.max_position_embeddings + 7)
+    vision = dataclasses.replace(v, deepstack_visual_indexes=tuple((i + 1) % v.depth
+                                                                   for i in v.deepstack_visual_indexes))
+    other = next(h for h in ("linear", "rmsnorm_linear") if h != cfg.head_variant)
+    return dataclasses.replace(cfg, text=text, vision=vision, vistok_mlp_dim=cfg.vistok_mlp_dim + 1)\
+        .with_head_variant(other)
+
+
+def test_ar_checkpoint_round_trip_keeps_every_config_field(tmp_path, golden):
+    """save_checkpoint writes every config field (an unusual rope_theta, mrope section, head variant, vision fields,
+    ...) into config.json, load_ar reads back an equal config, the same weights and generation_config.json, and the
+    reloaded model's logits on the golden prompt are bit-identical (and differ from the fixture config's)."""
+    import dataclasses
+
+    import model
+
+    base, _ = load_hf.load_ar(golden.dir)
+    cfg = _unusual_config(base.cfg)
+    torch.manual_seed(0)
+    net = model.UniAR(cfg).eval()
+    head = {k for k in net.state_dict() if k.startswith("output_layer_vistok.")}
+    missing, unexpected = net.load_state_dict(base.state_dict(), strict=False)
+    assert set(missing) == head and all(k.startswith("output_layer_vistok.") for k in unexpected)
+    tok_dir = tmp_path / "tok"
+    shutil.copytree(golden.dir, tok_dir, ignore=shutil.ignore_patterns("golden*", "sd3_*", "bsq_encoder", "model*",
+                                                                        "config.json"))
+    added = {t["content"]: t["id"] for t in json.loads((tok_dir / "tokenizer.json").read_text())["added_tokens"]}
+    ends = [added["<|im_end|>"], added["<|endoftext|>"]]  # as in Qwen3-VL's generation_config.json
+    (tok_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": ends}))
+    root = load_hf.save_checkpoint(tmp_path / "ckpt", ar=net, tokenizer_dir=tok_dir)
+
+    raw = json.loads((root / "config.json").read_text())
+    plain = lambda x: list(x) if isinstance(x, tuple) else x  # noqa: E731
+    for f in dataclasses.fields(cfg.text):
+        got = raw["text_config"]["rope_scaling"] if f.name == "mrope_section" else raw["text_config"]
+        assert got[f.name] == plain(getattr(cfg.text, f.name)), f.name
+    for f in dataclasses.fields(cfg.vision):
+        assert raw["vision_config"][f.name] == plain(getattr(cfg.vision, f.name)), f.name
+    for f in dataclasses.fields(cfg):
+        if f.name not in ("text", "vision"):
+            assert raw[f.name] == getattr(cfg, f.name), f.name
+
+    net2, tok2 = load_hf.load_ar(root)
+    assert net2.cfg == cfg and net2.language_model.cfg == cfg.text and net2.visual.cfg == cfg.vision
+    assert net2.cfg.head_variant == cfg.head_variant != base.cfg.head_variant
+    sd, sd2 = net.state_dict(), net2.state_dict()
+    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
+    assert set(ends) <= set(tok2.end_ids)
+    args = (golden["und.input_ids"], None, golden["vision.patches"], golden["vision.grid_thw"])
+    with torch.no_grad():
+        logits = net.text_logits(*args)
+        assert torch.equal(net2.text_logits(*args), logits)
+        assert (logits - base.text_logits(*args)).abs().max() > 1e-3  # the changed config matters
+        bits = golden["t2i.codes"]
+        tf_args = (golden["t2i.prefix_ids"][:1], golden["t2i.attention_mask"][:1], bits, (bits.shape[1], 1))
+        assert torch.equal(net2.teacher_forced_logits(*tf_args), net.teacher_forced_logits(*tf_args))

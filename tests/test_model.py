@@ -2,6 +2,9 @@
 
 Sizes, seeds and settings come from the fixture folder (config.json, golden.json), never from constants.
 """
+import copy
+import json
+import math
 import re
 
 import pytest
@@ -10,7 +13,7 @@ from safetensors.torch import load_file
 
 import bsq
 import model as M
-from conftest import load_manifest
+from conftest import assert_close_rel, load_manifest, read_json
 
 TOL = 1e-4  # absolute, float32
 
@@ -108,17 +111,180 @@ def test_understanding_logits(golden, ar):
     assert abs_err(logits, golden["und.logits"]) <= TOL
 
 
-def test_text_decode_cached_equals_recompute(golden, ar, tok):
-    args = (ar, golden["und.input_ids"], None, golden["vision.patches"], golden["vision.grid_thw"])
-    greedy = M.generate_text(*args, max_new_tokens=6)
-    assert greedy == M.generate_text(*args, max_new_tokens=6, use_cache=False)
-    assert greedy[0][0] == int(golden["und.logits"][0, -1].argmax())
-    # stops at a stop token (kept in the output)
-    assert M.generate_text(*args, max_new_tokens=6, stop_ids=[greedy[0][0]]) == [greedy[0][:1]]
-    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
-    sampled = M.generate_text(*args, max_new_tokens=6, temperature=1.0, generator=g1)
-    assert sampled == M.generate_text(*args, max_new_tokens=6, temperature=1.0, generator=g2, use_cache=False)
-    assert isinstance(M.answer(ar, tok, golden["vision.image_uint8"].numpy(), "what?", max_new_tokens=3), str)
+def und_args(golden):
+    return golden["und.input_ids"], None, golden["vision.patches"], golden["vision.grid_thw"]
+
+
+def und_batch_args(golden):
+    return golden["und.batch_input_ids"], golden["und.batch_attention_mask"], golden["vision.patches"], \
+        golden["vision.grid_thw"]
+
+
+def left_pad(rows: list[torch.Tensor], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ids -> (ids, mask) left padded with `pad` (the fixtures' batch layout)."""
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad, dtype=torch.int64)
+    mask = torch.zeros(len(rows), T, dtype=torch.int64)
+    for b, r in enumerate(rows):
+        ids[b, T - len(r):], mask[b, T - len(r):] = r, 1
+    return ids, mask
+
+
+def reference_decode(ar, ids, mask, pv, grid, n, temperature=0.0, generator=None):
+    """Decoding by a full forward (model.text_logits) over prompt + tokens so far at every step: (tokens (B, n),
+    per-step last-position logits (n, B, V)). Samples with one torch.multinomial per step."""
+    mask = torch.ones_like(ids) if mask is None else mask
+    toks, steps = [], []
+    for _ in range(n):
+        logits = ar.text_logits(ids, mask, pv, grid)[:, -1].float()
+        steps.append(logits)
+        t = logits.argmax(-1) if temperature == 0 else \
+            torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator)[:, 0]
+        toks.append(t)
+        ids, mask = torch.cat([ids, t[:, None]], 1), torch.cat([mask, torch.ones_like(t)[:, None]], 1)
+    return torch.stack(toks, 1), torch.stack(steps)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_greedy_text_exact(golden, ar, use_cache):
+    """The official greedy continuation of the image prompt (end-of-text disabled), cached and recompute paths;
+    with a stop id the row ends at its first occurrence, the stop token kept."""
+    want = golden["und.greedy_ids"]
+    got = M.generate_text(ar, *und_args(golden), max_new_tokens=want.shape[1], use_cache=use_cache)
+    assert torch.equal(torch.tensor(got), want)
+    stop = int(want[0, want.shape[1] // 2])
+    first = want[0].tolist().index(stop)
+    got = M.generate_text(ar, *und_args(golden), max_new_tokens=want.shape[1], stop_ids=[stop], use_cache=use_cache)
+    assert got == [want[0, :first + 1].tolist()]
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_batch_greedy_exact(golden, ar, use_cache):
+    """A batch left padded with 0 (row 0 the image prompt with the image, row 1 text only) decodes greedily to the
+    official ids, cached and recompute paths."""
+    ids, mask, pv, grid = und_batch_args(golden)
+    rows = [ids[b][mask[b].bool()] for b in range(ids.shape[0])]
+    assert torch.equal(rows[0], golden["und.input_ids"][0])
+    built = left_pad(rows)
+    assert torch.equal(built[0], ids) and torch.equal(built[1], mask)
+    want = golden["und.batch_greedy_ids"]
+    n = want.shape[1]
+    got = M.generate_text(ar, ids, mask, pv, grid, max_new_tokens=n, use_cache=use_cache)
+    assert torch.equal(torch.tensor(got), want)
+
+
+def test_text_step_logits_equal_full_forward(golden, ar):
+    """At every step of a cached greedy decode of the padded batch, the logits equal a full forward over prompt +
+    tokens so far (and step 0 equals the official logits of the prompt's last position)."""
+    ids, mask, pv, grid = und_batch_args(golden)
+    n = golden["und.batch_greedy_ids"].shape[1]
+    seen = []
+    hook = ar.lm_head.register_forward_hook(lambda mod, inp, out: seen.append(out[:, -1] if out.dim() == 3 else out))
+    try:
+        got = M.generate_text(ar, ids, mask, pv, grid, max_new_tokens=n)
+    finally:
+        hook.remove()
+    ref_toks, ref_logits = reference_decode(ar, ids, mask, pv, grid, n)
+    assert torch.equal(torch.tensor(got), ref_toks)
+    assert len(seen) == n
+    for i in range(n):
+        assert_close_rel(seen[i].float(), ref_logits[i], 1e-5, f"step {i}")
+    assert abs_err(seen[0][0], golden["und.logits"][0, -1]) <= TOL
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_sampled_text_matches_reference(golden, ar, use_cache):
+    """Sampling at temperature 0.7 with a seeded generator draws the same tokens as a reference sampler over full
+    forwards (softmax(logits / T), one torch.multinomial per step)."""
+    ids, mask, pv, grid = und_batch_args(golden)
+    n = golden["und.batch_greedy_ids"].shape[1]
+    got = M.generate_text(ar, ids, mask, pv, grid, max_new_tokens=n, temperature=0.7,
+                          generator=torch.Generator().manual_seed(3), use_cache=use_cache)
+    want, _ = reference_decode(ar, ids, mask, pv, grid, n, 0.7, torch.Generator().manual_seed(3))
+    assert torch.equal(torch.tensor(got), want)
+
+
+# ----- answer(): chat prompt and end tokens -----
+
+def tokenizer_files(golden, dst, generation_eos=None):
+    """A copy of the checkpoint's tokenizer files; generation_eos: token names to list as generation_config.json's
+    eos_token_id (like Qwen3-VL's [<|im_end|>, <|endoftext|>])."""
+    import shutil
+
+    dst.mkdir()
+    for f in golden.dir.iterdir():
+        if f.is_file() and not f.name.startswith(("golden", "model", "config")) and f.suffix in (".json", ".txt"):
+            shutil.copy(f, dst / f.name)
+    if generation_eos is not None:
+        gen = read_json(dst / "generation_config.json") if (dst / "generation_config.json").exists() else {}
+        gen["eos_token_id"] = [added_tokens(dst)[t] for t in generation_eos]
+        (dst / "generation_config.json").write_text(json.dumps(gen))
+    return dst
+
+
+def added_tokens(folder) -> dict[str, int]:
+    return {t["content"]: t["id"] for t in read_json(folder / "tokenizer.json")["added_tokens"]}
+
+
+def end_ids_from_files(folder) -> set[int]:
+    """Where an answer ends, read from the files: tokenizer eos token, <|im_end|>, generation_config eos_token_id."""
+    added = added_tokens(folder)
+    eos = read_json(folder / "tokenizer_config.json").get("eos_token") or \
+        read_json(folder / "special_tokens_map.json")["eos_token"]
+    ends = {added[eos["content"] if isinstance(eos, dict) else eos], added["<|im_end|>"]}
+    if (folder / "generation_config.json").exists():
+        e = read_json(folder / "generation_config.json").get("eos_token_id")
+        ends |= set() if e is None else {e} if isinstance(e, int) else set(e)
+    return ends
+
+
+class ForcedHead(torch.nn.Module):
+    """Replaces lm_head: call i puts all mass on seq[i] (the last entry repeats)."""
+
+    def __init__(self, seq, vocab):
+        super().__init__()
+        self.seq, self.vocab, self.calls = seq, vocab, 0
+
+    def forward(self, h):
+        out = torch.zeros(*h.shape[:-1], self.vocab)
+        out[..., self.seq[min(self.calls, len(self.seq) - 1)]] = 1.0
+        self.calls += 1
+        return out
+
+
+@pytest.mark.parametrize("generation_eos", [None, ["<|im_end|>", "<|endoftext|>"]])
+def test_answer_stops_only_at_end_tokens(golden, ar, tmp_path, monkeypatch, generation_eos):
+    """answer() ends at each end token of the checkpoint's files (including generation_config.json's eos ids) and
+    decodes on through every other special token; the text is that of the tokens before the end."""
+    folder = tokenizer_files(golden, tmp_path / "tok", generation_eos)
+    tok = M.Tokenizer(folder)
+    ends = end_ids_from_files(folder)
+    specials = set(added_tokens(folder).values())
+    others = sorted(specials - ends - ({tok.pad_id} if generation_eos is None else set()))
+    a, b, c = tok.encode(" yes"), tok.encode(" no"), tok.encode(" later")
+    cases = [(s, min(ends)) for s in others] + [(others[0], e) for e in sorted(ends)]
+    for s, e in cases:
+        seq = a + [s] + b + [e] + c
+        monkeypatch.setattr(ar, "lm_head", ForcedHead(seq, ar.cfg.text.vocab_size))
+        text = M.answer(ar, tok, None, "what?", max_new_tokens=len(seq) + 3)
+        assert text == tok.decode(a + b), (s, e, text)
+    assert tok.decode(a + b) != tok.decode(a)
+
+
+def test_answer_renders_the_chat_prompt(golden, ar, tok):
+    """answer(image, question) greedily continues the Qwen3-VL chat rendering (user turn: image then question,
+    assistant turn opened) of the processor-resized image, and stops at the end tokens."""
+    img = golden["vision.image_uint8"].numpy()
+    v = ar.cfg.vision
+    pv, grid = bsq.preprocess_image(img, patch_size=v.patch_size, merge_size=v.spatial_merge_size,
+                                    temporal_patch_size=v.temporal_patch_size)
+    n_img = int(grid.prod()) // v.merge_unit
+    text = ("<|im_start|>user\n<|vision_start|>" + "<|image_pad|>" * n_img +
+            "<|vision_end|>what is it?<|im_end|>\n<|im_start|>assistant\n")
+    ids, mask = tok.batch([text])
+    n = golden["und.greedy_ids"].shape[1]
+    new = M.generate_text(ar, ids, mask, pv, grid, max_new_tokens=n, stop_ids=sorted(end_ids_from_files(golden.dir)))
+    assert M.answer(ar, tok, img, "what is it?", max_new_tokens=n) == tok.decode(new[0])
 
 
 # ----- positions -----
@@ -146,6 +312,18 @@ def test_t2i_exact(golden, ar, vd_cache):
     assert torch.equal(out.bits, golden["t2i.codes"])
     assert torch.equal(out.indices, golden["t2i.indices"])
     assert abs_err(out.step_logits, golden["t2i.step_logits"]) <= TOL
+
+
+@pytest.mark.parametrize("vd_cache", [True, False])
+def test_t2i_temperature_and_guidance_exact(golden, ar, vd_cache):
+    """The t2i prompt and grid sampled at another temperature and guidance scale (golden.json "t2i_temp") with the
+    seed set right before the call: the official bits, with and without the visual-decoder cache."""
+    sc, st = golden.scenario("t2i"), golden.scenario("t2i_temp")
+    torch.manual_seed(seed_of(golden, "t2i_temp.codes", "t2i_temp"))
+    out = M.generate_image(ar, golden["t2i.prefix_ids"], golden["t2i.attention_mask"], sc["ar_height"],
+                           sc["ar_width"], cfg=st["cfg"], temperature=st["temperature"], visual_decoder_cache=vd_cache)
+    assert torch.equal(out.bits, golden["t2i_temp.codes"])
+    assert torch.equal(out.indices, bsq.bits_to_indexes(golden["t2i_temp.codes"]))
 
 
 def test_visual_decoder_cache_equals_recompute(golden, ar):
@@ -220,7 +398,9 @@ def test_edit_from_prompt_and_image(golden, ar, tok):
                                                    sc["cfg"], [img])
     n_tokens = (sc["ar_height"] // ar.cfg.downsample) * (sc["ar_width"] // ar.cfg.downsample)
     assert ((ids == ar.cfg.image_token_id).sum(1) == n_tokens).all()  # input image at the AR size, in every row
-    assert pv.shape[0] == ids.shape[0] * n_tokens * v.merge_unit
+    one, g1 = bsq.preprocess_image(img, size=(sc["ar_height"], sc["ar_width"]), patch_size=v.patch_size,
+                                   merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size)
+    assert torch.equal(pv, torch.cat([one] * ids.shape[0])) and torch.equal(grid, torch.cat([g1] * ids.shape[0]))
     kw = dict(ar_height=sc["ar_height"], ar_width=sc["ar_width"], cfg=sc["cfg"], temperature=sc["temperature"],
               seed=0, input_images=[img])
     a = M.generate_bits(ar, tok, [sc["prompt"]], **kw)
@@ -276,3 +456,64 @@ def test_head_variants_generation_matches_teacher_forcing(golden, cfg, variant):
     gh, gw = out_grid(golden["t2i.pos_ids_all"], outs[0].bits.shape[1])
     tf = m.teacher_forced_logits(ids, mask, outs[0].bits, (gh, gw))
     assert abs_err(tf, outs[0].step_logits.view(tf.shape)) <= TOL
+
+
+def plain_bit_head(variant: str, sd: dict, h: torch.Tensor, eps: float) -> torch.Tensor:
+    """The bit head in plain torch ops from its weights: [RMSNorm ->] Linear [-> GELU(tanh) -> Linear], no bias."""
+    w = {k[len("output_layer_vistok."):]: v for k, v in sd.items() if k.startswith("output_layer_vistok.")}
+    h = h.double()
+    if variant == "linear":
+        return h @ w["weight"].double().T
+    x = h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + eps) * w["0.weight"].double()
+    x = x @ w["1.weight"].double().T
+    if variant == "rmsnorm_linear":
+        return x
+    x = 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+    return x @ w["3.weight"].double().T
+
+
+def bit_head_inputs(ar, bits, golden):
+    """The visual-decoder states the fixture model feeds its bit head when teacher forcing `bits` on the t2i
+    conditional row (they do not depend on the head)."""
+    seen = []
+    hook = ar.output_layer_vistok.register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
+    try:
+        ar.teacher_forced_logits(golden["t2i.prefix_ids"][:1], golden["t2i.attention_mask"][:1], bits,
+                                 out_grid(golden["t2i.pos_ids_all"], bits.shape[1]))
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+@pytest.mark.parametrize("variant", M.HEAD_VARIANTS)
+def test_bit_head_variants_against_plain_torch(golden, ar, cfg, variant):
+    """Each bit-head variant on the fixture's backbone (random head weights, RMSNorm gain too) gives the logits of
+    a plain-torch head on the fixture's visual-decoder states, both teacher-forced and per generation step; the
+    same plain head with the fixture's own weights reproduces the official teacher-forced logits."""
+    eps = cfg.text.rms_norm_eps
+    codes = golden["t2i.codes"]
+    states = bit_head_inputs(ar, codes, golden)
+    official = golden["t2i.teacher_forced_logits"]
+    assert abs_err(plain_bit_head(cfg.head_variant, ar.state_dict(), states, eps).view(official.shape), official) <= TOL
+
+    m = copy.deepcopy(ar)
+    m.cfg = cfg.with_head_variant(variant)
+    with torch.device("meta"):
+        m.output_layer_vistok = M.build_vistok_head(m.cfg)
+    m.output_layer_vistok.to_empty(device="cpu")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in m.output_layer_vistok.parameters():  # norm gains around 1, linear weights of unit output scale
+            p.copy_(torch.rand(p.shape, generator=g) + 0.5 if p.dim() == 1 else
+                    torch.randn(p.shape, generator=g) * 2 / math.sqrt(p.shape[1]))
+    assert M.head_variant_from_keys(m.state_dict()) == variant
+    sd = m.state_dict()
+    tf = m.teacher_forced_logits(golden["t2i.prefix_ids"][:1], golden["t2i.attention_mask"][:1], codes,
+                                 out_grid(golden["t2i.pos_ids_all"], codes.shape[1]))
+    assert_close_rel(tf.flatten(-4), plain_bit_head(variant, sd, states, eps), 1e-5, variant)
+    sc = golden.scenario("t2i")
+    out = M.generate_image(m, golden["t2i.prefix_ids"], golden["t2i.attention_mask"], sc["ar_height"],
+                           sc["ar_width"], cfg=sc["cfg"], generator=torch.Generator().manual_seed(1),
+                           return_step_logits=True)
+    want = plain_bit_head(variant, sd, bit_head_inputs(ar, out.bits, golden), eps)
+    assert_close_rel(out.step_logits[:1], want, 1e-5, variant)
