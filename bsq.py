@@ -536,7 +536,9 @@ def load_image(image) -> np.ndarray:
         arr = np.repeat(arr, 3, axis=-1)
     if arr.shape[-1] == 4:
         a = arr[..., 3:].astype(np.float64) / 255 if arr.dtype == np.uint8 else arr[..., 3:]
-        arr = arr[..., :3] * a + (255 if arr.dtype == np.uint8 else 1.0) * (1 - a)
+        out = arr[..., :3] * a + (255 if arr.dtype == np.uint8 else 1.0) * (1 - a)
+        # uint8 stays uint8: a dark composite (all values <= 1) must not be taken for a [0, 1] float image below
+        arr = np.clip(np.round(out), 0, 255).astype(np.uint8) if arr.dtype == np.uint8 else out
     if arr.shape[0] == 0 or arr.shape[1] == 0:
         raise ValueError(f"image has zero size ({arr.shape[0]}x{arr.shape[1]})")
     if arr.dtype != np.uint8:
