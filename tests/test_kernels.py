@@ -1,6 +1,9 @@
 """kernels/: the Triton kernels equal their PyTorch references. On CPU they run through TRITON_INTERPRET=1 (set by
 the README's test command, and by conftest when no GPU is present); each test calls the Triton path explicitly,
 never the fallback."""
+import inspect
+import math
+
 import pytest
 import torch
 
@@ -8,6 +11,34 @@ from kernels import attention as A
 from kernels import bitwise as BW
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+BLOCK_N = inspect.signature(A.attention_triton).parameters["block_n"].default  # the kernel's key tile
+
+if BW.triton is not None:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _rand_at(out_ptr, off_ptr, seed, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(out_ptr + i, tl.rand(seed, tl.load(off_ptr + i, mask=i < n, other=0)), mask=i < n)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """These tests are small tensor ops around interpreted kernels: one intra-op thread is much faster than
+    several when the CPU is shared (restored after the file)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _counter_uniforms(seed, step, rows, K):
+    """The bitwise kernel's documented stream: u[row, bit] = tl.rand(seed, (step * rows + row) * K + bit)."""
+    offs = ((step * rows + torch.arange(rows)[:, None]) * K + torch.arange(K)[None]).to(DEV, torch.int32)
+    out = torch.empty(rows, K, device=DEV)
+    _rand_at[(triton.cdiv(rows * K, 1024),)](out, offs, int(seed), rows * K, BLOCK=1024)
+    return out
 
 
 def _qkv(B, H, Hk, Lq, Lk, D, dtype=torch.float32, seed=0):
@@ -29,6 +60,8 @@ def _left_pad(B, L, n_pad):
 @pytest.mark.parametrize("D", [64, 72, 128])
 @pytest.mark.parametrize("Lq, Lk", [(37, 37), (1, 45), (6, 45)])  # prefill, decode against a cache, a chunk
 def test_causal_padded_gqa_equals_reference(D, Lq, Lk):
+    """One key tile (Lk < BLOCK_N): causal + left padding + GQA equal the reference for each head dim, padded rows
+    finite."""
     q, k, v = _qkv(2, 4, 2, Lq, Lk, D, seed=D + Lq)
     pad = _left_pad(2, Lk, 11)
     got = A.attention(q, k, v, causal=True, key_padding_mask=pad, backend="triton")
@@ -37,8 +70,48 @@ def test_causal_padded_gqa_equals_reference(D, Lq, Lk):
     assert torch.isfinite(got).all()  # padded query rows included
 
 
+def _plain_softmax_attention(q, k, v, valid):
+    """Independent float64 attention: query i (absolute position p = Lk - Lq + i) attends keys j <= p that are valid,
+    and always key p; query head h reads kv head h // (H / Hk)."""
+    B, H, Lq, D = q.shape
+    Hk, Lk = k.shape[1], k.shape[2]
+    allowed = torch.zeros(B, 1, Lq, Lk, dtype=torch.bool)
+    for b in range(B):
+        for i in range(Lq):
+            p = Lk - Lq + i
+            allowed[b, 0, i, : p + 1] = valid[b, : p + 1].cpu()
+            allowed[b, 0, i, p] = True
+    heads = [h // (H // Hk) for h in range(H)]
+    k, v = k.double().cpu()[:, heads], v.double().cpu()[:, heads]
+    s = (q.double().cpu() @ k.transpose(-1, -2) / math.sqrt(D)).masked_fill(~allowed, float("-inf"))
+    return torch.softmax(s, dim=-1) @ v
+
+
+# Lq: a prefill, a chunk spanning two query tiles, decode steps against a KV cache (queries are the last Lq keys)
+@pytest.mark.parametrize("D, Lq", [(64, 2 * BLOCK_N + 22), (64, BLOCK_N + 6), (72, 5), (64, 1)])
+def test_causal_over_several_key_tiles(D, Lq):
+    """Keys span three BLOCK_N tiles (queries are the last Lq of them): the online softmax across tiles, the causal
+    bound of every tile, key padding inside and across tiles and grouped-query heads equal both the PyTorch reference
+    and a plain float64 masked softmax built here. Scores are spread (q x 3) so a missed rescale or key shows."""
+    Lk = 2 * BLOCK_N + 22
+    q, k, v = _qkv(2, 4, 2, Lq, Lk, D, seed=D + Lq)
+    q = q * 3
+    valid = torch.ones(2, Lk, dtype=torch.bool)
+    valid[0, 3::7] = False  # scattered holes in every tile
+    valid[0, BLOCK_N + 10: BLOCK_N + 20] = False
+    valid[1, :BLOCK_N + 6] = False  # left padding past the first tile
+    valid = valid.to(DEV)
+    got = A.attention(q, k, v, causal=True, key_padding_mask=valid, backend="triton")
+    ref = A.attention_reference(q, k, v, causal=True, key_padding_mask=valid)
+    plain = _plain_softmax_attention(q, k, v, valid)
+    assert (got - ref).abs().max().item() <= 1e-5
+    assert (got.double().cpu() - plain).abs().max().item() <= 1e-5
+    assert (ref.double().cpu() - plain).abs().max().item() <= 1e-5  # the reference is the model's mask
+
+
 @pytest.mark.parametrize("D", [64, 72, 128])
 def test_varlen_bidirectional_equals_reference(D):
+    """Per-image bidirectional attention (an image crosses the key-tile boundary) equals SDPA image by image."""
     cu = torch.tensor([0, 16, 48, 84])  # three images / frames of different lengths
     q, k, v = _qkv(1, 2, 2, 84, 84, D, seed=D)
     got = A.attention(q, k, v, cu_seqlens=cu, backend="triton")
@@ -50,6 +123,7 @@ def test_varlen_bidirectional_equals_reference(D):
 
 
 def test_padding_row_sees_only_itself():
+    """A query at a padded position (no valid key) returns its own value instead of NaN."""
     q, k, v = _qkv(1, 2, 2, 8, 8, 64)
     pad = torch.zeros(1, 8, dtype=torch.bool, device=DEV)
     pad[0, 5:] = True
@@ -59,6 +133,7 @@ def test_padding_row_sees_only_itself():
 
 @pytest.mark.parametrize("D", [64, 72, 128])
 def test_bf16_against_fp32_reference(D):
+    """bfloat16 inputs give a bfloat16 output within bf16 rounding of the float32 reference."""
     q, k, v = _qkv(2, 4, 1, 33, 33, D, dtype=torch.bfloat16, seed=D)
     pad = _left_pad(2, 33, 5)
     got = A.attention(q, k, v, causal=True, key_padding_mask=pad, backend="triton")
@@ -82,6 +157,8 @@ def test_model_attention_equals_kernel():
 
 @pytest.mark.parametrize("cfg", [1.0, 2.5])
 def test_bitwise_exact_with_same_uniforms(cfg):
+    """Given uniforms, kernel bits and codes equal the reference's exactly (each row reads its own uniforms); with
+    cfg > 1 both halves use the guided p(1)."""
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 1024, 2, generator=g).to(DEV) * 3
     u = torch.rand(4, 1024, generator=g).to(DEV)
@@ -95,6 +172,8 @@ def test_bitwise_exact_with_same_uniforms(cfg):
 
 
 def test_bitwise_frequencies_match_probabilities():
+    """Statistical: over 64 seeded steps the count of ones per p(1) decile is within 3 s.e. of the guided p(1); a
+    (seed, step) repeats, another step differs."""
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(2, 1024, 2, generator=g).to(DEV) * 2
     p = BW.guided_p1(logits, 1.5, 1.0)
@@ -111,7 +190,32 @@ def test_bitwise_frequencies_match_probabilities():
     assert not torch.equal(a, BW.sample_bits(logits, 1.5, 1.0, seed=3, step=1, backend="triton")[0])
 
 
+@pytest.mark.parametrize("cfg, rows", [(2.0, 4), (1.0, 3)])
+def test_bitwise_counter_stream_per_row_and_step(cfg, rows):
+    """Seeded kernel draws are exactly the reference fed the documented counter uniforms
+    u[row, bit] = tl.rand(seed, (step * rows + row) * K + bit): cond and uncond rows, every row and every step have
+    their own counters. K spans two kernel blocks."""
+    K = 1100
+    logits = torch.randn(rows, K, 2, generator=torch.Generator().manual_seed(rows)).to(DEV) * 2
+    for step in (0, 3):
+        bits, codes = BW.sample_bits(logits, cfg, 0.8, seed=11, step=step, backend="triton")
+        rbits, rcodes = BW.sample_bits_reference(logits, cfg, 0.8, _counter_uniforms(11, step, rows, K))
+        assert torch.equal(bits, rbits) and torch.equal(codes, rcodes), step
+
+
+def test_bitwise_cond_and_uncond_rows_draw_their_own_numbers():
+    """With cfg > 1 both halves sample the same guided p(1) but with their own random numbers: at p = 1/2 a cond row
+    and its uncond row (and two cond rows, and one row at two steps) agree on about half the bits (5 s.d.), not all."""
+    logits = torch.zeros(4, 1024, 2, device=DEV)
+    a = BW.sample_bits(logits, 3.0, 1.0, seed=5, step=0, backend="triton")[0]
+    b = BW.sample_bits(logits, 3.0, 1.0, seed=5, step=1, backend="triton")[0]
+    for x, y in [(a[0], a[2]), (a[1], a[3]), (a[0], a[1]), (a[0], b[0]), (a[2], b[2])]:
+        agree = (x == y).double().mean().item()
+        assert abs(agree - 0.5) <= 5 * math.sqrt(0.25 / 1024), agree
+
+
 def test_dispatch_switch(monkeypatch):
+    """UNIAR_KERNELS picks the backend (auto: Triton on CUDA only) and rejects anything else."""
     logits = torch.randn(2, 16, 2)
     monkeypatch.setenv("UNIAR_KERNELS", "torch")
     assert BW.backend_for(logits) == "torch"
@@ -125,6 +229,7 @@ def test_dispatch_switch(monkeypatch):
 
 
 def test_bad_input():
+    """Malformed logits, odd rows under guidance, temperature 0 and non-divisible GQA heads are refused."""
     with pytest.raises(ValueError, match="logits must be"):
         BW.sample_bits(torch.zeros(2, 16), 1.0, 1.0)
     with pytest.raises(ValueError, match="odd"):
@@ -138,33 +243,101 @@ def test_bad_input():
 
 # ----- the model through the dispatch -----
 
-def test_golden_rollout_with_the_attention_kernel(golden, monkeypatch):
+@pytest.fixture(scope="module")
+def golden_ar(golden):
+    """The golden AR model and tokenizer, loaded once for this file (tests restore what they patch)."""
+    import load_hf
+
+    return load_hf.load_ar(golden.dir)
+
+
+def test_golden_rollout_with_the_attention_kernel(golden, golden_ar, monkeypatch):
     """UNIAR_KERNELS=triton: every attention of the tower, the backbone and the visual-decoder stack runs the flash
     kernel; the seeded golden rollout is unchanged."""
     import bsq
-    import load_hf
     import model
 
     monkeypatch.setenv("UNIAR_KERNELS", "triton")
-    net, tok = load_hf.load_ar(golden.dir)
+    net, tok = golden_ar
     s = golden.scenario("e2e")
     bits = model.generate_bits(net, tok, s["prompt"], ar_height=s["ar_height"], ar_width=s["ar_width"], cfg=s["cfg"],
                                temperature=s["temperature"], seed=s["seed"])
     assert torch.equal(bsq.bits_to_indexes(bits), golden["e2e.indices"])
 
 
-def test_model_kernel_sampler_matches_its_reference(golden, monkeypatch):
-    """sampler="kernel" draws every step with the Triton bitwise kernel: bits of the right shape, and the same seed
-    repeats exactly (counter-based random numbers, no generator state)."""
-    import load_hf
+def _kernel_sampler_only(monkeypatch, backend):
+    """sampler="kernel" on `backend` while attention stays on SDPA (fast under the interpreter)."""
     import model
 
-    net, tok = load_hf.load_ar(golden.dir)
+    monkeypatch.setenv("UNIAR_KERNELS", backend)
+    monkeypatch.setattr(model, "use_kernel", lambda x: False)
+
+
+def test_model_kernel_sampler_matches_its_reference(golden, golden_ar, monkeypatch):
+    """Exact, step by step: generate_image(sampler="kernel") on the Triton sampler gives, for every row (cond and
+    uncond) at every AR step i, the bits of the PyTorch reference `sample_bits_reference` on that step's logits with
+    the rollout's cfg and temperature and the counter uniforms of (seed, step = i): guidance is applied, the counter
+    moves every step, one seed per rollout. The same generator seed repeats; another seed differs."""
+    import model
+
+    net, tok = golden_ar
     s = golden.scenario("e2e")
-    kw = dict(ar_height=s["ar_height"], ar_width=s["ar_width"], cfg=s["cfg"], temperature=s["temperature"], seed=1,
-              sampler="kernel")
-    monkeypatch.setenv("UNIAR_KERNELS", "triton")
-    a = model.generate_bits(net, tok, s["prompt"], **kw)
-    assert torch.equal(a, model.generate_bits(net, tok, s["prompt"], **kw))
-    assert a.shape == (1, s["ar_height"] // 32 * (s["ar_width"] // 32), *net.bits_shape)
-    assert set(a.unique().tolist()) <= {0, 1}
+    H, W, cfg, T = s["ar_height"], s["ar_width"], 3.0, 0.8  # guidance and temperature both move p(1)
+    _kernel_sampler_only(monkeypatch, "triton")
+    calls, real = [], BW.sample_bits
+
+    def spy(*a, **kw):
+        out = real(*a, **kw)
+        calls.append((kw["seed"], out[0]))
+        return out
+
+    monkeypatch.setattr(BW, "sample_bits", spy)
+    dev = next(net.parameters()).device
+    ids, mask = (t.to(dev) for t in model.build_generation_batch(net, tok, [s["prompt"]], H, W, cfg)[:2])
+
+    def rollout(seed):
+        calls.clear()
+        return model.generate_image(net, ids, mask, H, W, cfg=cfg, temperature=T, sampler="kernel",
+                                    generator=model._generator(seed, dev), return_step_logits=True)
+
+    out = rollout(1)
+    R, N = ids.shape[0], out.step_logits.shape[1]
+    B = R // 2
+    assert len(calls) == N and len({seed for seed, _ in calls}) == 1
+    seed, guidance_matters = calls[0][0], False
+    for i in range(N):
+        logits = out.step_logits[:, i].reshape(R, -1, 2)
+        u = _counter_uniforms(seed, i, R, logits.shape[1]).to(logits.device)
+        ref = BW.sample_bits_reference(logits, cfg, T, u)[0]
+        assert torch.equal(calls[i][1], ref), f"step {i}: kernel-path bits != reference"
+        assert torch.equal(out.bits[:, i].reshape(B, -1), ref[:B]), f"step {i}: returned bits != reference"
+        guidance_matters |= not torch.equal(ref[:B], BW.sample_bits_reference(logits[:B], 1.0, T, u[:B])[0])
+    assert guidance_matters  # the comparison can see a sampler that ignores cfg
+    assert torch.equal(rollout(1).bits, out.bits)
+    assert not torch.equal(rollout(2).bits, out.bits)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_model_kernel_sampler_new_numbers_every_step_and_guided(golden_ar, monkeypatch, backend):
+    """Statistical (the two backends draw different streams): a bit head with the SAME logits at every step, chosen
+    so that the guided p(1) is 1/2 (cond d = 2, uncond d = 3, cfg = 3: 3 + 3 (2 - 3) = 0) while the unguided cond p(1)
+    is 0.88. sampler="kernel" must give about half ones (guidance applied) and two steps must agree on about half
+    the bits (a fresh random counter every step), within 5 s.d., on the Triton kernel and on its torch fallback."""
+    import model
+
+    net, tok = golden_ar
+    ds, K = net.cfg.downsample, math.prod(net.bits_shape)
+    _kernel_sampler_only(monkeypatch, backend)
+    d = torch.zeros(2, K, 2)
+    d[0, :, 1], d[1, :, 1] = 2.0, 3.0  # (cond; uncond) logit of bit = 1, logit of 0 is 0
+
+    class SameEveryStep(torch.nn.Module):
+        def forward(self, h):
+            return d.repeat_interleave(h.shape[0] // 2, 0).reshape(h.shape[0], -1).to(h)
+
+    monkeypatch.setattr(net, "output_layer_vistok", SameEveryStep())
+    bits = model.generate_bits(net, tok, "a red cube", ar_height=ds, ar_width=3 * ds, cfg=3.0, temperature=1.0,
+                               seed=0, sampler="kernel").reshape(3, K)  # 3 steps, one cond row
+    assert abs(bits.double().mean().item() - 0.5) <= 5 * math.sqrt(0.25 / bits.numel())
+    for i, j in [(0, 1), (1, 2), (0, 2)]:
+        assert abs((bits[i] == bits[j]).double().mean().item() - 0.5) <= 5 * math.sqrt(0.25 / K), (i, j)
