@@ -1,5 +1,7 @@
 """rl.py: the GRPO loss against hand-computed values for every normalisation, the KL term, the clipped gradient,
-advantages, the reward stack, and one end-to-end GRPO step on a small model (tower frozen, checkpoint written)."""
+advantages, the reward stack's values, grpo_step against a hand computation for every loss type (temperature, frozen
+reference, counts), per-bit log-probs at a temperature against the official logits, and one end-to-end GRPO run of the
+command line on a small model (--scale-rewards reaches the advantages, frozen reference and tower, checkpoint)."""
 import copy
 import math
 
@@ -83,12 +85,145 @@ def test_advantages():
 
 
 def test_reward_stack_skips_none():
+    """The total is the weighted sum of every function's value, each with its own weight; None is skipped."""
     stack = rl.RewardStack([("a", lambda im, p: 1.0, 0.5), ("b", lambda im, p: None if p == "x" else 2.0, 1.0)])
     total, per = stack([None, None], ["x", "y"])
     assert total.tolist() == [0.5, 2.5] and math.isnan(per["b"][0])
+    assert per["a"].tolist() == [1.0, 1.0] and per["b"][1].item() == 2.0  # per-function values are unweighted
+    # three functions, no weight equal to 1: 0.25 * 4 + 3 * (-2) + 0.5 * 10 = 0.0 and, without the second, 6.0
+    stack = rl.RewardStack([("a", lambda im, p: 4.0, 0.25), ("b", lambda im, p: None if p == "x" else -2.0, 3.0),
+                            ("c", lambda im, p: 10.0, 0.5)])
+    total, _ = stack([None, None], ["y", "x"])
+    assert total.tolist() == [0.0, 6.0]
+
+
+def test_toy_geneval_reward_values():
+    """1 for a fully correct image, else half the fraction of the five attribute checks passed (exact values)."""
     img = toy.render(toy.parse_caption("a red square at the top left"))
     assert rl.toy_geneval_reward(img, "a red square at the top left") == 1.0
-    assert rl.toy_geneval_reward(img, "a blue square at the top left") < 1.0
+    # wrong colour: object, shape and count pass, colour and position fail -> 0.5 * 3 / 5
+    assert rl.toy_geneval_reward(img, "a blue square at the top left") == pytest.approx(0.3, abs=1e-12)
+    # nothing requested is there: only the count (one object) passes -> 0.5 * 1 / 5
+    assert rl.toy_geneval_reward(img, "a green circle at the bottom right") == pytest.approx(0.1, abs=1e-12)
+    # the default reward stack of the command line is this function with weight 1
+    total, per = rl.RewardStack([("geneval", rl.toy_geneval_reward, 1.0)])([img, img], [
+        "a red square at the top left", "a blue square at the top left"])
+    assert total.tolist() == pytest.approx([1.0, 0.3])
+
+
+class BitPolicy(torch.nn.Module):
+    """A stand-in policy for grpo_step: the per-bit logits of rollout row r are free parameters z[r] (r = ids[:, 0]),
+    so the loss and gradient of a step can be computed by hand."""
+
+    def __init__(self, z):
+        super().__init__()
+        self.z = torch.nn.Parameter(z.clone())
+
+    def teacher_forced_logits(self, prefix_ids, attention_mask, bits, grid_hw):
+        assert tuple(grid_hw) == (1, bits.shape[1])  # the grid reaches the forward
+        return self.z[prefix_ids[:, 0]]
+
+
+def hand_grpo_step(z0, zref, bits, adv, *, loss_type, T, beta, eps_low, eps_high, lr, passes, mb):
+    """grpo_step written out: Bernoulli log-probs at temperature T, old log-probs frozen before the first update,
+    k3 KL to the reference, the normaliser of each loss type, plain SGD. -> final z, mean loss, mean KL, first KL,
+    whether any bit was clipped."""
+    s = (2 * bits - 1).double()
+
+    def logp(z):  # log p(bit) = log sigmoid(+-(l1 - l0) / T)
+        return torch.nn.functional.logsigmoid(s * (z[..., 1] - z[..., 0]) / T).flatten(1)
+
+    B, N = bits.shape[:2]
+    z = z0.double().clone()
+    old, ref = logp(z).detach(), logp(zref.double()).detach()
+    losses, kls, clipped = [], [], False
+    for _ in range(passes):
+        for i in range(0, B, mb):
+            zz = z.clone().requires_grad_(True)
+            lp, o, r, a = logp(zz)[i:i + mb], old[i:i + mb], ref[i:i + mb], adv[i:i + mb, None].double()
+            rho = torch.exp(lp - o)
+            obj = torch.minimum(rho * a, rho.clamp(1 - eps_low, 1 + eps_high) * a)
+            clipped |= bool((((rho > 1 + eps_high) & (a > 0)) | ((rho < 1 - eps_low) & (a < 0))).any())
+            kl = torch.exp(r - lp) - (r - lp) - 1
+            per = -obj + beta * kl
+            rows, K = per.shape
+            if loss_type == "grpo":  # mean over each image's bits, then over images
+                loss = per.mean(1).mean()
+            elif loss_type in ("bnpo", "dr_grpo"):  # all bits of the minibatch; dr_grpo: rows x bits of one image
+                loss = per.sum() / (rows * K)
+            else:  # dapo: the number of AR tokens (images x N), not bits
+                loss = per.sum() / (rows * N)
+            loss.backward()
+            z = z - lr * zz.grad
+            losses.append(loss.item())
+            kls.append(kl.mean().item())
+    return z, float(np.mean(losses)), float(np.mean(kls)), kls[0], clipped
+
+
+@pytest.mark.parametrize("loss_type", rl.LOSS_TYPES)
+def test_grpo_step_matches_a_hand_computation(loss_type):
+    """grpo_step for every loss type, end to end on a policy whose logits are its parameters: the parameters after
+    2 passes x 2 minibatches (3 rows, the last minibatch of 1), the mean loss and the mean KL equal a hand computation.
+    This pins the temperature of the log-probs, the old log-probs frozen before the update (the second pass clips),
+    the KL against the frozen reference (> 0 from the first minibatch, since the reference differs from the policy),
+    the per-minibatch counts of bits / AR tokens behind each normaliser, and the sign of the update."""
+    g = torch.Generator().manual_seed(0)
+    B, N, bshape = 3, 2, (1, 2, 2)  # 3 rollouts of 2 AR tokens, 4 bits per token: K = 8 bits per image
+    z0 = torch.randn(B, N, *bshape, 2, generator=g)
+    zref = z0 + 0.5 * torch.randn(z0.shape, generator=g)
+    bits = torch.randint(0, 2, (B, N, *bshape), generator=g)
+    adv = torch.tensor([1.5, -1.0, 0.5])
+    rc = rl.RLConfig(loss_type=loss_type, passes=2, minibatch=2, beta=0.3, temperature=0.7, eps_low=0.2,
+                     eps_high=0.28, grad_clip=1e9)
+    lr = 3.0
+    net, ref = BitPolicy(z0), BitPolicy(zref)
+    ref.requires_grad_(False)
+    opt = torch.optim.SGD(net.parameters(), lr=lr)
+    ids = torch.arange(B)[:, None]
+    m = rl.grpo_step(net, ref, opt, ids, torch.ones_like(ids), bits, adv, rc, (1, N))
+    z, loss, kl, kl_first, clipped = hand_grpo_step(z0, zref, bits, adv, loss_type=loss_type, T=rc.temperature,
+                                                    beta=rc.beta, eps_low=rc.eps_low, eps_high=rc.eps_high, lr=lr,
+                                                    passes=rc.passes, mb=rc.minibatch)
+    assert clipped and kl_first > 1e-3  # the setup exercises clipping and a reference unlike the policy
+    torch.testing.assert_close(net.z.detach().double(), z, rtol=1e-5, atol=1e-5)
+    assert m["loss"] == pytest.approx(loss, rel=1e-5, abs=1e-6)
+    assert m["kl"] == pytest.approx(kl, rel=1e-5, abs=1e-7)
+    assert torch.equal(ref.z, zref)  # the reference is never updated
+
+
+def test_grpo_step_kl_is_against_the_reference_not_the_policy():
+    """With beta > 0 and a reference unlike the policy the first minibatch already sees KL > 0 (a policy-as-reference
+    bug gives exactly 0), and with the reference equal to the policy the KL of a single pass over it is exactly 0."""
+    g = torch.Generator().manual_seed(1)
+    z0 = torch.randn(2, 2, 1, 1, 3, 2, generator=g)
+    bits = torch.randint(0, 2, z0.shape[:-1], generator=g)
+    ids = torch.arange(2)[:, None]
+    rc = rl.RLConfig(passes=1, minibatch=2, beta=0.1, temperature=1.0)
+    for zref, positive in ((z0 + torch.randn(z0.shape, generator=g), True), (z0, False)):
+        net = BitPolicy(z0)
+        m = rl.grpo_step(net, BitPolicy(zref), torch.optim.SGD(net.parameters(), lr=0.0), ids, torch.ones_like(ids),
+                         bits, torch.tensor([1.0, -1.0]), rc, (1, 2))
+        assert (m["kl"] > 1e-3) if positive else (m["kl"] == 0.0)
+
+
+def test_per_bit_logps_at_a_temperature_equal_the_official_logits_over_t(golden):
+    """per_bit_logps = log-softmax(logits / T) at the given bits, i.e. log sigmoid(+-(l1 - l0) / T) per bit, with the
+    logits the official teacher-forced forward produced (golden t2i); T = 1 and T = 0.5 give different values."""
+    net, _ = load_hf.load_ar(golden.dir)
+    sc = golden.scenario("t2i")
+    ds = net.cfg.downsample
+    grid = (sc["ar_height"] // ds, sc["ar_width"] // ds)
+    codes, want_logits = golden["t2i.codes"], golden["t2i.teacher_forced_logits"].double()
+    ids, mask = golden["t2i.prefix_ids"][:codes.shape[0]], golden["t2i.attention_mask"][:codes.shape[0]]
+    sign = (2 * codes - 1).double()
+    got = {}
+    for T in (1.0, 0.5):
+        with torch.no_grad():
+            got[T] = rl.per_bit_logps(net, ids, mask, codes, grid, temperature=T)
+        want = torch.nn.functional.logsigmoid(sign * (want_logits[..., 1] - want_logits[..., 0]) / T).flatten(1)
+        assert got[T].shape == want.shape
+        assert (got[T].double() - want).abs().max().item() <= 1e-4 / T, T  # the logits' parity tolerance
+    assert (got[1.0] - got[0.5]).abs().max().item() > 1e-2
 
 
 def test_config_errors():
@@ -162,19 +297,53 @@ def test_per_bit_logps_kl_zero_for_a_copy(small_ckpt):
 
 
 def test_one_grpo_run_end_to_end(small_ckpt, tmp_path, monkeypatch):
+    """The command line end to end: `--scale-rewards none` reaches the advantages grpo_step trains on (reward minus
+    its group mean, nothing divided), the reference grpo_step gets is a frozen copy of the starting checkpoint at
+    every step (not the policy), the tower stays frozen while the AR weights move, and the checkpoint is written."""
     # A 2-step model draws images the toy evaluator scores alike (zero advantages, so no update): reward brightness
     # instead, which differs between the samples of a group, so the policy must move.
     monkeypatch.setattr(rl, "toy_geneval_reward", lambda image, prompt: float(np.asarray(image, np.float32).mean()))
     ckpt = small_ckpt[0]
     before, _ = load_hf.load_ar(ckpt)
+    sb = before.state_dict()
+    seen = []
+    collect, grpo_step = rl.collect, rl.grpo_step
+
+    def spy_collect(*a, **k):
+        out = collect(*a, **k)
+        seen.append({"r": None if out[2] is None else out[2].clone()})
+        return out
+
+    def spy_step(net, ref, opt, ids, mask, bits, adv, rc, grid_hw):
+        rs = ref.state_dict()
+        seen[-1].update(adv=adv.clone(), ref_is_policy=ref is net, scale=rc.scale_rewards,
+                        ref_frozen=all(torch.equal(rs[k], sb[k]) for k in sb))
+        return grpo_step(net, ref, opt, ids, mask, bits, adv, rc, grid_hw)
+
+    monkeypatch.setattr(rl, "collect", spy_collect)
+    monkeypatch.setattr(rl, "grpo_step", spy_step)
     out = tmp_path / "rl"
-    rc = ["--steps", "2", "--prompts-per-step", "2", "--group-size", "2", "--passes", "2", "--minibatch", "2",
-          "--lr", "1e-3"]
+    G = 2
+    rc = ["--steps", "2", "--prompts-per-step", "2", "--group-size", str(G), "--passes", "2", "--minibatch", "2",
+          "--lr", "1e-3", "--scale-rewards", "none", "--filter-groups", "1"]
     assert rl.main(["--ckpt", str(ckpt), "--out", str(out), "--run-dir", str(tmp_path / "run"), "--no-eval"] + rc) == 0
+    trained = [x for x in seen if "adv" in x]
+    assert len(seen) == 2 and len(trained) == 2  # brightness differs within a group: both steps update
+    for x in trained:
+        r = x["r"].double().view(-1, G)
+        want = (r - r.mean(1, keepdim=True)).flatten()
+        assert x["scale"] == "none"  # below: dividing by the group std ("group", the default) would show
+        assert (want.view(-1, G) / (r.std(1, keepdim=True) + 1e-4) - want.view(-1, G)).abs().max() > 1e-2
+        torch.testing.assert_close(x["adv"].double(), want, rtol=0, atol=1e-4)  # rewards ~ 100, float32
+        assert not x["ref_is_policy"] and x["ref_frozen"]
     after, _ = load_hf.load_ar(out)
-    sb, sa = before.state_dict(), after.state_dict()
+    sa = after.state_dict()
     assert all(torch.equal(sb[k], sa[k]) for k in sb if k.startswith("model.visual."))
     assert any(not torch.equal(sb[k], sa[k]) for k in sb if not k.startswith("model.visual."))
     assert (tmp_path / "run" / "rl_curves.png").is_file()
+    with open(tmp_path / "run" / "metrics.json") as f:
+        metrics = __import__("json").load(f)
+    assert metrics["config"]["scale_rewards"] == "none" and len(metrics["history"]) == 2
+    assert metrics["history"][1]["kl"] > 0  # the second step's policy has left the reference
     load_hf.load_decoder(out)
     assert rl.main(["--ckpt", str(tmp_path / "missing"), "--out", str(out), "--no-eval"]) == 2

@@ -39,11 +39,49 @@ def test_text_to_image_end_to_end(golden, tmp_path, cache_dir, capsys):
     assert load_file(str(tmp_path / "three" / "bits.safetensors"))["bits"].shape[0] == 3
 
 
-def test_understanding_prints_an_answer(golden, tmp_path, capsys):
-    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(tmp_path / "in.png")
-    rc = sample.main(["--ckpt", str(golden.dir), "--image", str(tmp_path / "in.png"), "--question", "what?",
-                      "--max-new-tokens", "3"])
-    assert rc == 0
+def greedy_answer(net, tok, image, question: str, max_new_tokens: int) -> list:
+    """Greedy decoding written out: the chat prompt with the image, one full forward (no KV cache) per new token,
+    argmax, stop before <|im_end|> / end of text. -> the new token ids."""
+    import bsq
+    import model as M
+
+    v = net.cfg.vision
+    pv, grid = bsq.preprocess_image(image, patch_size=v.patch_size, merge_size=v.spatial_merge_size,
+                                    temporal_patch_size=v.temporal_patch_size)
+    ids = torch.tensor([tok.encode(M.render_chat_prompt(question, int(grid[0].prod()) // v.merge_unit))])
+    stop, new = {tok.eos_id, tok.token_id(M.IM_END)}, []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            t = int(net.text_logits(ids, None, pv, grid)[0, -1].argmax())
+            if t in stop:
+                break
+            new.append(t)
+            ids = torch.cat([ids, torch.tensor([[t]])], 1)
+    return new
+
+
+def test_understanding_prints_the_answer(golden, tmp_path, capsys):
+    """`--image --question` prints the greedy answer of the checkpoint: exactly the text of a written-out greedy
+    decode (full forward per token, the fixture's image, at most --max-new-tokens tokens) and of model.answer called
+    with the same arguments; `--answer-temperature` / `--seed` reach the sampler."""
+    import load_hf
+    import model as M
+
+    path = tmp_path / "in.png"
+    Image.fromarray(golden["vision.image_uint8"].numpy()).save(path)
+    net, tok = load_hf.load_ar(golden.dir)
+    base = ["--ckpt", str(golden.dir), "--image", str(path), "--device", "cpu", "--out", str(tmp_path / "o")]
+    question, k = "What color is the cube?", 4
+    assert sample.main(base + ["--question", question, "--max-new-tokens", str(k)]) == 0
+    printed = capsys.readouterr().out
+    new = greedy_answer(net, tok, str(path), question, k)
+    assert new and len(new) <= k
+    assert printed == tok.decode(new) + "\n"
+    assert printed == M.answer(net, tok, str(path), question, max_new_tokens=k) + "\n"
+    assert sample.main(base + ["--question", "what?", "--max-new-tokens", "6", "--answer-temperature", "1.5",
+                               "--seed", "3"]) == 0
+    assert capsys.readouterr().out == M.answer(net, tok, str(path), "what?", max_new_tokens=6, temperature=1.5,
+                                               seed=3) + "\n"
 
 
 @pytest.mark.parametrize("args, message", [

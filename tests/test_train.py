@@ -1,5 +1,7 @@
 """train.py: the smoke configuration trains every part (losses fall), writes a checkpoint load_hf reads, resumes with
-the same loss sequence as an uninterrupted run, and runs data-parallel under torchrun with 2 processes."""
+the same loss sequence as an uninterrupted run, and runs data-parallel under torchrun with 2 processes; stage 2 reads
+flipped bits but trains on clean targets, and the answer loss supervises exactly the answer and its end of turn."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -65,10 +67,26 @@ def test_checkpoint_loads_and_matches_training_weights(smoke):
     for k, v in dec.transformer.state_dict().items():
         torch.testing.assert_close(v, state["dit." + k], rtol=0, atol=0)
     torch.testing.assert_close(dec.prompt_embeds, state["ctx.prompt_embeds"], rtol=0, atol=0)
-    # the loaded model answers with the same tokens as the trained one would: one deterministic check end to end
-    e = toy.qa_example(0, "heldout", 5)
-    ans = train.answers(net, tok, e.image[None], [e.question])
-    assert isinstance(ans[0], str)
+    # the evaluation's answers (batched, left padded, KV cache) are the greedy continuations a plain full forward
+    # of the loaded model gives, stopped at the end of turn
+    import model as M
+
+    qa = [toy.qa_example(i, "heldout", 5) for i in range(2)]
+    ans = train.answers(net, tok, np.stack([e.image for e in qa]), [e.question for e in qa])
+    stop = {tok.eos_id, tok.token_id(M.IM_END)}
+    for e, got in zip(qa, ans):
+        pv, grid = train.to_pixels(e.image[None], net.cfg.vision)
+        n_img = int(grid[0].prod()) // net.cfg.vision.merge_unit
+        ids = torch.tensor([tok.encode(M.render_chat_prompt(e.question, n_img))])
+        new = []
+        with torch.no_grad():
+            for _ in range(8):  # train.answers' max_new_tokens
+                t = int(net.text_logits(ids, None, pv, grid)[0, -1].argmax())
+                if t in stop:
+                    break
+                new.append(t)
+                ids = torch.cat([ids, torch.tensor([[t]])], 1)
+        assert got == tok.decode(new)
     with open(smoke / "ckpt" / "uniar_sample.json") as f:
         s = json.load(f)
     assert s["ar_size"] == [train.TrainConfig.smoke().size] * 2 and s["upsample"] == 1.0
@@ -114,17 +132,26 @@ def test_torchrun_two_processes(tmp_path):
     h = history(tmp_path / "run")
     assert len(h["stage1"]) == 6 and len(h["stage2"]) == 6
     net, _ = load_hf.load_ar(tmp_path / "ckpt")  # rank 0 wrote it; every rank checked it holds the same weights
-    assert sum(p.numel() for p in net.parameters()) > 0
+    from safetensors.torch import load_file
+
+    state = load_file(str(tmp_path / "run" / "state" / "state.safetensors"))
+    for k, v in net.state_dict().items():  # the checkpoint holds the trained weights
+        want = state["vision." + k[len("model.visual."):]] if k.startswith("model.visual.") else state["net." + k]
+        assert torch.equal(v, want), k
 
 
 def test_eval_command_prints_one_json_line(smoke):
-    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--eval", str(smoke / "ckpt"), "--eval-n", "4"],
+    """`train.py --eval CKPT` prints one JSON line: the scores the training run's final evaluation gave the same
+    weights with the same n and settings."""
+    n = train.TrainConfig.smoke().eval_n
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--eval", str(smoke / "ckpt"), "--eval-n", str(n)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.strip().splitlines()
     assert len(lines) == 1
     scores = json.loads(lines[0])
-    assert scores["n"] == 4 and all(0.0 <= scores[k] <= 1.0 for k in ("generation", "understanding", "editing"))
+    with open(smoke / "run" / "metrics.json") as f:
+        assert scores == json.load(f)["eval"]
 
 
 def test_eval_command_rejects_a_missing_checkpoint(tmp_path):
@@ -150,6 +177,19 @@ def test_lr_schedule():
     assert train.lr_at(100, 100, 1.0, 10) == pytest.approx(0.1)
 
 
+def test_prompt_dropout_empties_a_text_with_probability_p():
+    """drop_text (the AR model's guidance training): each text becomes "" with probability p, else stays as it is;
+    the count of kept texts lies within 5 binomial standard deviations of n (1 - p), and p = 0 keeps everything."""
+    n, p = 4000, 0.3
+    texts = [f"caption {i}" for i in range(n)]
+    out = train.drop_text(texts, p, torch.Generator().manual_seed(0))
+    assert all(o in ("", t) for o, t in zip(out, texts))
+    kept = sum(o != "" for o in out)
+    assert abs(kept - n * (1 - p)) <= 5 * (n * p * (1 - p)) ** 0.5, kept
+    assert out == train.drop_text(texts, p, torch.Generator().manual_seed(0))  # seeded: reproducible
+    assert train.drop_text(texts, 0.0, torch.Generator().manual_seed(0)) == texts
+
+
 def test_noisy_reading_flips_what_the_llm_reads_and_nothing_else():
     vision = bsq.VisionModel(bsq.VisionConfig.tiny()).eval()
     L, U, d = vision.cfg.levels, vision.cfg.merge_unit, vision.cfg.bsq_dim
@@ -172,3 +212,88 @@ def test_noisy_reading_flips_what_the_llm_reads_and_nothing_else():
     with train.noisy_reading(vision, 0.0, g):
         torch.testing.assert_close(vision.bits_to_llm_features(bits)[0], clean_main, rtol=0, atol=0)
     assert "bits_to_llm_features" not in vars(vision)
+
+
+@pytest.fixture(scope="module")
+def smoke_net(tmp_path_factory):
+    """An untrained smoke-size AR model (train.build) and the toy tokenizer."""
+    import model as M
+
+    tok = M.Tokenizer(toy.save_tokenizer(tmp_path_factory.mktemp("tok")))
+    tc = train.TrainConfig.smoke()
+    _, net, _ = train.build(tc, tok, torch.device("cpu"))
+    return net.eval(), tok, tc
+
+
+def test_stage2_flips_what_the_model_reads_and_trains_on_clean_targets(smoke_net, monkeypatch):
+    """One stage-2 forward (ARLoss) with read flips: the teacher-forced forward gets the tokenizer's clean bits of
+    the target images and the t2i / edit losses are the cross-entropy against exactly those bits, while what the model
+    reads is flipped (its logits differ from a clean reading of the same inputs)."""
+    net, tok, tc = smoke_net
+    tc = dataclasses.replace(tc, stage2_batch=2, read_flip_prob=0.3)
+    calls = []
+    tf = net.teacher_forced_logits
+
+    def spy(*args):
+        out = tf(*args)
+        calls.append((args, out.detach()))
+        return out
+
+    monkeypatch.setattr(net, "teacher_forced_logits", spy)
+    B = tc.stage2_batch
+    idx = [train.example_index(0, i, B, 0, 1) for i in range(B)]
+    targets = {"t2i": np.stack([toy.t2i_example(i, "train", tc.seed, tc.size).image for i in idx]),
+               "edit": np.stack([toy.edit_example(i, "train", tc.seed, tc.size).target for i in idx])}
+    loss_mod = train.ARLoss(net, tok, tc)
+    clean = {k: loss_mod.image_bits(v) for k, v in targets.items()}
+    with torch.no_grad():
+        _, m = loss_mod(0, 0, 1, torch.Generator().manual_seed(0))
+    assert len(calls) == 2  # t2i, then edit
+    for (args, logits), k in zip(calls, ("t2i", "edit")):
+        assert torch.equal(args[2], clean[k]), k  # the targets handed to the forward are clean
+        want = torch.nn.functional.cross_entropy(logits.flatten(0, -2).float(), clean[k].flatten())
+        assert m[k].item() == pytest.approx(want.item(), rel=1e-6), k  # and the loss is against them
+        with torch.no_grad():
+            assert (tf(*args) - logits).abs().max().item() > 1e-3, k  # a clean reading of the same inputs differs
+
+
+def test_answer_loss_supervises_every_answer_token_and_the_end_of_turn(smoke_net, monkeypatch):
+    """ARLoss.answer_loss on a left-padded batch with answers of different lengths: the positions whose logits get a
+    gradient are exactly those predicting the answer's tokens and the <|im_end|> after them (nothing of the prompt,
+    no padding), and the loss is the mean cross-entropy over exactly those positions."""
+    import model as M
+
+    net, tok, tc = smoke_net
+    qa = [toy.qa_example(i, "train", tc.seed, tc.size) for i in range(2)]
+    questions = [e.question for e in qa]
+    answers = ["red", "a red circle and a blue square"]
+    V = net.lm_head.weight.shape[0]
+    seen = {}
+
+    def fake_text_logits(ids, mask, pv, grid):
+        seen["ids"], seen["mask"] = ids, mask
+        seen["x"] = torch.randn(*ids.shape, V, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+        return seen["x"]
+
+    monkeypatch.setattr(net, "text_logits", fake_text_logits)
+    loss, _ = train.ARLoss(net, tok, tc).answer_loss(np.stack([e.image for e in qa]), questions, answers)
+    loss.backward()
+    ids, x = seen["ids"], seen["x"]
+    T = ids.shape[1]
+    n_img = (ids[0] == net.cfg.image_token_id).sum().item()
+    end = tok.token_id(M.IM_END)
+    logp = torch.log_softmax(x.detach().double(), -1)
+    want_pos, ce = [], []
+    for b, (q, a) in enumerate(zip(questions, answers)):
+        prompt = tok.encode(M.render_chat_prompt(q, n_img))
+        answer = tok.encode(a)
+        assert len(answer) == len(a.split())  # the toy tokenizer: one token per word
+        row = ids[b][seen["mask"][b].bool()].tolist()
+        assert row == prompt + answer + [end]  # the sequence: prompt, answer, end of turn
+        first = T - len(answer) - 1  # index (in ids) of the first answer token
+        pos = list(range(first - 1, T - 1))  # logits at t predict ids[t + 1]: every answer token and <|im_end|>
+        want_pos += [(b, p) for p in pos]
+        ce += [-logp[b, p, ids[b, p + 1]].item() for p in pos]
+    got_pos = [tuple(i) for i in torch.nonzero(x.grad.abs().sum(-1) > 0).tolist()]
+    assert sorted(got_pos) == sorted(want_pos)
+    assert loss.item() == pytest.approx(float(np.mean(ce)), rel=1e-6)
