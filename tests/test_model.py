@@ -271,6 +271,34 @@ def test_answer_stops_only_at_end_tokens(golden, ar, tmp_path, monkeypatch, gene
     assert tok.decode(a + b) != tok.decode(a)
 
 
+class ForcedRows(torch.nn.Module):
+    """Replaces lm_head: call i puts all mass on seqs[row][i] for each row (the last entry repeats)."""
+
+    def __init__(self, seqs, vocab):
+        super().__init__()
+        self.seqs, self.vocab, self.calls = seqs, vocab, 0
+
+    def forward(self, h):
+        out = torch.zeros(*h.shape[:-1], self.vocab)
+        for r, seq in enumerate(self.seqs):
+            out[r, ..., seq[min(self.calls, len(seq) - 1)]] = 1.0
+        self.calls += 1
+        return out
+
+
+def test_batch_rows_stop_independently(golden, ar, tok, monkeypatch):
+    """In a batch each row ends at its own first stop token and stays ended while other rows go on: tokens a
+    finished row would produce later (even a second stop) are never appended to it."""
+    ids, mask = golden["und.batch_input_ids"], golden["und.batch_attention_mask"]
+    stop = tok.token_id("<|im_end|>")
+    a, b = tok.encode(" yes no"), tok.encode(" later on and on")
+    rows = [a[:1] + [stop] + b + [stop], a + b + [stop]]
+    monkeypatch.setattr(ar, "lm_head", ForcedRows(rows, ar.cfg.text.vocab_size))
+    new = M.generate_text(ar, ids, mask, golden["vision.patches"], golden["vision.grid_thw"],
+                          max_new_tokens=len(rows[1]) + 2, stop_ids=[stop])
+    assert new == [a[:1] + [stop], a + b + [stop]]
+
+
 def test_answer_renders_the_chat_prompt(golden, ar, tok):
     """answer(image, question) greedily continues the Qwen3-VL chat rendering (user turn: image then question,
     assistant turn opened) of the processor-resized image, and stops at the end tokens."""
