@@ -510,18 +510,29 @@ def smart_resize(h: int, w: int, factor: int = 32, min_pixels: int = MIN_PIXELS,
 
 
 def load_image(image) -> np.ndarray:
-    """A path, PIL image or array -> uint8 (H, W, 3) RGB. Grayscale and RGBA are converted (alpha over white)."""
+    """A path, PIL image or array -> uint8 (H, W, 3) RGB. Grayscale and RGBA are converted (alpha over white),
+    16-bit grayscale scaled to 8 bits; an image over PIL's decompression-bomb limit is refused (ValueError)."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(image, (str, Path)):
         try:
-            with Image.open(image) as im:
-                im.load()
-                image = im.copy()
+            with warnings.catch_warnings():  # PIL only warns between MAX_IMAGE_PIXELS and twice that: refuse both
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(image) as im:
+                    im.load()
+                    image = im.copy()
         except FileNotFoundError:
             raise ValueError(f"image file not found: {image}") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ValueError(f"{image} is over PIL's decompression-bomb limit of Image.MAX_IMAGE_PIXELS = "
+                             f"{Image.MAX_IMAGE_PIXELS} pixels ({e}); downscale the image first") from None
         except (UnidentifiedImageError, OSError) as e:
             raise ValueError(f"{image} is not a readable image file ({e})") from None
+    if isinstance(image, Image.Image) and image.mode.startswith("I"):
+        # 16-bit grayscale (PNG: mode I;16, or I in older Pillow): scale 0..65535 to 0..255 (convert("RGB") clips)
+        image = np.clip(np.round(np.asarray(image, np.float64) * (255 / 65535)), 0, 255).astype(np.uint8)
     if isinstance(image, Image.Image):
         if image.mode in ("RGBA", "LA", "P") and ("A" in image.mode or "transparency" in image.info):
             bg = Image.new("RGBA", image.size, (255, 255, 255, 255))

@@ -209,7 +209,11 @@ class PatchEmbed(nn.Module):
         super().__init__()
         self.patch_size, self.max_size = cfg.patch_size, cfg.pos_embed_max_size
         self.proj = nn.Conv2d(cfg.in_channels, cfg.inner_dim, cfg.patch_size, stride=cfg.patch_size)
-        table = sincos_2d_table(cfg.inner_dim, cfg.pos_embed_max_size, cfg.sample_size / cfg.patch_size)
+        if self.proj.weight.is_meta:  # built to be loaded: the table is in the checkpoint (and computing it on the
+            # meta device would import torch._dynamo, ~1 s of start-up)
+            table = torch.empty(cfg.pos_embed_max_size ** 2, cfg.inner_dim)
+        else:
+            table = sincos_2d_table(cfg.inner_dim, cfg.pos_embed_max_size, cfg.sample_size / cfg.patch_size)
         self.register_buffer("pos_embed", table[None], persistent=True)  # (1, M^2, D), in the checkpoint
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -609,6 +613,23 @@ class LearnedContext(nn.Module):
         return self.prompt_embeds, self.pooled
 
 
+def output_size(ar_height: int, ar_width: int, upsampling_ratio: float, unit: int,
+                max_grid: int | None = None) -> tuple[int, int]:
+    """The decoder's output size for an AR size and upsampling ratio, checked: ratio in [1, 2], sides multiples of
+    16 and of `unit` (pixels per transformer token: VAE scale x patch size), at most `max_grid` tokens a side (the
+    position table). Needs only the configs, so sample.py checks its flags with it before loading anything."""
+    if not 1.0 <= upsampling_ratio <= 2.0:  # also rejects NaN
+        raise ValueError(f"upsampling_ratio must be in [1, 2], got {upsampling_ratio}")
+    H, W = int(round(ar_height * upsampling_ratio)), int(round(ar_width * upsampling_ratio))
+    if H % 16 or W % 16 or H % unit or W % unit:
+        raise ValueError(f"output size {H}x{W} (AR {ar_height}x{ar_width} x {upsampling_ratio}) must be a "
+                         f"multiple of {math.lcm(16, unit)}")
+    if max_grid is not None and max(H, W) > max_grid * unit:
+        raise ValueError(f"output size {H}x{W} (AR {ar_height}x{ar_width} x {upsampling_ratio}) exceeds the "
+                         f"decoder's largest side {max_grid * unit} px (pos_embed_max_size {max_grid} x {unit} px)")
+    return H, W
+
+
 class Decoder(nn.Module):
     """bits -> images. Parts: the BSQ vision model (output projections), the MMDiT, the VAE (None = pixel space),
     the scheduler config and a context (prompt embeddings + pooled, fixed tensors or a LearnedContext)."""
@@ -638,14 +659,8 @@ class Decoder(nn.Module):
         return pe.expand(batch, -1, -1), pooled.expand(batch, -1)
 
     def output_size(self, ar_height: int, ar_width: int, upsampling_ratio: float) -> tuple[int, int]:
-        if not 1.0 <= upsampling_ratio <= 2.0:
-            raise ValueError(f"upsampling_ratio must be in [1, 2], got {upsampling_ratio}")
-        H, W = int(round(ar_height * upsampling_ratio)), int(round(ar_width * upsampling_ratio))
-        unit = self.scale * self.transformer.cfg.patch_size
-        if H % 16 or W % 16 or H % unit or W % unit:
-            raise ValueError(f"output size {H}x{W} (AR {ar_height}x{ar_width} x {upsampling_ratio}) must be a "
-                             f"multiple of {max(16, unit)}")
-        return H, W
+        return output_size(ar_height, ar_width, upsampling_ratio, self.scale * self.transformer.cfg.patch_size,
+                           self.transformer.cfg.pos_embed_max_size)
 
     def velocity_fn(self, cond: torch.Tensor, cond_grid, guidance: float) -> Callable:
         """v(x, t) with guidance over the visual condition: rows [zeros; features], the same prompt on both."""

@@ -242,8 +242,15 @@ def materialize_buffers(module: nn.Module, device="cpu") -> None:
 
 
 def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
-    with torch.device("meta"):
-        return factory()
+    """factory() on the meta device, without random initialisation: the weights come from the files, and
+    nn.init.normal_ on a meta tensor imports torch._dynamo (~1 s of start-up)."""
+    normal = nn.init.normal_
+    nn.init.normal_ = lambda t, *a, **k: t if t.is_meta else normal(t, *a, **k)
+    try:
+        with torch.device("meta"):
+            return factory()
+    finally:
+        nn.init.normal_ = normal
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -686,12 +686,12 @@ def generate_image(model: UniAR, prefix_ids: torch.Tensor, attention_mask: torch
         if visual_decoder_cache else None
     seq = h  # the pre-norm states the visual decoder reads (recompute mode keeps all of them)
     bits_steps, logit_steps = [], []
-    steps = range(N)
-    if progress:
+    bar = None
+    if progress:  # updated after each sampled token, so it reaches N/N (the loop leaves before its last increment)
         from tqdm import tqdm
 
-        steps = tqdm(steps, desc="AR steps", unit="tok")
-    for i in steps:
+        bar = tqdm(total=N, desc="AR steps", unit="tok")
+    for i in range(N):
         if visual_decoder_cache:
             start = vd_cache.length
             cos, sin = lm.rope(pos_all[:, :, start:start + h.shape[1]], dtype)
@@ -709,6 +709,8 @@ def generate_image(model: UniAR, prefix_ids: torch.Tensor, attention_mask: torch
         else:
             bits = sample_bits(cfg_guide(logits, cfg).view(B_all, *model.bits_shape, 2), temperature, generator)
         bits_steps.append(bits)  # (B_all, L, U, d)
+        if bar is not None:
+            bar.update()
         if i == N - 1:
             break
         # shared context: the sampled bits re-enter through the tokenizer's output projections + mergers
@@ -718,6 +720,8 @@ def generate_image(model: UniAR, prefix_ids: torch.Tensor, attention_mask: torch
                torch.ones(B_all, 1, dtype=torch.bool, device=dev), ds)
         if not visual_decoder_cache:
             seq = torch.cat([seq, h], dim=1)
+    if bar is not None:
+        bar.close()
     bits = torch.stack(bits_steps, dim=1)  # (B_all, N, L, U, d)
     if cfg > 1.0:
         bits = bits[: B_all // 2]

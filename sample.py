@@ -3,38 +3,40 @@
     python sample.py --ckpt CKPT --prompt "a red cube on a table"                 # text-to-image
     python sample.py --ckpt CKPT --image in.png --prompt "make the cube blue"     # editing
     python sample.py --ckpt CKPT --image in.png --question "what is on the table?"  # understanding
+    python sample.py --prompt "a blue triangle at the top right"  # the toy checkpoint (no --ckpt): toy words only
 
 Two stages, loaded one after the other: the AR model writes bits (parallel bitwise prediction with classifier-free
 guidance), is released, then the diffusion decoder turns the bits into pixels. So the released model runs on one
-24 GB GPU. Defaults follow the official inference docs (AR 960x960, cfg 1.5, temperature 1.0, decoder x1.067,
-28 steps, decoder guidance 1.5).
+24 GB GPU. Defaults are the checkpoint's: a released checkpoint gets the official inference docs' (AR 960x960, cfg
+1.5, temperature 1.0, decoder x1.067, 28 steps, decoder guidance 1.5), a project checkpoint those of its
+uniar_sample.json (--help shows those of the checkpoint --ckpt names). Every flag is checked before anything loads.
 """
 from __future__ import annotations
 
 import argparse
 import gc
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+import cli
+
 DEFAULT_CKPT = Path(__file__).resolve().parent / "checkpoints" / "toy"
+MAX_NEW_TOKENS = 1024  # understanding: the default answer limit, lowered to what the position budget leaves
 
 
 def parse_size(s: str) -> tuple[int, int]:
     try:
         h, w = (int(v) for v in s.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--ar-size must look like 512x512, got {s!r}") from None
+        raise argparse.ArgumentTypeError(f"must look like HxW, e.g. 512x512, got {s!r}") from None
     return h, w
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return cli.resolve_device(name)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -68,32 +70,55 @@ def save_grid(images: torch.Tensor, path: Path) -> None:
     for i, im in enumerate(images):
         r, c = divmod(i, cols)
         canvas[r * H:(r + 1) * H, c * W:(c + 1) * W] = im
-    Image.fromarray(canvas.numpy()).save(path)
+    cli.atomic_write(path, lambda tmp: Image.fromarray(canvas.numpy()).save(tmp, format="PNG"))
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _ckpt_from_argv(argv: list) -> Path | None:
+    """--ckpt read ahead of the full parser, so that --help can show the defaults of the checkpoint it will use."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--ckpt", type=Path, default=None)
+    try:
+        return pre.parse_known_args(argv)[0].ckpt
+    except SystemExit:  # e.g. `--ckpt` without a value: the full parser reports it
+        return None
+
+
+def build_parser(d: dict, ckpt: Path, has_json: bool) -> argparse.ArgumentParser:
+    """The parser; `d` are the defaults of checkpoint `ckpt` (read from its uniar_sample.json when `has_json`)."""
+    t_lo, t_hi = cli.TEMPERATURE_RANGE
+    g_lo, g_hi = cli.CFG_RANGE
+    where = f"its {cli.SAMPLE_JSON}" if has_json else "the official inference defaults"
+    ap = cli.Parser(description=f"{__doc__}\nDefaults below: those of {ckpt} ({where}).",
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", type=Path, default=None, help="checkpoint folder (released layout); default: the "
-                    "project's toy checkpoint")
-    ap.add_argument("--prompt", help="text-to-image prompt, or the edit instruction with --image")
+                    f"project's toy checkpoint ({DEFAULT_CKPT})")
+    ap.add_argument("--prompt", help="text-to-image prompt, or the edit instruction with --image" +
+                    (f" (default without --image / --question: {d['prompt']!r})" if d.get("prompt") else ""))
     ap.add_argument("--image", help="input image: edited with --prompt, or asked about with --question")
     ap.add_argument("--question", help="understanding: a question about --image")
-    ap.add_argument("--cfg", type=float, default=None, help="classifier-free guidance of the AR model (1 = off; "
-                    "default 1.5)")
-    ap.add_argument("--temperature", type=float, default=None, help="bit sampling temperature (default 1.0)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cfg", type=float, default=None, help=f"classifier-free guidance of the AR model, in "
+                    f"[{g_lo:g}, {g_hi:g}] (1 = off; default {d['cfg']})")
+    ap.add_argument("--temperature", type=float, default=None, help=f"bit sampling temperature, in [{t_lo:g}, "
+                    f"{t_hi:g}] ({t_lo:g} is already near-greedy, smaller values overflow the logits; default "
+                    f"{d['temperature']})")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the AR bit sampling and the decoder noise, an "
+                    "integer in [0, 2**64 - 1]: the same seed, flags and checkpoint give the same image (default 0)")
     ap.add_argument("--ar-size", type=parse_size, default=None, help="AR grid in pixels, HxW, multiples of 32 "
-                    "(default 960x960)")
+                    f"(default {d['ar_size'][0]}x{d['ar_size'][1]})")
     ap.add_argument("--upsample", type=float, default=None, help="decoder output / AR size, in [1, 2] "
-                    "(default 1.067)")
-    ap.add_argument("--steps", type=int, default=None, help="decoder denoising steps (default 28)")
-    ap.add_argument("--decoder-cfg", type=float, default=None, help="decoder guidance over the visual condition "
-                    "(default 1.5)")
-    ap.add_argument("--num-images", type=int, default=1)
+                    f"(default {d['upsample']})")
+    ap.add_argument("--steps", type=int, default=None, help=f"decoder denoising steps, >= 1 (default {d['steps']})")
+    ap.add_argument("--decoder-cfg", type=float, default=None, help="decoder guidance over the visual condition, in "
+                    f"[{g_lo:g}, {g_hi:g}] (1 = off; default {d['decoder_cfg']})")
+    ap.add_argument("--num-images", type=int, default=1, help="images per prompt, drawn as one batch from the "
+                    "seeded stream (each differs), written as sample_00.png, sample_01.png, ... and grid.png "
+                    "(default 1)")
     ap.add_argument("--sampler", default="multinomial", choices=["multinomial", "kernel"],
                     help="bit sampler: the official multinomial draw (bit-identical seeds), or the one-launch bitwise "
                     "kernel (Triton on GPU; another random stream)")
-    ap.add_argument("--max-new-tokens", type=int, default=1024, help="understanding: answer length limit")
+    ap.add_argument("--max-new-tokens", type=int, default=None, help=f"understanding: answer length limit (default "
+                    f"min({MAX_NEW_TOKENS}, what the checkpoint's position budget text_config.max_position_embeddings "
+                    "leaves after the prompt), decided at run time)")
     ap.add_argument("--answer-temperature", type=float, default=0.0, help="understanding: 0 = greedy (official)")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -101,20 +126,30 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path("out"), help="output folder")
     ap.add_argument("--save-bits", action="store_true", help="also save the generated bits (safetensors)")
     ap.add_argument("--cache-dir", type=Path, default=None, help="where the decoder prompt embeddings are cached")
+    return ap
+
+
+def main(argv=None) -> int:
+    """Exit code 0, or 2 with one `error: ...` line for bad input (checked before anything loads)."""
+    try:
+        return _main(sys.argv[1:] if argv is None else list(argv))
+    except cli.UsageError as e:
+        return cli.fail(e)
+
+
+def _main(argv: list) -> int:
+    ckpt = _ckpt_from_argv(argv) or DEFAULT_CKPT
+    defaults = _checkpoint_defaults(ckpt)
+    ap = build_parser(defaults, ckpt, (Path(ckpt) / cli.SAMPLE_JSON).is_file())
     args = ap.parse_args(argv)
 
     import load_hf
     import model as M
 
-    ckpt = args.ckpt
-    if ckpt is None:
-        if not (DEFAULT_CKPT / "config.json").exists():
-            print("No checkpoint given and the project's toy checkpoint does not exist yet "
-                  f"({DEFAULT_CKPT}). Pass --ckpt PATH to a UniAR checkpoint folder, e.g. a download of "
-                  "ShareLab-SII/UniAR-SFT or ShareLab-SII/UniAR-RL.", file=sys.stderr)
-            return 2
-        ckpt = DEFAULT_CKPT
-    defaults = _checkpoint_defaults(ckpt)
+    if args.ckpt is None and not (DEFAULT_CKPT / "config.json").exists():
+        raise cli.UsageError(f"no --ckpt given and the project's toy checkpoint does not exist yet ({DEFAULT_CKPT}); "
+                             "pass --ckpt PATH to a UniAR checkpoint folder, e.g. a download of ShareLab-SII/UniAR-RL "
+                             "(README: Released checkpoints)")
     if args.question is None and args.prompt is None and args.image is None and defaults.get("prompt"):
         args.prompt = defaults["prompt"]  # `python sample.py` alone: the checkpoint's example prompt
         print(f"prompt: {args.prompt!r}", file=sys.stderr)
@@ -125,13 +160,17 @@ def main(argv=None) -> int:
         ap.error("give --prompt (text-to-image, or editing with --image) or --image with --question")
     if args.question is not None and args.image is None:
         ap.error("--question needs --image")
-    if args.num_images < 1:
-        ap.error(f"--num-images must be >= 1, got {args.num_images}")
-
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
     ar_h, ar_w = args.ar_size or defaults["ar_size"]
     upsample = args.upsample if args.upsample is not None else defaults["upsample"]
+    device, dtype = check_flags(args, upsample)
+    try:
+        if args.question is None:
+            check_generation_plan(ckpt, args, ar_h, ar_w, upsample)
+        else:
+            check_understanding_plan(ckpt, args)
+    except (load_hf.CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 
@@ -158,14 +197,20 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # torch.multinomial on NaN / inf: logits overflowed (half precision at the edges)
+        if "probability tensor contains" not in str(e):
+            raise
+        return cli.fail(f"bit sampling got non-finite probabilities (--temperature {args.temperature}, --cfg "
+                        f"{args.cfg}, dtype {str(dtype).replace('torch.', '')}): the logits overflowed; use a larger "
+                        "--temperature, a smaller --cfg or --dtype float32")
     t_ar = time.perf_counter()
     if args.save_bits:
         from safetensors.torch import save_file
 
         import bsq
-        save_file({"bits": bits.cpu().contiguous(), "indices": bsq.bits_to_indexes(bits).cpu().contiguous()},
-                  str(args.out / "bits.safetensors"),
-                  metadata={"prompt": args.prompt or "", "ar_size": f"{ar_h}x{ar_w}", "seed": str(args.seed)})
+        tensors = {"bits": bits.cpu().contiguous(), "indices": bsq.bits_to_indexes(bits).cpu().contiguous()}
+        cli.atomic_write(args.out / "bits.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata={
+            "prompt": args.prompt or "", "ar_size": f"{ar_h}x{ar_w}", "seed": str(args.seed)}))
     del net
     release(device)
 
@@ -184,7 +229,7 @@ def main(argv=None) -> int:
     paths = []
     for i, im in enumerate(images.cpu()):
         p = args.out / f"sample_{i:02d}.png"
-        Image.fromarray(im.numpy()).save(p)
+        cli.atomic_write(p, lambda tmp: Image.fromarray(im.numpy()).save(tmp, format="PNG"))
         paths.append(p)
     if len(images) > 1:
         save_grid(images.cpu(), args.out / "grid.png")
@@ -197,16 +242,148 @@ def main(argv=None) -> int:
 
 def _checkpoint_defaults(ckpt: Path) -> dict:
     """The official defaults, or those a project checkpoint records in `uniar_sample.json` (the toy model is
-    trained at a small AR size and has an example prompt)."""
-    d = {"ar_size": (960, 960), "upsample": 1.067, "cfg": 1.5, "temperature": 1.0, "steps": 28, "decoder_cfg": 1.5,
-         "prompt": None}
-    f = Path(ckpt) / "uniar_sample.json"
-    if f.exists():
-        with open(f) as fh:
-            j = json.load(fh)
-        d.update({k: j[k] for k in d if k in j})
-        d["ar_size"] = tuple(d["ar_size"])
-    return d
+    trained at a small AR size and has an example prompt); an invalid file is a UsageError naming file and field."""
+    return cli.read_sample_settings(ckpt)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checks before anything loads: flags, then what the checkpoint's configs and tokenizer say of them
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def check_flags(args, upsample: float) -> tuple[torch.device, torch.dtype]:
+    """Ranges of the numeric flags, device, dtype and the output folder; -> (device, dtype)."""
+    cli.check_int_range(args.num_images, "--num-images", 1)
+    cli.check_seed(args.seed)
+    if args.question is None:
+        cli.check_float_range(args.cfg, "--cfg", *cli.CFG_RANGE, "cfg must be >= 1, 1 = no guidance; larger "
+                              "guidance overflows the guided logits")
+        cli.check_float_range(args.temperature, "--temperature", *cli.TEMPERATURE_RANGE, "temperature must be > 0; "
+                              "0.01 is already near-greedy, below it logits / temperature overflows")
+        cli.check_float_range(upsample, "--upsample", 1.0, 2.0, "decoder output size / AR size")
+        cli.check_int_range(args.steps, "--steps", 1, hint="decoder denoising steps")
+        cli.check_float_range(args.decoder_cfg, "--decoder-cfg", *cli.CFG_RANGE, "1 = no guidance")
+    else:
+        cli.check_float_range(args.answer_temperature, "--answer-temperature", 0.0, cli.TEMPERATURE_RANGE[1],
+                              "0 = greedy")
+        if args.max_new_tokens is not None:
+            cli.check_int_range(args.max_new_tokens, "--max-new-tokens", 1)
+    device = resolve_device(args.device)
+    cli.check_out_folder(args.out)
+    return device, resolve_dtype(args.dtype, device)
+
+
+def _ar_parts(ckpt: Path):
+    """(config, tokenizer, folder) of the AR part: configs, safetensors headers and tokenizer files only."""
+    import load_hf
+    import model as M
+
+    root = load_hf.resolve_part(ckpt, "ar_model")
+    cfg = load_hf.ar_config(root)
+    try:
+        tok = M.Tokenizer(root)
+    except ValueError as e:
+        raise load_hf.CheckpointError(f"{root}: tokenizer files: {e}") from None
+    return cfg, tok, root
+
+
+def decoder_geometry(ckpt: Path) -> tuple[int, int]:
+    """(pixels per decoder token = VAE scale x patch size, pos_embed_max_size) from the decoder's configs."""
+    import decoder as D
+    import load_hf
+
+    tcfg = load_hf._part(D.MMDiTConfig.from_dict, load_hf.resolve_part(ckpt, "sd3_transformer"), "transformer")
+    pipe = load_hf._pipeline_dir(ckpt)
+    scale = load_hf._part(D.VAEConfig.from_dict, pipe / "vae", "VAE").scale if (pipe / "vae").is_dir() else 1
+    return scale * tcfg.patch_size, tcfg.pos_embed_max_size
+
+
+def warn_unknown_words(tok, text: str, flag: str, root: Path) -> None:
+    """A word-level tokenizer (the toy's) reads words outside its vocabulary as <unk>, which the model never saw in
+    a meaningful place: say so, with the vocabulary, instead of drawing something else silently."""
+    from tokenizers import models
+
+    model = tok.tk.model
+    if not isinstance(model, models.WordLevel) or not text:
+        return
+    unk_id = tok.tk.token_to_id(model.unk_token)
+    enc = tok.tk.encode(text, add_special_tokens=False)
+    unknown = [text[a:b] for (a, b), i in zip(enc.offsets, enc.ids) if i == unk_id]
+    if unknown:
+        known = sorted(w for w, i in tok.tk.get_vocab(with_added_tokens=False).items()
+                       if i != unk_id and w.strip() and w.isalnum())
+        print(f"warning: {flag}: the word-level tokenizer of {root} does not know {', '.join(map(repr, unknown))} "
+              f"(read as {model.unk_token}); it knows: {' '.join(known)} (README.md: Toy vocabulary)",
+              file=sys.stderr)
+
+
+def check_image(path) -> None:
+    """--image: a readable image file, within PIL's decompression-bomb limit (ValueError naming the flag)."""
+    import bsq
+
+    try:
+        bsq.load_image(path)
+    except ValueError as e:
+        raise ValueError(f"--image: {e}") from None
+
+
+def check_generation_plan(ckpt: Path, args, ar_h: int, ar_w: int, upsample: float) -> None:
+    """--ar-size / --upsample against the AR grid, the position budget and the decoder (ValueError naming the flag)."""
+    import bsq
+    import decoder as D
+    import model as M
+
+    cfg, tok, root = _ar_parts(ckpt)
+    if args.image is not None:
+        check_image(args.image)
+    ds = cfg.downsample
+    if ar_h <= 0 or ar_w <= 0 or ar_h % ds or ar_w % ds:
+        raise ValueError(f"--ar-size: AR size {ar_h}x{ar_w} must be positive multiples of {ds} px")
+    unit, max_grid = decoder_geometry(ckpt)
+    try:
+        D.output_size(ar_h, ar_w, upsample, unit, max_grid)
+    except ValueError as e:
+        raise ValueError(f"--ar-size {ar_h}x{ar_w} / --upsample {upsample}: {e}") from None
+    n_img = None
+    if args.image is not None:
+        v = cfg.vision
+        _, grid = bsq.preprocess_image(args.image, size=(ar_h, ar_w), patch_size=v.patch_size,
+                                       merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size)
+        n_img = int(grid[0].prod()) // v.merge_unit
+    warn_unknown_words(tok, args.prompt, "--prompt", root)
+    gh, gw = ar_h // ds, ar_w // ds
+    n_prompt = len(tok.encode(M.render_generation_prompt(args.prompt, gh, gw, n_img)))
+    budget = cfg.text.max_position_embeddings
+    if n_prompt + gh * gw > budget:
+        raise ValueError(f"--ar-size {ar_h}x{ar_w}: prompt of {n_prompt} tokens + {gh * gw} image tokens exceeds the "
+                         f"position budget max_position_embeddings={budget} of {root / 'config.json'}; use a smaller "
+                         "--ar-size")
+
+
+def check_understanding_plan(ckpt: Path, args) -> None:
+    """--image readable, and --max-new-tokens within what the position budget leaves after the prompt (default:
+    min(MAX_NEW_TOKENS, that room))."""
+    import bsq
+    import model as M
+
+    cfg, tok, root = _ar_parts(ckpt)
+    check_image(args.image)
+    v = cfg.vision
+    _, grid = bsq.preprocess_image(args.image, patch_size=v.patch_size, merge_size=v.spatial_merge_size,
+                                   temporal_patch_size=v.temporal_patch_size)
+    warn_unknown_words(tok, args.question, "--question", root)
+    n_prompt = len(tok.encode(M.render_chat_prompt(args.question, int(grid[0].prod()) // v.merge_unit)))
+    budget = cfg.text.max_position_embeddings
+    room = budget - n_prompt
+    if room < 1:
+        raise ValueError(f"--question: the prompt (question + image) takes {n_prompt} tokens, the whole position "
+                         f"budget max_position_embeddings={budget} of {root / 'config.json'}; use a shorter question "
+                         "or a smaller image")
+    if args.max_new_tokens is None:
+        args.max_new_tokens = min(MAX_NEW_TOKENS, room)
+    elif args.max_new_tokens > room:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens}: the prompt takes {n_prompt} of the "
+                         f"max_position_embeddings={budget} positions of {root / 'config.json'}; use at most {room}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python train.py                          # both stages with defaults -> checkpoints/toy, plots in runs/toy
     python train.py --resume                 # continue an interrupted run from runs/toy/state (same losses)
+                                             # (Ctrl-C or SIGTERM saves the state after the current step, exit 130/143)
     torchrun --nproc_per_node 2 train.py     # data-parallel (gloo on CPU, nccl on GPU)
     python train.py --eval checkpoints/toy   # held-out scores of a checkpoint, one JSON line
 
@@ -56,6 +57,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import bsq
+import cli
 import decoder as D
 import load_hf
 import model as M
@@ -454,34 +456,52 @@ def train_stage(stage: int, loss_fn, params, batch_fn, tc: TrainConfig, ctx: dic
         from tqdm import tqdm
 
         bar = tqdm(bar, desc=f"stage {stage}", initial=start, total=steps, dynamic_ncols=True)
-    for step in bar:
-        seed = step_seed(tc.seed, stage, step, rank)
-        g = torch.Generator().manual_seed(seed)
-        torch.manual_seed(seed)  # the decoder's condition dropout draws from the global generator
-        with ctx["autocast"]():
-            loss, metrics = module(*batch_fn(step, g))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-        for grp in opt.param_groups:
-            grp["lr"] = lr_at(step, steps, lr, tc.warmup)
-        opt.step()
-        metrics["loss"] = loss.detach()
-        row = reduce_metrics(metrics, world)
-        history.append(row)
-        if rank == 0:
-            bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "flow", "bsq", "t2i", "edit", "understanding",
-                                                          "bit_acc_l0", "answer_acc") if k in row})
-        ctx["meta"]["step"] = step + 1
-        ctx["global_step"] += 1
-        stop = ctx["stop_after"] is not None and ctx["global_step"] >= ctx["stop_after"]
-        if (step + 1) % tc.save_every == 0 or stop:
-            checkpoint_state(ctx, opt)
-        if stop:
-            return False
-    ctx["meta"]["stage"], ctx["meta"]["step"] = stage + 1, 0
-    checkpoint_state(ctx, None)
+    guard = ctx["signals"]
+    with guard.deferred():  # Ctrl-C / SIGTERM: finish the current step, save the state, then stop
+        for step in bar:
+            seed = step_seed(tc.seed, stage, step, rank)
+            g = torch.Generator().manual_seed(seed)
+            torch.manual_seed(seed)  # the decoder's condition dropout draws from the global generator
+            with ctx["autocast"]():
+                loss, metrics = module(*batch_fn(step, g))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+            for grp in opt.param_groups:
+                grp["lr"] = lr_at(step, steps, lr, tc.warmup)
+            opt.step()
+            metrics["loss"] = loss.detach()
+            row = reduce_metrics(metrics, world)
+            history.append(row)
+            if rank == 0:
+                bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "flow", "bsq", "t2i", "edit", "understanding",
+                                                              "bit_acc_l0", "answer_acc") if k in row})
+            ctx["meta"]["step"] = step + 1
+            ctx["global_step"] += 1
+            stop = ctx["stop_after"] is not None and ctx["global_step"] >= ctx["stop_after"]
+            signum = pending_signal(guard, world)
+            if (step + 1) % tc.save_every == 0 or stop or signum:
+                checkpoint_state(ctx, opt)
+            if signum:
+                if rank == 0:
+                    bar.close()
+                raise cli.Interrupted(signum)
+            if stop:
+                return False
+        ctx["meta"]["stage"], ctx["meta"]["step"] = stage + 1, 0
+        checkpoint_state(ctx, None)
     return True
+
+
+def pending_signal(guard: cli.SignalGuard, world: int) -> int:
+    """The signal this process got during the step (0: none); with several processes the largest any rank got, so
+    every rank saves and stops after the same step."""
+    signum = guard.pending or 0
+    if world > 1:
+        t = torch.tensor([signum])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        signum = int(t)
+    return signum
 
 
 def checkpoint_state(ctx: dict, opt) -> None:
@@ -524,26 +544,38 @@ def answers(net, tok, images: np.ndarray, questions: list) -> list:
 def evaluate(net, tok, dec, *, settings: dict, n: int = 64, batch: int = 32, seed: int = 0) -> dict:
     """Held-out scores in [0, 1]: generation (images fully correct), understanding (exact answers), editing (edited
     image shows exactly the target scene), plus the per-attribute generation scores."""
+    from tqdm import tqdm
+
+    if n < 1:
+        raise ValueError(f"evaluation needs n >= 1 examples per task, got {n}")
     was = net.training, dec.training
     net.eval(), dec.eval()
+    bar = tqdm(total=3 * n, desc="evaluation", unit="ex", dynamic_ncols=True)  # stderr: stdout keeps the JSON line
     prompts = toy.heldout_prompts(n)
     gen = []
+    bar.set_postfix(task="generation")
     for i in range(0, n, batch):
         imgs = generate(net, tok, dec, prompts[i:i + batch], settings, seed=seed + i)
         gen += [toy.score_image(im, p) for im, p in zip(imgs, prompts[i:i + batch])]
+        bar.update(len(imgs))
     qa = toy.heldout_questions(n)
     und = []
+    bar.set_postfix(task="understanding")
     for i in range(0, n, batch):
         chunk = qa[i:i + batch]
         preds = answers(net, tok, np.stack([e.image for e in chunk]), [e.question for e in chunk])
         und += [toy.score_answer(p, e.answer) for p, e in zip(preds, chunk)]
+        bar.update(len(chunk))
     edits = toy.heldout_edits(n)
     ed = []
+    bar.set_postfix(task="editing")
     for i in range(0, n, batch):
         chunk = edits[i:i + batch]
         imgs = generate(net, tok, dec, [e.instruction for e in chunk], settings,
                         input_images=[e.source for e in chunk], seed=seed + i)
         ed += [toy.score_edit(im, e.target_scene)["correct"] for im, e in zip(imgs, chunk)]
+        bar.update(len(chunk))
+    bar.close()
     net.train(was[0]), dec.train(was[1])
     out = {"generation": float(np.mean([s["correct"] for s in gen])), "understanding": float(np.mean(und)),
            "editing": float(np.mean(ed)), "n": n}
@@ -633,26 +665,53 @@ def setup_distributed(device: torch.device) -> tuple[int, int]:
 
 def eval_main(ckpt: Path, device, n: int) -> int:
     try:
+        load_hf.resolve_part(ckpt, "ar_model")  # a missing folder first, as it is the likelier mistake
+        settings = {**sample_defaults(TrainConfig()), **read_sample_defaults(ckpt)}
         net, tok = load_hf.load_ar(ckpt, device=device)
         dec = load_hf.load_decoder(ckpt, device=device)
     except load_hf.CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    settings = {**sample_defaults(TrainConfig()), **read_sample_defaults(ckpt)}
     print(json.dumps(evaluate(net, tok, dec, settings=settings, n=n)))
     return 0
 
 
 def read_sample_defaults(ckpt: Path) -> dict:
-    f = Path(ckpt) / "uniar_sample.json"
-    if not f.is_file():
-        raise ValueError(f"{f} not found: not a checkpoint written by train.py / rl.py")
-    with open(f) as fh:
-        return json.load(fh)
+    """The fields of the checkpoint's uniar_sample.json, checked (cli.UsageError, a ValueError, naming the file and
+    field; also when the file is missing)."""
+    return cli.read_sample_settings(ckpt, required=True, defaults={})
+
+
+SEED_MAX = 2**32 - 1  # step_seed multiplies the seed by ~6.4e7: this keeps every step's seed within manual_seed's range
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Exit code 0; 2 with one `error: ...` line for bad input; 130 / 143 after Ctrl-C / SIGTERM (state saved)."""
+    with cli.SignalGuard() as guard:
+        try:
+            return _main(argv, guard)
+        except cli.UsageError as e:
+            return cli.fail(e)
+        except cli.Interrupted as e:
+            return interrupted(e, getattr(guard, "run_dir", None))
+
+
+def interrupted(e: cli.Interrupted, run_dir) -> int:
+    state = None if run_dir is None else run_dir / "state"
+    if state is not None and (state / "state.json").is_file():
+        with open(state / "state.json") as f:
+            meta = json.load(f)
+        where = (f"stage {meta['stage']} step {meta['step']}" if meta["stage"] <= 2 else "both stages done")
+        print(f"interrupted by {e.name}: training state saved in {state} ({where}); continue with the same flags "
+              "and --resume", file=sys.stderr)
+    else:
+        print(f"interrupted by {e.name} before any training state was saved", file=sys.stderr)
+    return e.exit_code
+
+
+def _main(argv, guard: cli.SignalGuard) -> int:
+    guard.run_dir = None
+    ap = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "checkpoints" / "toy", help="final checkpoint folder")
     ap.add_argument("--run-dir", type=Path, default=ROOT / "runs" / "toy", help="plots, metrics, training state")
     ap.add_argument("--resume", action="store_true", help="continue from <run-dir>/state")
@@ -669,8 +728,11 @@ def main(argv=None) -> int:
                         help=f"default {f.default}" + (" (held-out examples per task)" if f.name == "eval_n" else ""))
     args = ap.parse_args(argv)
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = cli.resolve_device(args.device)
+    if args.eval_n is not None:
+        cli.check_int_range(args.eval_n, "--eval-n", 1, hint="held-out examples per task")
+    if args.seed is not None:
+        cli.check_int_range(args.seed, "--seed", 0, SEED_MAX)
     if args.eval is not None:
         return eval_main(args.eval, device, args.eval_n or TrainConfig().eval_n)
     tc = TrainConfig.smoke() if args.smoke else TrainConfig()
@@ -678,7 +740,11 @@ def main(argv=None) -> int:
                                          if getattr(args, f.name) is not None}})
     bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda")
     if bf16 and device.type != "cuda":
-        raise SystemExit("--dtype bfloat16 needs a GPU (training on CPU runs in float32)")
+        raise cli.UsageError("--dtype bfloat16 needs a GPU (training on CPU runs in float32); use --dtype float32 "
+                             "or auto")
+    if args.resume and not all((args.run_dir / "state" / f).is_file() for f in ("state.json", "state.safetensors")):
+        raise cli.UsageError(f"--resume: no training state in {args.run_dir / 'state'} yet (state.json + "
+                             "state.safetensors); start without --resume, or give the --run-dir of the interrupted run")
     rank, world = setup_distributed(device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -690,18 +756,22 @@ def main(argv=None) -> int:
     if world > 1:
         dist.barrier()
     tok = M.Tokenizer(tok_dir)
-    vision, net, dec = build(tc, tok, device)
     meta = {"stage": 1, "step": 0, "history": {}, "config": asdict(tc), "world": world}
     opt_tensors = None
     if args.resume:
         meta, tensors = load_state(run_dir / "state")
         if meta["config"] != asdict(tc) or meta["world"] != world:
-            raise SystemExit(f"--resume: the state in {run_dir / 'state'} was written with another configuration or "
-                             "world size; pass the same flags")
+            changed = sorted(k for k in meta["config"] if meta["config"][k] != asdict(tc).get(k))
+            raise cli.UsageError(f"--resume: the state in {run_dir / 'state'} was written with another configuration "
+                                 f"or world size (different: {', '.join(changed) or 'world size'}); pass the same "
+                                 "flags")
+    vision, net, dec = build(tc, tok, device)
+    if args.resume:
         load_model_state(tensors, vision, net, dec)
         opt_tensors = tensors
+    guard.run_dir = run_dir
     ctx = {"rank": rank, "world": world, "meta": meta, "run_dir": run_dir, "models": (vision, net, dec),
-           "stop_after": args.stop_after, "global_step": 0,
+           "stop_after": args.stop_after, "global_step": 0, "signals": guard,
            "autocast": (lambda: torch.autocast("cuda", torch.bfloat16)) if bf16 else nullcontext}
     settings = sample_defaults(tc)
     t0 = time.perf_counter()

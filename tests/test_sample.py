@@ -33,7 +33,10 @@ def test_text_to_image_end_to_end(golden, tmp_path, cache_dir, capsys):
     assert torch.equal(saved["indices"], golden["e2e.indices"])  # the official seeded rollout
     img = np.asarray(Image.open(tmp_path / "one" / "sample_00.png"))
     assert img.shape == (s["ar_height"], s["ar_width"], 3)
-    assert "peak resident memory" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "peak resident memory" in err
+    n = (s["ar_height"] // 32) * (s["ar_width"] // 32)
+    assert f"AR steps: 100%" in err and f"{n}/{n}" in err  # the AR bar reaches its last step
     rc = sample.main(common + ["--num-images", "3", "--out", str(tmp_path / "three")])
     assert rc == 0 and (tmp_path / "three" / "grid.png").exists()
     assert load_file(str(tmp_path / "three" / "bits.safetensors"))["bits"].shape[0] == 3
@@ -104,3 +107,216 @@ def test_missing_checkpoint_folder(tmp_path, capsys):
     rc = sample.main(["--ckpt", str(tmp_path / "nowhere"), "--prompt", "x"])
     err = capsys.readouterr().err
     assert rc == 2 and "checkpoint folder not found" in err and "expected layout" in err
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Ordinary mistakes: one `error: ...` line naming the flag / file / field, exit code 2, before anything loads
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class Loaded(Exception):
+    """Raised by the patched loaders: reaching them means a check came too late."""
+
+
+@pytest.fixture()
+def no_loading(monkeypatch):
+    import load_hf
+
+    def loaded(*a, **k):
+        raise Loaded
+
+    monkeypatch.setattr(load_hf, "load_ar", loaded)
+    monkeypatch.setattr(load_hf, "load_decoder", loaded)
+
+
+def _no_cuda_reason() -> str:
+    return "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+
+
+SEED_RANGE = "must be an integer in [0, 18446744073709551615]"
+T_HINT = "(temperature must be > 0; 0.01 is already near-greedy, below it logits / temperature overflows)"
+CFG_HINT = "(cfg must be >= 1, 1 = no guidance; larger guidance overflows the guided logits)"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--device", "banana"], "--device 'banana' is not a device; use auto, cpu, cuda, cuda:N or mps"),
+    (["--out", "{file}"], "--out {file} is an existing file; --out names a folder to write into"),
+    (["--out", "{file}/sub"], "--out {file}/sub: {file} is a file, so the folder cannot be created"),
+    (["--seed", "-1"], f"--seed {SEED_RANGE}, got -1 (the range torch.Generator.manual_seed takes)"),
+    (["--seed", str(2**64)], f"--seed {SEED_RANGE}, got {2**64} (the range torch.Generator.manual_seed takes)"),
+    (["--seed", "x"], "argument --seed: invalid int value: 'x'"),
+    (["--temperature", "1e-30"], f"--temperature must be a finite number in [0.01, 100], got 1e-30 {T_HINT}"),
+    (["--temperature", "inf"], f"--temperature must be a finite number in [0.01, 100], got inf {T_HINT}"),
+    (["--cfg", "1e30"], f"--cfg must be a finite number in [1, 100], got 1e+30 {CFG_HINT}"),
+    (["--cfg", "nan"], f"--cfg must be a finite number in [1, 100], got nan {CFG_HINT}"),
+    (["--decoder-cfg", "nan"], "--decoder-cfg must be a finite number in [1, 100], got nan (1 = no guidance)"),
+    (["--steps", "0"], "--steps must be an integer >= 1, got 0 (decoder denoising steps)"),
+    (["--upsample", "2.5"], "--upsample must be a finite number in [1, 2], got 2.5 (decoder output size / AR size)"),
+    (["--ar-size", "64"], "argument --ar-size: must look like HxW, e.g. 512x512, got '64'"),
+    (["--ar-size", "64x96", "--upsample", "1.25"],
+     "--ar-size 64x96 / --upsample 1.25: output size 80x120 (AR 64x96 x 1.25) must be a multiple of 16"),
+    (["--ar-size", "1024x1024", "--upsample", "1"], "--ar-size 1024x1024 / --upsample 1.0: output size 1024x1024 "
+     "(AR 1024x1024 x 1.0) exceeds the decoder's largest side 512 px (pos_embed_max_size 32 x 16 px)"),
+    (["--ar-size", "100x64"], "--ar-size: AR size 100x64 must be positive multiples of 32 px"),
+    (["--question", "q", "--image", "{img}", "--max-new-tokens", "0"], "--max-new-tokens must be an integer >= 1, got 0"),
+    (["--question", "q", "--image", "{file}"], "--image: {file} is not a readable image file ({pil})"),
+])
+def test_mistakes_are_one_line_errors_before_loading(golden, tmp_path, capsys, no_loading, flags, message):
+    """The golden checkpoint (no uniar_sample.json: the official defaults); the loaders raise if reached."""
+    from PIL import UnidentifiedImageError
+
+    f = tmp_path / "afile"
+    f.write_text("x")
+    img = tmp_path / "in.png"
+    Image.fromarray(golden["vision.image_uint8"].numpy()).save(img)
+    try:
+        Image.open(f)
+    except UnidentifiedImageError as e:
+        pil = str(e)
+    fill = {"{file}": str(f), "{img}": str(img), "{pil}": pil}
+
+    def sub(s):
+        for k, val in fill.items():
+            s = s.replace(k, val)
+        return s
+
+    flags = flags if "--question" in flags else ["--prompt", "x"] + flags
+    out = tmp_path / "o"
+    rc = sample.main(["--ckpt", str(golden.dir), "--out", str(out), "--device", "cpu"] + [sub(a) for a in flags])
+    assert (rc, capsys.readouterr().err) == (2, f"error: {sub(message)}\n")
+    assert not out.exists()  # nothing written either
+
+
+def test_device_cuda_without_cuda(golden, tmp_path, capsys, no_loading):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    rc = sample.main(["--ckpt", str(golden.dir), "--prompt", "x", "--device", "cuda", "--out", str(tmp_path)])
+    assert (rc, capsys.readouterr().err) == (2, f"error: --device cuda: CUDA is not available on this machine "
+                                                f"({_no_cuda_reason()}); use --device cpu (or auto)\n")
+
+
+@pytest.mark.parametrize("side, limit", [(12, "100"), (64, "200")])  # PIL's warning band, then its error
+@pytest.mark.parametrize("task", [["--question", "what?"], ["--prompt", "edit it", "--ar-size", "64x96"]])
+def test_decompression_bomb_is_a_clear_error(golden, tmp_path, capsys, monkeypatch, no_loading, side, limit, task):
+    from PIL import Image as PILImage
+
+    path = tmp_path / "big.png"
+    Image.fromarray(np.zeros((side, side, 3), np.uint8)).save(path)
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 100)
+    rc = sample.main(["--ckpt", str(golden.dir), "--image", str(path), "--out", str(tmp_path / "o")] + task)
+    assert (rc, capsys.readouterr().err) == (2, (
+        f"error: --image: {path} is over PIL's decompression-bomb limit of Image.MAX_IMAGE_PIXELS = 100 pixels "
+        f"(Image size ({side * side} pixels) exceeds limit of {limit} pixels, could be decompression bomb DOS "
+        "attack.); downscale the image first\n"))
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{", "{f} is not valid JSON (Expecting property name enclosed in double quotes: line 1 column 2 (char 1)); "
+          "fix or delete it"),
+    ('{"steps": 0}', "{f}: field 'steps' must be an integer >= 1, got 0"),
+    ('{"ar_size": [64]}', "{f}: field 'ar_size' must be a list of two positive integers [height, width], got [64]"),
+    ('{"decoder_cfg": NaN}', "{f}: field 'decoder_cfg' must be a number in [1, 100], got NaN"),
+    ('{"temprature": 1.0}', "{f}: unknown field 'temprature'; the fields are ar_size, upsample, cfg, temperature, "
+                            "steps, decoder_cfg, prompt"),
+    ("[1]", "{f} must hold a JSON object with the fields ar_size, upsample, cfg, temperature, steps, decoder_cfg, "
+            "prompt"),
+])
+@pytest.mark.parametrize("extra", [[], ["--help"]])
+def test_invalid_uniar_sample_json(tmp_path, capsys, no_loading, content, message, extra):
+    f = tmp_path / "ckpt" / "uniar_sample.json"
+    f.parent.mkdir()
+    f.write_text(content)
+    rc = sample.main(["--ckpt", str(f.parent), "--prompt", "x", "--out", str(tmp_path / "o")] + extra)
+    assert (rc, capsys.readouterr()) == (2, ("", f"error: {message.replace('{f}', str(f))}\n"))
+
+
+def test_help_shows_the_defaults_of_the_checkpoint_it_will_use(golden, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # one help line per flag
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--help"])
+    toy = capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        sample.main(["--ckpt", str(golden.dir), "--help"])
+    released = capsys.readouterr().out
+    assert e.value.code == 0
+    assert f"Defaults below: those of {sample.DEFAULT_CKPT} (its uniar_sample.json)." in toy
+    assert f"Defaults below: those of {golden.dir} (the official inference defaults)." in released
+    toy, released = " ".join(toy.split()), " ".join(released.split())
+    for size, steps, up, text in (("64x64", 10, 1.0, toy), ("960x960", 28, 1.067, released)):
+        assert f"--ar-size AR_SIZE AR grid in pixels, HxW, multiples of 32 (default {size})" in text
+        assert f"--steps STEPS decoder denoising steps, >= 1 (default {steps})" in text
+        assert f"--upsample UPSAMPLE decoder output / AR size, in [1, 2] (default {up})" in text
+        assert "--seed SEED seed of the AR bit sampling and the decoder noise" in text
+        assert "--num-images NUM_IMAGES images per prompt" in text
+        assert ("--max-new-tokens MAX_NEW_TOKENS understanding: answer length limit (default min(1024, what the "
+                "checkpoint's position budget text_config.max_position_embeddings leaves after the prompt), decided "
+                "at run time)") in text
+
+
+def test_unknown_toy_words_are_named_with_the_vocabulary(tmp_path, capsys, no_loading):
+    """The toy tokenizer reads words it does not know as <unk>: a one-line warning lists them and the vocabulary;
+    a prompt in toy words gets none."""
+    import toy
+
+    known = " ".join(sorted(w for w in toy.WORDS if w.isalnum()))
+    with pytest.raises(Loaded):
+        sample.main(["--prompt", "a red cube on a table", "--out", str(tmp_path / "o")])
+    assert capsys.readouterr().err == (
+        f"warning: --prompt: the word-level tokenizer of {sample.DEFAULT_CKPT} does not know 'cube', 'on', 'table' "
+        f"(read as <unk>); it knows: {known} (README.md: Toy vocabulary)\n")
+    with pytest.raises(Loaded):
+        sample.main(["--prompt", "a blue triangle at the top right", "--out", str(tmp_path / "o")])
+    assert capsys.readouterr().err == ""
+
+
+def test_answer_length_fits_the_position_budget(tmp_path, capsys, monkeypatch):
+    """--max-new-tokens left out: min(1024, max_position_embeddings - prompt length) (the toy's budget is 512, so the
+    old fixed default of 1024 could not run at all); more than the room left is an error before loading."""
+    import re
+
+    import load_hf
+    import model as M
+
+    img = tmp_path / "in.png"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(img)
+    assert load_hf.ar_config(sample.DEFAULT_CKPT).text.max_position_embeddings == 512
+    seen = {}
+    monkeypatch.setattr(load_hf, "load_ar", lambda *a, **k: (None, None))
+    monkeypatch.setattr(M, "answer", lambda *a, **k: seen.update(k) or "red")
+    base = ["--image", str(img), "--question", "what color is it?", "--out", str(tmp_path / "o")]
+    assert sample.main(base + ["--max-new-tokens", "5000"]) == 2 and not seen
+    err = capsys.readouterr().err
+    m = re.fullmatch(r"error: --max-new-tokens 5000: the prompt takes (\d+) of the max_position_embeddings=512 "
+                     rf"positions of {re.escape(str(sample.DEFAULT_CKPT))}/config.json; use at most (\d+)\n", err)
+    assert m and int(m[1]) + int(m[2]) == 512, err
+    assert sample.main(base) == 0
+    assert seen["max_new_tokens"] == min(1024, int(m[2])) == int(m[2])
+    assert sample.main(base + ["--max-new-tokens", m[2]]) == 0 and seen["max_new_tokens"] == int(m[2])
+
+
+def test_sixteen_bit_grayscale_is_scaled_to_eight_bits(tmp_path):
+    import bsq
+
+    a = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)
+    Image.fromarray(a).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode in ("I;16", "I")
+    got = bsq.load_image(str(tmp_path / "g16.png"))
+    want = np.round(a.astype(np.float64) * 255 / 65535).astype(np.uint8)
+    assert got.dtype == np.uint8 and np.array_equal(got, np.repeat(want[..., None], 3, -1))
+    assert got.max() == 255 and len(np.unique(got)) > 200  # not clipped to 0 / 255
+
+
+def test_no_dynamo_import_on_the_way_to_the_first_image(tmp_path):
+    """`python sample.py` on the toy checkpoint: building the modules on the meta device must not import
+    torch._dynamo (about 1 s of start-up)."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = ("import sys, sample; rc = sample.main(['--out', sys.argv[1], '--steps', '1', '--device', 'cpu']); "
+            "print(rc, 'torch._dynamo' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.stdout.splitlines()[-1] == "0 False", r.stderr[-2000:]
+    assert (tmp_path / "o" / "sample_00.png").is_file()

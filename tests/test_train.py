@@ -109,15 +109,16 @@ def test_resume_reproduces_the_uninterrupted_losses(smoke, tmp_path):
         assert [r["loss"] for r in got[stage]] == [r["loss"] for r in want[stage]], stage
 
 
-def test_resume_refuses_another_configuration(smoke, tmp_path):
+def test_resume_refuses_another_configuration(smoke, tmp_path, capsys):
     import shutil
 
     shutil.copytree(smoke / "run", tmp_path / "run")
-    with pytest.raises(SystemExit, match="another configuration"):
-        train.main(["--smoke", "--seed", "1", "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "c"),
-                    "--resume"])
-    with pytest.raises(ValueError, match="no training state"):
-        train.main(["--smoke", "--run-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "c"), "--resume"])
+    assert train.main(["--smoke", "--seed", "1", "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "c"),
+                       "--resume"]) == 2
+    assert capsys.readouterr().err == (f"error: --resume: the state in {tmp_path / 'run' / 'state'} was written with "
+                                       "another configuration or world size (different: seed); pass the same flags\n")
+    assert train.main(["--smoke", "--run-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "c"), "--resume"]) == 2
+    assert "no training state" in capsys.readouterr().err
 
 
 def test_torchrun_two_processes(tmp_path):
@@ -149,6 +150,7 @@ def test_eval_command_prints_one_json_line(smoke):
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.strip().splitlines()
     assert len(lines) == 1
+    assert "evaluation: 100%" in r.stderr and f"{3 * n}/{3 * n}" in r.stderr  # progress on stderr, all three tasks
     scores = json.loads(lines[0])
     with open(smoke / "run" / "metrics.json") as f:
         assert scores == json.load(f)["eval"]
@@ -297,3 +299,76 @@ def test_answer_loss_supervises_every_answer_token_and_the_end_of_turn(smoke_net
     got_pos = [tuple(i) for i in torch.nonzero(x.grad.abs().sum(-1) > 0).tolist()]
     assert sorted(got_pos) == sorted(want_pos)
     assert loss.item() == pytest.approx(float(np.mean(ce)), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Ordinary mistakes (one `error: ...` line, exit code 2, before building anything); Ctrl-C / SIGTERM
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--resume"], "--resume: no training state in {run}/state yet (state.json + state.safetensors); start without "
+                   "--resume, or give the --run-dir of the interrupted run"),
+    (["--seed", "-1"], "--seed must be an integer in [0, 4294967295], got -1"),
+    (["--seed", str(2**32)], f"--seed must be an integer in [0, 4294967295], got {2**32}"),
+    (["--eval-n", "0"], "--eval-n must be an integer >= 1, got 0 (held-out examples per task)"),
+    (["--eval", "{ckpt}", "--eval-n", "0"], "--eval-n must be an integer >= 1, got 0 (held-out examples per task)"),
+    (["--eval", "{ckpt}"], "{ckpt}/uniar_sample.json: field 'steps' must be an integer >= 1, got 0"),
+    (["--device", "banana"], "--device 'banana' is not a device; use auto, cpu, cuda, cuda:N or mps"),
+    (["--device", "cpu", "--dtype", "bfloat16"], "--dtype bfloat16 needs a GPU (training on CPU runs in float32); use "
+                                                 "--dtype float32 or auto"),
+    (["--stage1-steps", "x"], "argument --stage1-steps: invalid int value: 'x'"),
+])
+def test_mistakes_are_one_line_errors(tmp_path, capsys, monkeypatch, flags, message):
+    def built(*a, **k):
+        raise AssertionError("a check came after building / loading")
+
+    monkeypatch.setattr(train, "build", built)
+    monkeypatch.setattr(load_hf, "load_ar", built)
+    ckpt = tmp_path / "ckpt"  # a folder with an AR config and an invalid uniar_sample.json
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    (ckpt / "uniar_sample.json").write_text('{"steps": 0}')
+    fill = lambda a: a.replace("{run}", str(tmp_path / "run")).replace("{ckpt}", str(ckpt))
+    rc = train.main(["--smoke", "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "o")] + [fill(a) for a in flags])
+    assert (rc, capsys.readouterr().err) == (2, f"error: {fill(message)}\n")
+
+
+def test_device_cuda_without_cuda(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+    assert train.main(["--smoke", "--device", "cuda", "--run-dir", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == (f"error: --device cuda: CUDA is not available on this machine ({why}); use "
+                                       "--device cpu (or auto)\n")
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_signal_saves_the_state_and_resume_continues(tmp_path, sig):
+    """Ctrl-C / SIGTERM once the first step is logged: the step in flight finishes, the state is saved, one line says
+    where, exit code 130 / 143, no traceback; --resume then continues from the saved step."""
+    import re
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    flags = ["--smoke", "--stage1-steps", "200", "--stage1-batch", "2", "--no-eval", "--run-dir", str(run), "--out",
+             str(tmp_path / "ckpt")]
+    p = subprocess.Popen([sys.executable, str(ROOT / "train.py")] + flags, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    buf, deadline = b"", time.time() + 240
+    while not re.search(rb" [1-9]\d*/200 ", buf):  # tqdm has logged a finished step
+        chunk = os.read(p.stderr.fileno(), 4096)
+        assert chunk and time.time() < deadline, buf.decode()[-2000:]
+        buf += chunk
+    p.send_signal(getattr(signal, sig))
+    _, rest = p.communicate(timeout=120)
+    err = (buf + rest).decode()
+    assert p.returncode == 128 + getattr(signal, sig), err[-2000:]
+    assert "Traceback" not in err
+    saved = len(history(run)["stage1"])
+    assert saved >= 1
+    assert err.endswith(f"interrupted by {sig}: training state saved in {run / 'state'} (stage 1 step {saved}); "
+                        "continue with the same flags and --resume\n")
+    assert train.main(flags + ["--resume", "--stop-after", "1"]) == 0
+    assert len(history(run)["stage1"]) == saved + 1
