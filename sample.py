@@ -311,7 +311,7 @@ def warn_unknown_words(tok, text: str, flag: str, root: Path) -> None:
     unknown = [text[a:b] for (a, b), i in zip(enc.offsets, enc.ids) if i == unk_id]
     if unknown:
         known = sorted(w for w, i in tok.tk.get_vocab(with_added_tokens=False).items()
-                       if i != unk_id and w.strip() and w.isalnum())
+                       if i != unk_id and w.isalpha())
         print(f"warning: {flag}: the word-level tokenizer of {root} does not know {', '.join(map(repr, unknown))} "
               f"(read as {model.unk_token}); it knows: {' '.join(known)} (README.md: Toy vocabulary)",
               file=sys.stderr)

@@ -517,6 +517,11 @@ def save_tokenizer(folder) -> Path:
     return folder
 
 
+def vocabulary_words() -> list:
+    """The words of the toy vocabulary, sorted (digits, punctuation and <image_gen> left out): README.md's list."""
+    return sorted(w for w in WORDS if w.isalpha())
+
+
 def unknown_words(text: str) -> list:
     """Pieces of text outside the toy vocabulary (empty list = the toy tokenizer covers it)."""
     tk = build_tokenizer()

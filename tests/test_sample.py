@@ -258,7 +258,7 @@ def test_unknown_toy_words_are_named_with_the_vocabulary(tmp_path, capsys, no_lo
     a prompt in toy words gets none."""
     import toy
 
-    known = " ".join(sorted(w for w in toy.WORDS if w.isalnum()))
+    known = " ".join(toy.vocabulary_words())
     with pytest.raises(Loaded):
         sample.main(["--prompt", "a red cube on a table", "--out", str(tmp_path / "o")])
     assert capsys.readouterr().err == (

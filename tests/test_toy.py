@@ -165,3 +165,21 @@ def test_tokenizer_files_and_templates(golden, tmp_path):
             assert unk not in ids, (text, toy.unknown_words(text))
         assert tk.decode(tk.encode(q.answer)) == q.answer
     assert toy.unknown_words("a red cube on a table") == ["cube", "on", "table"]
+
+
+def test_readme_lists_the_toy_vocabulary_and_its_toy_examples_use_it():
+    """README.md's Toy vocabulary is toy.vocabulary_words() (each word one known token), and every README command
+    that samples a toy checkpoint (no --ckpt, or checkpoints/toy*) prompts in toy words only."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("### Toy vocabulary", 1)[1]
+    listed = re.search(r"\n\n((?:`[a-z]+` ?)+)\n", section)[1].split()
+    assert [w.strip("`") for w in listed] == toy.vocabulary_words()
+    assert toy.unknown_words(" ".join(toy.vocabulary_words())) == []
+    commands = [ln.split("#")[0] for ln in readme.splitlines() if ln.startswith("python sample.py")]
+    toy_runs = [c for c in commands if "--ckpt" not in c or "--ckpt checkpoints/toy" in c]
+    prompts = [m[1] for ln in toy_runs for m in [re.search(r'--(?:prompt|question) "([^"]+)"', ln)] if m]
+    assert len(prompts) >= 2
+    for p in prompts:
+        assert toy.unknown_words(p) == [], p
