@@ -10,7 +10,6 @@ import math
 import os
 import signal
 import sys
-import tempfile
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -168,13 +167,12 @@ def read_sample_settings(ckpt, *, required: bool = False, defaults: dict = OFFIC
 def atomic_write(path: Path, write) -> Path:
     """write(tmp_path) into a temporary file beside `path`, then rename it over `path` (never a half-written file)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix or ".tmp")
-    os.close(fd)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # created by `write`: the usual permissions
     try:
-        write(Path(tmp))
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 

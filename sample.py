@@ -150,9 +150,10 @@ def _main(argv: list) -> int:
         raise cli.UsageError(f"no --ckpt given and the project's toy checkpoint does not exist yet ({DEFAULT_CKPT}); "
                              "pass --ckpt PATH to a UniAR checkpoint folder, e.g. a download of ShareLab-SII/UniAR-RL "
                              "(README: Released checkpoints)")
+    default_prompt = False
     if args.question is None and args.prompt is None and args.image is None and defaults.get("prompt"):
         args.prompt = defaults["prompt"]  # `python sample.py` alone: the checkpoint's example prompt
-        print(f"prompt: {args.prompt!r}", file=sys.stderr)
+        default_prompt = True
     for name in ("cfg", "temperature", "steps", "decoder_cfg"):
         if getattr(args, name) is None:
             setattr(args, name, defaults[name])
@@ -171,6 +172,8 @@ def _main(argv: list) -> int:
     except (load_hf.CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if default_prompt:
+        print(f"prompt: {args.prompt!r}", file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 

@@ -187,6 +187,12 @@ def test_mistakes_are_one_line_errors_before_loading(golden, tmp_path, capsys, n
     assert not out.exists()  # nothing written either
 
 
+def test_default_prompt_run_error_is_one_line(tmp_path, capsys, no_loading):
+    """`python sample.py` with a bad flag: the error alone (the default-prompt notice comes only once checks pass)."""
+    assert sample.main(["--steps", "0", "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == "error: --steps must be an integer >= 1, got 0 (decoder denoising steps)\n"
+
+
 def test_device_cuda_without_cuda(golden, tmp_path, capsys, no_loading):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
