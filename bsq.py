@@ -15,6 +15,7 @@ Sections of this file:
     BSQ: the quantizer, the 64-bit index conventions of the released code, the entropy loss
     vision tower: patch embedding, interpolated position grid, 2-D RoPE, blocks, mergers, the four BSQ levels
     preprocessing: PIL / uint8 -> patch rows in 2x2-merge block order, like the Qwen2-VL image processor
+    the checkpoint's preprocessing settings (preprocessor_config.json: min / max pixels, patch geometry)
 
 Letters in shape comments:
     Np patches (16 px), M merged tokens (32 px, Np = 4 M), d = bsq_dim (64), C = ViT width, Co = LLM width,
@@ -599,3 +600,103 @@ def preprocess_image(image, *, size: tuple[int, int] | None = None, resize: bool
     x = x.permute(2, 5, 3, 6, 1, 0, 4, 7)  # (h/2, w/2, dy, dx, C, T, P, P): 2x2 blocks contiguous
     pixel_values = x.reshape(gh * gw, -1).contiguous()
     return pixel_values, torch.tensor([[1, gh, gw]], dtype=torch.int64)
+
+
+# The checkpoint's image-preprocessing settings: its preprocessor_config.json (Qwen2-VL image processor fields)
+
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+_HF_MIN_PIXELS, _HF_MAX_PIXELS, _HF_PATCH_SIZE = 56 * 56, 28 * 28 * 1280, 14  # the transformers class defaults
+
+
+@dataclass(frozen=True)
+class ImageProcessorConfig:
+    """How one checkpoint turns an understanding image into vision-tower inputs: resize to the nearest multiples of
+    patch_size * merge_size px with H * W in [min_pixels, max_pixels] (aspect kept), then `preprocess_image`.
+    Defaults: the released processor (Qwen3-VL's). A checkpoint states its own in `preprocessor_config.json`."""
+
+    min_pixels: int = MIN_PIXELS
+    max_pixels: int = MAX_PIXELS
+    patch_size: int = 16
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+
+    def __post_init__(self):
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{f.name} must be a positive integer, got {v!r}")
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels {self.min_pixels} > max_pixels {self.max_pixels}")
+
+    def __call__(self, image) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image (path, PIL image or array) -> (pixel_values, grid_thw), resized by these settings."""
+        return preprocess_image(image, min_pixels=self.min_pixels, max_pixels=self.max_pixels,
+                                patch_size=self.patch_size, merge_size=self.merge_size,
+                                temporal_patch_size=self.temporal_patch_size)
+
+    def check_vision(self, vcfg: "VisionConfig", where) -> None:
+        """The patch geometry must be the vision tower's (ValueError naming `where` and the field)."""
+        for mine, theirs in (("patch_size", "patch_size"), ("merge_size", "spatial_merge_size"),
+                             ("temporal_patch_size", "temporal_patch_size")):
+            if getattr(self, mine) != getattr(vcfg, theirs):
+                raise ValueError(f"{where}: {mine} {getattr(self, mine)} differs from the vision config's {theirs} "
+                                 f"{getattr(vcfg, theirs)}")
+
+    def to_dict(self) -> dict:
+        """The preprocessor_config.json of a released checkpoint (Qwen2-VL image processor fields). min_pixels /
+        max_pixels repeat `size`: transformers' slow Qwen2VLImageProcessor reads only those."""
+        return {"image_processor_type": "Qwen2VLImageProcessorFast", "do_resize": True, "resample": 3,
+                "size": {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels},
+                "min_pixels": self.min_pixels, "max_pixels": self.max_pixels, "patch_size": self.patch_size,
+                "temporal_patch_size": self.temporal_patch_size, "merge_size": self.merge_size,
+                "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_convert_rgb": True}
+
+    @classmethod
+    def from_dict(cls, d: dict, where) -> "ImageProcessorConfig":
+        """A preprocessor_config.json's contents, read as transformers' Qwen2VLImageProcessorFast reads them:
+        `size` {shortest_edge, longest_edge} in pixels, overridden by top-level min_pixels / max_pixels; a missing
+        field takes that class's default (then patch_size is 14 and image_mean CLIP's: refused below). Fields this
+        implementation does not follow (no resize, other rescaling or normalisation, non-bicubic resampling) are
+        refused. ValueError naming `where` and the field."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(d).__name__}")
+
+        def integer(name, v):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{where}: {name} must be a positive integer, got {v!r}")
+            return v
+
+        size = d.get("size")
+        lo, hi = _HF_MIN_PIXELS, _HF_MAX_PIXELS
+        if size is not None:
+            if not isinstance(size, dict) or "shortest_edge" not in size or "longest_edge" not in size:
+                raise ValueError(f"{where}: size must be an object with shortest_edge and longest_edge (pixels), got "
+                                 f"{size!r}")
+            lo = integer("size.shortest_edge", size["shortest_edge"])
+            hi = integer("size.longest_edge", size["longest_edge"])
+        if d.get("min_pixels") is not None:
+            lo = integer("min_pixels", d["min_pixels"])
+        if d.get("max_pixels") is not None:
+            hi = integer("max_pixels", d["max_pixels"])
+        if lo > hi:
+            raise ValueError(f"{where}: min_pixels / size.shortest_edge {lo} > max_pixels / size.longest_edge {hi}")
+        supported = {"do_resize": True, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True,
+                     "resample": 3}
+        for name, want in supported.items():
+            if name in d and d[name] is not None and d[name] != want:
+                raise ValueError(f"{where}: {name} {d[name]!r} is not supported (only {want!r})")
+        if d.get("rescale_factor") is not None and (isinstance(d["rescale_factor"], bool) or not isinstance(
+                d["rescale_factor"], (int, float)) or not math.isclose(d["rescale_factor"], 1 / 255)):
+            raise ValueError(f"{where}: rescale_factor {d['rescale_factor']!r} is not supported (only 1/255)")
+        for name in ("image_mean", "image_std"):
+            v = d.get(name)
+            if v is None:
+                raise ValueError(f"{where}: {name} is missing (the image processor's default is CLIP's); only "
+                                 "[0.5, 0.5, 0.5] is supported")
+            if not (v == 0.5 or (isinstance(v, list) and len(v) == 3 and all(x == 0.5 for x in v))):
+                raise ValueError(f"{where}: {name} {v!r} is not supported (only [0.5, 0.5, 0.5])")
+        return cls(min_pixels=lo, max_pixels=hi,
+                   patch_size=integer("patch_size", d.get("patch_size", _HF_PATCH_SIZE)),
+                   temporal_patch_size=integer("temporal_patch_size", d.get("temporal_patch_size", 2)),
+                   merge_size=integer("merge_size", d.get("merge_size", 2)))

@@ -319,13 +319,35 @@ def ar_config(root: Path):
     return cfg
 
 
+def image_processor_config(root: Path, vcfg):
+    """`<root>/preprocessor_config.json` -> bsq.ImageProcessorConfig (checked against the vision config), or None
+    when the file is absent: then, as with the official loader (AutoProcessor finds only a tokenizer there), the
+    checkpoint has no image preprocessing and understanding refuses images (model.image_processor says so)."""
+    import bsq
+
+    path = Path(root) / bsq.PREPROCESSOR_CONFIG
+    if not path.is_file():
+        return None
+    try:
+        proc = bsq.ImageProcessorConfig.from_dict(read_config(path), path)
+        proc.check_vision(vcfg, path)
+    except CheckpointError:
+        raise
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    return proc
+
+
 def load_ar(root, *, dtype=None, device="cpu"):
-    """The AR model at the checkpoint root (or an `ar_model/` folder) -> (model.UniAR, model.Tokenizer)."""
+    """The AR model at the checkpoint root (or an `ar_model/` folder) -> (model.UniAR, model.Tokenizer). The model
+    carries the checkpoint's image preprocessing (`net.image_processor`, from preprocessor_config.json)."""
     import model as M
 
     root = resolve_part(root, "ar_model")
     cfg = ar_config(root)
+    proc = image_processor_config(root, cfg.vision)
     net = build_on_meta(lambda: M.UniAR(cfg))
+    net.image_processor = proc
     load_weights(net, weight_files(root), AR_KEYMAP, dtype=dtype, device=device, where=str(root))
     materialize_buffers(net, device)
     try:
@@ -473,12 +495,20 @@ def _write_weights(path: Path, module_or_state, keep: Callable[[str], bool] = la
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items() if keep(k)}, str(path))
 
 
+def write_image_processor(root, proc) -> None:
+    """bsq.ImageProcessorConfig -> `<root>/preprocessor_config.json` (read back by `image_processor_config`)."""
+    import bsq
+
+    _write_json(Path(root) / bsq.PREPROCESSOR_CONFIG, proc.to_dict())
+
+
 def save_checkpoint(root, *, ar=None, tokenizer_dir=None, vision=None, decoder=None, sample_defaults=None) -> Path:
     """Write the given parts in the released layout, atomically: everything goes to a temporary sibling folder
     which then replaces `root` in one rename, so an interrupted save never leaves a half-written checkpoint and the
     previous one survives until the new one is complete.
 
-    ar: model.UniAR (root config.json + model.safetensors) with its tokenizer files copied from tokenizer_dir;
+    ar: model.UniAR (root config.json + model.safetensors, preprocessor_config.json from its image_processor when
+    it has one) with its tokenizer files copied from tokenizer_dir;
     vision: bsq.VisionModel for bsq_encoder/ (the decoder's copy of the tokenizer); decoder: decoder.Decoder
     (sd3_transformer/, sd3_pipeline/scheduler/, sd3_pipeline/vae/ when it has a VAE, and its prompt embeddings in
     sd3_pipeline/prompt_embeds.safetensors); sample_defaults: uniar_sample.json for sample.py.
@@ -495,6 +525,8 @@ def save_checkpoint(root, *, ar=None, tokenizer_dir=None, vision=None, decoder=N
         if ar is not None:
             _write_json(tmp / "config.json", ar_config_dict(ar.cfg))
             _write_weights(tmp / "model.safetensors", ar)
+            if ar.image_processor is not None:
+                write_image_processor(tmp, ar.image_processor)
             for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                          "generation_config.json"):
                 if tokenizer_dir is not None and (Path(tokenizer_dir) / name).exists():

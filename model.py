@@ -487,6 +487,9 @@ class UniAR(nn.Module):
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
         self.output_layer_vistok = build_vistok_head(cfg)
         self.visual_decoder = nn.ModuleList(DecoderLayer(cfg.text) for _ in range(cfg.visual_transformer_decoder_depth))
+        # how understanding images are resized (the checkpoint's preprocessor_config.json; set by load_hf.load_ar and
+        # train.build, written by load_hf.save_checkpoint); None: the checkpoint states none
+        self.image_processor: Optional[bsq.ImageProcessorConfig] = None
 
     @property
     def visual(self) -> bsq.VisionModel:
@@ -928,16 +931,38 @@ def generate_bits(model: UniAR, tokenizer: Tokenizer, prompts, *, ar_height: int
     return out.bits
 
 
+NO_IMAGE_PROCESSOR = (f"has no {bsq.PREPROCESSOR_CONFIG} (the image processor's settings: size.shortest_edge / "
+                      "longest_edge in pixels, patch_size, merge_size, temporal_patch_size), so it cannot preprocess "
+                      "an image to answer about; add the file to the checkpoint folder")
+
+
+def image_processor(model: UniAR) -> bsq.ImageProcessorConfig:
+    """The model's understanding-image preprocessing (its checkpoint's preprocessor_config.json); ValueError when
+    the checkpoint states none (the official loader then has no image processor either)."""
+    proc = getattr(model, "image_processor", None)
+    if proc is None:
+        raise ValueError(f"this checkpoint {NO_IMAGE_PROCESSOR}")
+    proc.check_vision(model.cfg.vision, bsq.PREPROCESSOR_CONFIG)
+    return proc
+
+
+def understanding_inputs(model: UniAR, images) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """Images -> (pixel_values, grid_thw, image tokens per image), resized by the model's image_processor: the one
+    preprocessing of answer(), train.py's evaluation and sample.py."""
+    proc = image_processor(model)
+    pre = [proc(im) for im in images]
+    grid = torch.cat([g for _, g in pre])
+    return torch.cat([pv for pv, _ in pre]), grid, [int(g.prod()) // model.cfg.vision.merge_unit for g in grid]
+
+
 def answer(model: UniAR, tokenizer: Tokenizer, image, question: str, *, max_new_tokens: int = 256,
            temperature: float = 0.0, seed: Optional[int] = None) -> str:
-    """Understanding: image (PIL / uint8 array / path, or None) + question -> answer text (greedy by default)."""
+    """Understanding: image (PIL / uint8 array / path, or None) + question -> answer text (greedy by default). The
+    image is resized as the checkpoint's preprocessor_config.json says (`model.image_processor`)."""
     dev = next(model.parameters()).device
-    v = model.cfg.vision
     pv = grid = n_img = None
     if image is not None:
-        pv, grid = bsq.preprocess_image(image, patch_size=v.patch_size, merge_size=v.spatial_merge_size,
-                                        temporal_patch_size=v.temporal_patch_size)
-        n_img = int(grid[0].prod()) // v.merge_unit
+        pv, grid, (n_img,) = understanding_inputs(model, [image])
         pv = pv.to(dev)
     ids, mask = tokenizer.batch([render_chat_prompt(question, n_img)])
     new = generate_text(model, ids.to(dev), mask.to(dev), pv, grid, max_new_tokens=max_new_tokens,

@@ -380,6 +380,8 @@ def main(argv=None) -> int:
 
     try:
         net, tok = load_hf.load_ar(args.ckpt, device=device)
+        if not args.no_eval:
+            M.image_processor(net)  # the evaluation's understanding needs the checkpoint's preprocessor_config.json
         dec = load_hf.load_decoder(args.ckpt, device=device)
         settings = train.read_sample_defaults(args.ckpt)
     except (load_hf.CheckpointError, ValueError) as e:

@@ -366,14 +366,16 @@ def check_generation_plan(ckpt: Path, args, ar_h: int, ar_w: int, upsample: floa
 def check_understanding_plan(ckpt: Path, args) -> None:
     """--image readable, and --max-new-tokens within what the position budget leaves after the prompt (default:
     min(MAX_NEW_TOKENS, that room))."""
-    import bsq
+    import load_hf
     import model as M
 
     cfg, tok, root = _ar_parts(ckpt)
     check_image(args.image)
     v = cfg.vision
-    _, grid = bsq.preprocess_image(args.image, patch_size=v.patch_size, merge_size=v.spatial_merge_size,
-                                   temporal_patch_size=v.temporal_patch_size)
+    proc = load_hf.image_processor_config(root, v)  # the preprocessing model.answer will use
+    if proc is None:
+        raise ValueError(f"{root}: the checkpoint {M.NO_IMAGE_PROCESSOR}")
+    _, grid = proc(args.image)
     warn_unknown_words(tok, args.question, "--question", root)
     n_prompt = len(tok.encode(M.render_chat_prompt(args.question, int(grid[0].prod()) // v.merge_unit)))
     budget = cfg.text.max_position_embeddings

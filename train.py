@@ -138,6 +138,15 @@ def ar_config(tc: TrainConfig, tk) -> M.UniARConfig:
                          vision=vision_config(tc))
 
 
+def image_processor(tc: TrainConfig) -> bsq.ImageProcessorConfig:
+    """The checkpoint's preprocessor_config.json: an understanding image is resized to about tc.size x tc.size
+    pixels, the size the model is trained at (a toy image of that size stays as it is, 2x2 tokens)."""
+    vc = vision_config(tc)
+    return bsq.ImageProcessorConfig(min_pixels=tc.size * tc.size, max_pixels=tc.size * tc.size,
+                                    patch_size=vc.patch_size, temporal_patch_size=vc.temporal_patch_size,
+                                    merge_size=vc.spatial_merge_size)
+
+
 def dit_config(tc: TrainConfig, vcfg: bsq.VisionConfig) -> D.MMDiTConfig:
     heads = tc.dit_width // 32
     return D.MMDiTConfig(sample_size=tc.size // tc.dit_patch, patch_size=tc.dit_patch, in_channels=3, out_channels=3,
@@ -321,6 +330,7 @@ def build(tc: TrainConfig, tok: M.Tokenizer, device) -> tuple[bsq.VisionModel, M
     torch.manual_seed(tc.seed)
     cfg = ar_config(tc, tok)
     net = M.UniAR(cfg)
+    net.image_processor = image_processor(tc)
     vision = net.model.visual
     dit = dit_config(tc, cfg.vision)
     dec = D.Decoder(vision, D.MMDiT(dit), None, D.SchedulerConfig(shift=1.0), context=D.LearnedContext(dit))
@@ -531,11 +541,11 @@ def generate(net, tok, dec, prompts, settings: dict, *, input_images=None, seed:
 
 
 @torch.no_grad()
-def answers(net, tok, images: np.ndarray, questions: list) -> list:
+def answers(net, tok, images, questions: list) -> list:
+    """Greedy answers, one batch; images preprocessed as model.answer does (the checkpoint's image_processor)."""
     dev = net.lm_head.weight.device
-    pv, grid = to_pixels(images, net.cfg.vision)
-    n_img = int(grid[0].prod()) // net.cfg.vision.merge_unit
-    ids, mask = tok.batch([M.render_chat_prompt(q, n_img) for q in questions])
+    pv, grid, n_img = M.understanding_inputs(net, images)
+    ids, mask = tok.batch([M.render_chat_prompt(q, n) for q, n in zip(questions, n_img)])
     new = M.generate_text(net, ids.to(dev), mask.to(dev), pv.to(dev), grid, max_new_tokens=8,
                           stop_ids=tok.end_ids)
     return [tok.decode(t) for t in new]
@@ -668,8 +678,9 @@ def eval_main(ckpt: Path, device, n: int) -> int:
         load_hf.resolve_part(ckpt, "ar_model")  # a missing folder first, as it is the likelier mistake
         settings = {**sample_defaults(TrainConfig()), **read_sample_defaults(ckpt)}
         net, tok = load_hf.load_ar(ckpt, device=device)
+        M.image_processor(net)  # understanding needs the checkpoint's preprocessor_config.json
         dec = load_hf.load_decoder(ckpt, device=device)
-    except load_hf.CheckpointError as e:
+    except (load_hf.CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(evaluate(net, tok, dec, settings=settings, n=n)))

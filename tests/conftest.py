@@ -66,6 +66,21 @@ def golden() -> Golden:
     return Golden(golden_dir())
 
 
+@pytest.fixture(scope="session")
+def golden_ckpt(golden, tmp_path_factory) -> Path:
+    """The golden checkpoint plus the released image processor's preprocessor_config.json (Qwen3-VL's: 65536 to
+    16777216 pixels). The fixture sets carry no processor file (their vision tensors are given unresized), and a
+    checkpoint without one, as with the official loader, cannot preprocess an understanding image."""
+    import bsq
+    import load_hf
+
+    folder = tmp_path_factory.mktemp("golden_ckpt")
+    for entry in golden.dir.iterdir():
+        (folder / entry.name).symlink_to(entry)
+    load_hf.write_image_processor(folder, bsq.ImageProcessorConfig())
+    return folder
+
+
 def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float, name: str = ""):
     """max |a - e| <= rtol * max |e|: a relative bound on the tensor as a whole (robust to near-zero entries)."""
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"

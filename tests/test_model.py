@@ -299,9 +299,10 @@ def test_batch_rows_stop_independently(golden, ar, tok, monkeypatch):
     assert new == [a[:1] + [stop], a + b + [stop]]
 
 
-def test_answer_renders_the_chat_prompt(golden, ar, tok):
+def test_answer_renders_the_chat_prompt(golden, ar, tok, monkeypatch):
     """answer(image, question) greedily continues the Qwen3-VL chat rendering (user turn: image then question,
-    assistant turn opened) of the processor-resized image, and stops at the end tokens."""
+    assistant turn opened) of the image resized by the released processor, and stops at the end tokens."""
+    monkeypatch.setattr(ar, "image_processor", bsq.ImageProcessorConfig())  # the fixture states none
     img = golden["vision.image_uint8"].numpy()
     v = ar.cfg.vision
     pv, grid = bsq.preprocess_image(img, patch_size=v.patch_size, merge_size=v.spatial_merge_size,

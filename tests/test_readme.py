@@ -21,7 +21,7 @@ def _api_block() -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-def test_readme_python_api_example_runs(golden, tmp_path, monkeypatch, capsys):
+def test_readme_python_api_example_runs(golden, golden_ckpt, tmp_path, monkeypatch, capsys):
     """The README's Python API block, run as written on the golden checkpoint, produces what it says: the template
     rendering the fixture's official prompts use, its tokens, the seeded bits of text-to-image and editing (those
     model.generate_bits gives for the block's arguments; the same call reproduces the official e2e indices), the greedy
@@ -40,10 +40,12 @@ def test_readme_python_api_example_runs(golden, tmp_path, monkeypatch, capsys):
     joint = json.loads((golden.dir / "sd3_transformer" / "config.json").read_text())["joint_attention_dim"]
     monkeypatch.setenv("UNIAR_CACHE", str(tmp_path / "cache"))
     text_encoders.write_prompt_cache(
-        text_encoders.prompt_cache_path(golden.dir / "sd3_pipeline", tmp_path / "cache", decoder.DECODER_PROMPT, joint),
+        text_encoders.prompt_cache_path(golden_ckpt / "sd3_pipeline", tmp_path / "cache", decoder.DECODER_PROMPT,
+                                        joint),
         golden["dec.pipe_prompt_embeds"], golden["dec.pipe_pooled"])
     monkeypatch.chdir(tmp_path)
-    header = f"CKPT, PHOTO, AR_H, AR_W, UPSAMPLE = {str(golden.dir)!r}, 'photo.png', {H}, {W}, 1.0\n"
+    # the golden checkpoint with the released preprocessor_config.json (understanding resizes the photo by it)
+    header = f"CKPT, PHOTO, AR_H, AR_W, UPSAMPLE = {str(golden_ckpt)!r}, 'photo.png', {H}, {W}, 1.0\n"
     script = tmp_path / "readme_example.py"
     script.write_text(header + rest)
     capsys.readouterr()
@@ -59,7 +61,7 @@ def test_readme_python_api_example_runs(golden, tmp_path, monkeypatch, capsys):
         row = golden["e2e.prefix_ids"][0][golden["e2e.attention_mask"][0].bool()]
         assert scope["ids"].tolist() == [row.tolist()] and scope["mask"].bool().all()
     # bits: the generate_bits call the block makes, a call that reproduces the official seeded e2e indices
-    net, tok = load_hf.load_ar(golden.dir)
+    net, tok = load_hf.load_ar(golden_ckpt)
     official = M.generate_bits(net, tok, s["prompt"], ar_height=H, ar_width=W, cfg=s["cfg"],
                                temperature=s["temperature"], seed=s["seed"])
     assert torch.equal(bsq.bits_to_indexes(official), golden["e2e.indices"])

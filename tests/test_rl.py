@@ -337,6 +337,7 @@ def test_one_grpo_run_end_to_end(small_ckpt, tmp_path, monkeypatch):
         torch.testing.assert_close(x["adv"].double(), want, rtol=0, atol=1e-4)  # rewards ~ 100, float32
         assert not x["ref_is_policy"] and x["ref_frozen"]
     after, _ = load_hf.load_ar(out)
+    assert after.image_processor == before.image_processor is not None  # the same preprocessor_config.json
     sa = after.state_dict()
     assert all(torch.equal(sb[k], sa[k]) for k in sb if k.startswith("model.visual."))
     assert any(not torch.equal(sb[k], sa[k]) for k in sb if not k.startswith("model.visual."))

@@ -63,7 +63,7 @@ def greedy_answer(net, tok, image, question: str, max_new_tokens: int) -> list:
     return new
 
 
-def test_understanding_prints_the_answer(golden, tmp_path, capsys):
+def test_understanding_prints_the_answer(golden, golden_ckpt, tmp_path, capsys):
     """`--image --question` prints the greedy answer of the checkpoint: exactly the text of a written-out greedy
     decode (full forward per token, the fixture's image, at most --max-new-tokens tokens) and of model.answer called
     with the same arguments; `--answer-temperature` / `--seed` reach the sampler."""
@@ -72,8 +72,8 @@ def test_understanding_prints_the_answer(golden, tmp_path, capsys):
 
     path = tmp_path / "in.png"
     Image.fromarray(golden["vision.image_uint8"].numpy()).save(path)
-    net, tok = load_hf.load_ar(golden.dir)
-    base = ["--ckpt", str(golden.dir), "--image", str(path), "--device", "cpu", "--out", str(tmp_path / "o")]
+    net, tok = load_hf.load_ar(golden_ckpt)  # the golden checkpoint with the released preprocessor_config.json
+    base = ["--ckpt", str(golden_ckpt), "--image", str(path), "--device", "cpu", "--out", str(tmp_path / "o")]
     question, k = "What color is the cube?", 4
     assert sample.main(base + ["--question", question, "--max-new-tokens", str(k)]) == 0
     printed = capsys.readouterr().out

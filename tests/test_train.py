@@ -67,6 +67,9 @@ def test_checkpoint_loads_and_matches_training_weights(smoke):
     for k, v in dec.transformer.state_dict().items():
         torch.testing.assert_close(v, state["dit." + k], rtol=0, atol=0)
     torch.testing.assert_close(dec.prompt_embeds, state["ctx.prompt_embeds"], rtol=0, atol=0)
+    # the image preprocessing is the checkpoint's (preprocessor_config.json): training-size images stay as they are
+    assert net.image_processor == train.image_processor(train.TrainConfig.smoke())
+    assert net.image_processor.min_pixels == net.image_processor.max_pixels == train.TrainConfig.smoke().size ** 2
     # the evaluation's answers (batched, left padded, KV cache) are the greedy continuations a plain full forward
     # of the loaded model gives, stopped at the end of turn
     import model as M
