@@ -1,4 +1,5 @@
 """sample.py end to end on the golden tiny checkpoint, and its answers to bad input."""
+import json
 import numpy as np
 import pytest
 import torch
@@ -156,7 +157,7 @@ CFG_HINT = "(cfg must be >= 1, 1 = no guidance; larger guidance overflows the gu
     (["--ar-size", "64x96", "--upsample", "1.25"],
      "--ar-size 64x96 / --upsample 1.25: output size 80x120 (AR 64x96 x 1.25) must be a multiple of 16"),
     (["--ar-size", "1024x1024", "--upsample", "1"], "--ar-size 1024x1024 / --upsample 1.0: output size 1024x1024 "
-     "(AR 1024x1024 x 1.0) exceeds the decoder's largest side 512 px (pos_embed_max_size 32 x 16 px)"),
+     "(AR 1024x1024 x 1.0) exceeds the decoder's largest side {side} px (pos_embed_max_size {grid} x {unit} px)"),
     (["--ar-size", "100x64"], "--ar-size: AR size 100x64 must be positive multiples of 32 px"),
     (["--question", "q", "--image", "{img}", "--max-new-tokens", "0"], "--max-new-tokens must be an integer >= 1, got 0"),
     (["--question", "q", "--image", "{file}"], "--image: {file} is not a readable image file ({pil})"),
@@ -173,7 +174,12 @@ def test_mistakes_are_one_line_errors_before_loading(golden, tmp_path, capsys, n
         Image.open(f)
     except UnidentifiedImageError as e:
         pil = str(e)
-    fill = {"{file}": str(f), "{img}": str(img), "{pil}": pil}
+    tr = json.loads((golden.dir / "sd3_transformer" / "config.json").read_text())
+    vae = json.loads((golden.dir / "sd3_pipeline" / "vae" / "config.json").read_text())
+    unit = tr["patch_size"] * 2 ** (len(vae["block_out_channels"]) - 1)  # pixels per transformer token
+    assert 1024 > tr["pos_embed_max_size"] * unit  # the oversized case stays oversized on this fixture
+    fill = {"{file}": str(f), "{img}": str(img), "{pil}": pil, "{side}": str(tr["pos_embed_max_size"] * unit),
+            "{grid}": str(tr["pos_embed_max_size"]), "{unit}": str(unit)}
 
     def sub(s):
         for k, val in fill.items():
