@@ -42,6 +42,33 @@ class CheckpointError(ValueError):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def download_command(repo_id: str) -> str:
+    return (f"pip install huggingface_hub && huggingface-cli download {repo_id} --local-dir {repo_id.split('/')[1]}"
+            f", then --ckpt {repo_id.split('/')[1]}")
+
+
+def resolve_checkpoint(name) -> Path:
+    """A checkpoint folder, or a Hugging Face hub id ("ShareLab-SII/UniAR-RL") resolved through the local hub cache
+    when the optional `huggingface_hub` is installed (it honours HF_HOME / HF_HUB_CACHE and HF_HUB_OFFLINE=1; online
+    it downloads what the cache lacks). An existing folder always wins over a hub id of the same spelling."""
+    path = Path(name)
+    if path.exists() or not HUB_ID.match(str(name)):
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CheckpointError(f"{name} is not a folder here, and resolving it as a hub id needs the optional "
+                              f"huggingface_hub; download it with: {download_command(str(name))}") from None
+    try:
+        return Path(snapshot_download(str(name)))
+    except Exception as e:  # offline and not cached, unknown repository, network errors: one message
+        raise CheckpointError(f"{name}: not a folder here and not resolvable on the hub or in its cache "
+                              f"({type(e).__name__}); download it with: {download_command(str(name))}") from None
+
+
 def resolve_part(root, sub: str, marker: str = "config.json") -> Path:
     """`root/sub` if it is a folder, else `root` itself when it holds the part (as the official loader does)."""
     root = Path(root)

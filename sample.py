@@ -138,7 +138,15 @@ def main(argv=None) -> int:
 
 
 def _main(argv: list) -> int:
-    ckpt = _ckpt_from_argv(argv) or DEFAULT_CKPT
+    named = _ckpt_from_argv(argv)
+    if named is not None:
+        import load_hf
+
+        try:
+            named = load_hf.resolve_checkpoint(named)  # a folder, or a hub id through the local hub cache
+        except load_hf.CheckpointError as e:
+            raise cli.UsageError(f"--ckpt: {e}") from None
+    ckpt = named or DEFAULT_CKPT
     defaults = _checkpoint_defaults(ckpt)
     ap = build_parser(defaults, ckpt, (Path(ckpt) / cli.SAMPLE_JSON).is_file())
     args = ap.parse_args(argv)

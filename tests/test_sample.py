@@ -1,5 +1,6 @@
 """sample.py end to end on the golden tiny checkpoint, and its answers to bad input."""
 import json
+from pathlib import Path
 import numpy as np
 import pytest
 import torch
@@ -332,3 +333,55 @@ def test_no_dynamo_import_on_the_way_to_the_first_image(tmp_path):
                        timeout=300)
     assert r.stdout.splitlines()[-1] == "0 False", r.stderr[-2000:]
     assert (tmp_path / "o" / "sample_00.png").is_file()
+
+
+# ----- released checkpoints by hub id -----
+
+def _hub_cache(tmp_path, repo_id: str, source: Path) -> Path:
+    """A Hugging Face hub cache holding `source` as the main revision of `repo_id` (the cache's own layout:
+    models--owner--name/refs/main names a snapshot folder whose files link to the real ones)."""
+    cache = tmp_path / "hub"
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(rev)
+    snap = repo / "snapshots" / rev
+    for f in source.rglob("*"):
+        if f.is_file():
+            (snap / f.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
+            (snap / f.relative_to(source)).symlink_to(f.resolve())
+    return cache
+
+
+def test_hub_id_resolves_through_the_offline_cache(tmp_path):
+    """`--ckpt ShareLab-SII/UniAR-RL` with HF_HUB_OFFLINE=1 reads the snapshot in the hub cache: the image equals the
+    one from the same files given as a folder; an id the cache lacks is one line naming the download command."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(sample.__file__).resolve().parent
+    src = root / "checkpoints" / "toy-rl"
+    env = dict(os.environ, HF_HUB_CACHE=str(_hub_cache(tmp_path, "ShareLab-SII/UniAR-RL", src)), HF_HUB_OFFLINE="1")
+    outs = {}
+    for name, ckpt in (("hub", "ShareLab-SII/UniAR-RL"), ("folder", str(src))):
+        r = subprocess.run([sys.executable, "sample.py", "--ckpt", ckpt, "--seed", "3", "--out", str(tmp_path / name)],
+                           cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        outs[name] = np.asarray(Image.open(tmp_path / name / "sample_00.png"))
+    assert np.array_equal(outs["hub"], outs["folder"]) and outs["hub"].std() > 0
+    r = subprocess.run([sys.executable, "sample.py", "--ckpt", "ShareLab-SII/UniAR-SFT", "--out", str(tmp_path / "x")],
+                       cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: --ckpt: ShareLab-SII/")
+    assert "huggingface-cli download ShareLab-SII/UniAR-SFT --local-dir UniAR-SFT" in r.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_hub_id_without_huggingface_hub_prints_the_download_command(tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if the optional package were not installed
+    rc = sample.main(["--ckpt", "ShareLab-SII/UniAR-RL", "--prompt", "x", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "needs the optional huggingface_hub" in err
+    assert "pip install huggingface_hub && huggingface-cli download ShareLab-SII/UniAR-RL --local-dir UniAR-RL" in err
