@@ -238,16 +238,17 @@ def end_ids_from_files(folder) -> set[int]:
     return ends
 
 
-class ForcedHead(torch.nn.Module):
-    """Replaces lm_head: call i puts all mass on seq[i] (the last entry repeats)."""
+class ForcedRows(torch.nn.Module):
+    """Replaces lm_head: call i puts all mass on seqs[row][i] for each row (the last entry repeats)."""
 
-    def __init__(self, seq, vocab):
+    def __init__(self, seqs, vocab):
         super().__init__()
-        self.seq, self.vocab, self.calls = seq, vocab, 0
+        self.seqs, self.vocab, self.calls = seqs, vocab, 0
 
     def forward(self, h):
         out = torch.zeros(*h.shape[:-1], self.vocab)
-        out[..., self.seq[min(self.calls, len(self.seq) - 1)]] = 1.0
+        for r, seq in enumerate(self.seqs):
+            out[r, ..., seq[min(self.calls, len(seq) - 1)]] = 1.0
         self.calls += 1
         return out
 
@@ -265,25 +266,10 @@ def test_answer_stops_only_at_end_tokens(golden, ar, tmp_path, monkeypatch, gene
     cases = [(s, min(ends)) for s in others] + [(others[0], e) for e in sorted(ends)]
     for s, e in cases:
         seq = a + [s] + b + [e] + c
-        monkeypatch.setattr(ar, "lm_head", ForcedHead(seq, ar.cfg.text.vocab_size))
+        monkeypatch.setattr(ar, "lm_head", ForcedRows([seq], ar.cfg.text.vocab_size))
         text = M.answer(ar, tok, None, "what?", max_new_tokens=len(seq) + 3)
         assert text == tok.decode(a + b), (s, e, text)
     assert tok.decode(a + b) != tok.decode(a)
-
-
-class ForcedRows(torch.nn.Module):
-    """Replaces lm_head: call i puts all mass on seqs[row][i] for each row (the last entry repeats)."""
-
-    def __init__(self, seqs, vocab):
-        super().__init__()
-        self.seqs, self.vocab, self.calls = seqs, vocab, 0
-
-    def forward(self, h):
-        out = torch.zeros(*h.shape[:-1], self.vocab)
-        for r, seq in enumerate(self.seqs):
-            out[r, ..., seq[min(self.calls, len(seq) - 1)]] = 1.0
-        self.calls += 1
-        return out
 
 
 def test_batch_rows_stop_independently(golden, ar, tok, monkeypatch):
