@@ -939,7 +939,7 @@ NO_IMAGE_PROCESSOR = (f"has no {bsq.PREPROCESSOR_CONFIG} (the image processor's 
 def image_processor(model: UniAR) -> bsq.ImageProcessorConfig:
     """The model's understanding-image preprocessing (its checkpoint's preprocessor_config.json); ValueError when
     the checkpoint states none (the official loader then has no image processor either)."""
-    proc = getattr(model, "image_processor", None)
+    proc = model.image_processor
     if proc is None:
         raise ValueError(f"this checkpoint {NO_IMAGE_PROCESSOR}")
     proc.check_vision(model.cfg.vision, bsq.PREPROCESSOR_CONFIG)

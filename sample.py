@@ -35,10 +35,6 @@ def parse_size(s: str) -> tuple[int, int]:
     return h, w
 
 
-def resolve_device(name: str) -> torch.device:
-    return cli.resolve_device(name)
-
-
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -279,7 +275,7 @@ def check_flags(args, upsample: float) -> tuple[torch.device, torch.dtype]:
                               "0 = greedy")
         if args.max_new_tokens is not None:
             cli.check_int_range(args.max_new_tokens, "--max-new-tokens", 1)
-    device = resolve_device(args.device)
+    device = cli.resolve_device(args.device)
     cli.check_out_folder(args.out)
     return device, resolve_dtype(args.dtype, device)
 
