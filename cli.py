@@ -8,6 +8,8 @@ import argparse
 import json
 import math
 import os
+import secrets
+import shutil
 import signal
 import sys
 import threading
@@ -164,17 +166,218 @@ def read_sample_settings(ckpt, *, required: bool = False, defaults: dict = OFFIC
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename inside `folder` durable (POSIX; elsewhere the rename itself is what the system offers)."""
+    if os.name == "posix":
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def temp_name(path: Path) -> Path:
+    """A hidden temporary name beside `path`, unique to this process and call (concurrent runs never share one)."""
+    return path.with_name(f".{path.stem}.{os.getpid()}-{secrets.token_hex(4)}.tmp{path.suffix}")
+
+
 def atomic_write(path: Path, write) -> Path:
-    """write(tmp_path) into a temporary file beside `path`, then rename it over `path` (never a half-written file)."""
+    """write(tmp_path) into a temporary file beside `path`, flush it to disk, then rename it over `path` in one atomic
+    step: at every instant `path` is the previous file or the new one, never a half-written one."""
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # created by `write`: the usual permissions
+    tmp = temp_name(path)  # created by `write`: the usual permissions
     try:
         write(tmp)
+        _fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
     return path
+
+
+def remove_temp_files(folder: Path, stem: str, suffix: str) -> None:
+    """Delete what atomic_write left behind for `stem` + `suffix` when a process was killed mid-write."""
+    for f in Path(folder).glob(f".{stem}.*.tmp{suffix}"):
+        f.unlink(missing_ok=True)
+
+
+# A folder replaced as a whole (a checkpoint): the new entries are staged in a hidden folder inside it, then switched
+# in under a journal, so the folder itself never disappears and a crash at any instant is rolled forward.
+JOURNAL = ".uniar-switch.json"
+
+
+def replace_folder(root: Path, write) -> Path:
+    """write(staging) fills a new hidden folder inside `root` completely (flushed to disk); then a journal naming it
+    is written atomically (the commit point), the visible entries of `root` move aside into a hidden old folder, the
+    new ones move in, and the old ones are deleted. Hidden entries of `root` (names starting with '.') stay. A crash
+    before the commit leaves the old contents; after it, `recover_folder` (run by the next save or load) finishes the
+    switch. Either way the next call cleans what was left behind."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    recover_folder(root)
+    tag = f"{os.getpid()}-{secrets.token_hex(4)}"
+    new = root / f".new-{tag}"
+    new.mkdir()
+    try:
+        write(new)
+        for f in new.rglob("*"):
+            if f.is_file():
+                _fsync_file(f)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    journal = {"new": new.name, "old": f".old-{tag}", "phase": 1}
+    _write_journal(root, journal)
+    _finish_switch(root, journal)
+    return root
+
+
+def _write_journal(root: Path, journal: dict) -> None:
+    atomic_write(root / JOURNAL, lambda tmp: Path(tmp).write_text(json.dumps(journal)))
+
+
+def _finish_switch(root: Path, journal: dict) -> None:
+    """Phase 1 moves every visible entry of `root` into the old folder; phase 2 moves the staged entries in. The
+    journal records the phase, so running this again after a crash makes exactly the moves not yet made."""
+    new, old = root / journal["new"], root / journal["old"]
+    if journal["phase"] == 1:
+        old.mkdir(exist_ok=True)
+        for e in root.iterdir():
+            if not e.name.startswith("."):
+                os.replace(e, old / e.name)
+        journal = {**journal, "phase": 2}
+        _write_journal(root, journal)
+    for e in list(new.iterdir()) if new.is_dir() else []:
+        os.replace(e, root / e.name)
+    _fsync_dir(root)
+    (root / JOURNAL).unlink()
+    shutil.rmtree(new, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_folder(root: Path) -> None:
+    """Finish a switch that a killed process left half done (roll forward: its staged entries were complete), then
+    remove staging and old folders and temporary files left behind."""
+    root = Path(root)
+    if not root.is_dir():
+        return
+    if (root / JOURNAL).is_file():
+        _finish_switch(root, json.loads((root / JOURNAL).read_text()))
+    for e in root.iterdir():
+        if e.name.startswith((".new-", ".old-")) and e.is_dir():
+            shutil.rmtree(e, ignore_errors=True)
+    remove_temp_files(root, Path(JOURNAL).stem, Path(JOURNAL).suffix)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A training run's state (train.py, rl.py): one file, switched in by one rename
+# ---------------------------------------------------------------------------------------------------------------------
+
+STATE_FILE = "state.safetensors"  # in the run folder: the tensors, with the run's JSON record in the header
+_STATE_KEY = "uniar_state"
+_LEGACY_STATE = "state"  # the earlier layout: a folder state/ with state.json + state.safetensors
+
+
+def save_run_state(run_dir: Path, meta: dict, tensors: dict) -> Path:
+    """The whole state in one file, written completely and then renamed over the previous one: at every instant the
+    run folder holds one complete state, the previous or the new."""
+    from safetensors.torch import save_file
+
+    run_dir = Path(run_dir)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    path = atomic_write(run_dir / STATE_FILE,
+                        lambda tmp: save_file(tensors, str(tmp), metadata={_STATE_KEY: json.dumps(meta)}))
+    for name in (_LEGACY_STATE, _LEGACY_STATE + ".old", _LEGACY_STATE + ".tmp"):  # superseded by the new file
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+    return path
+
+
+def run_state_meta(run_dir: Path) -> dict | None:
+    """The JSON record of the run folder's state (no tensors read), or None when it holds none."""
+    got = _read_run_state(Path(run_dir), tensors=False)
+    return None if got is None else got[0]
+
+
+def load_run_state(run_dir: Path) -> tuple[dict, dict]:
+    """(record, tensors) of the run folder's state; UsageError when there is none or it cannot be read."""
+    got = _read_run_state(Path(run_dir), tensors=True)
+    if got is None:
+        raise UsageError(f"--resume: no training state in {Path(run_dir)} yet ({STATE_FILE}); start without --resume, "
+                         "or give the --run-dir of the interrupted run")
+    return got
+
+
+def _read_run_state(run_dir: Path, tensors: bool):
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    f = run_dir / STATE_FILE
+    legacy = run_dir / _LEGACY_STATE
+    try:
+        if f.is_file():
+            with safe_open(str(f), "pt") as h:
+                meta = json.loads((h.metadata() or {})[_STATE_KEY])
+            return meta, (load_file(str(f)) if tensors else None)
+        if (legacy / "state.json").is_file() and (legacy / "state.safetensors").is_file():
+            f = legacy / "state.json"
+            meta = json.loads(f.read_text())
+            return meta, (load_file(str(legacy / "state.safetensors")) if tensors else None)
+    except (OSError, KeyError, ValueError, SafetensorError) as e:
+        raise UsageError(f"{f}: not a readable training state ({type(e).__name__}: {e}); delete it to start over, "
+                         "or restore it from a backup") from None
+    return None
+
+
+RUN_MARK = "uniar_run.json"  # in a checkpoint folder: the id of the training run that wrote it
+
+
+def check_run_start(run_dir: Path, resume: bool, overwrite: bool) -> dict | None:
+    """Before a training run builds anything: `--resume` needs a state; a run folder that holds one is started over
+    only with `--overwrite`. -> the state's record when resuming, else None."""
+    meta = run_state_meta(run_dir)
+    if resume:
+        if meta is None:
+            raise UsageError(f"--resume: no training state in {run_dir} yet ({STATE_FILE}); start without --resume, "
+                             "or give the --run-dir of the interrupted run")
+        return meta
+    if meta is not None and not overwrite:
+        raise UsageError(f"--run-dir {run_dir} holds the state of an earlier run ({meta.get('where', 'unfinished')}); "
+                         "continue it with --resume, start over with --overwrite (its state is replaced), or pass "
+                         "another --run-dir")
+    return None
+
+
+def check_checkpoint_out(out: Path, run_id: str, overwrite: bool, flag: str = "--out") -> Path:
+    """A checkpoint folder a run will write: absent, empty, written by this same run (its RUN_MARK), or replaced only
+    with `--overwrite`; never a file. An interrupted save in it is finished first (recover_folder)."""
+    out = check_out_folder(out, flag)
+    recover_folder(out)  # a save killed mid-switch is finished first: the folder then says who wrote it
+    if overwrite or not out.is_dir() or not any(not e.name.startswith(".") for e in out.iterdir()):
+        return out
+    try:
+        mark = json.loads((out / RUN_MARK).read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        mark = None
+    if mark != run_id:
+        raise UsageError(f"{flag} {out} holds files this run did not write (another checkpoint?); pass another "
+                         f"{flag}, or --overwrite to replace them")
+    return out
+
+
+def new_run_id() -> str:
+    return secrets.token_hex(8)
+
+
+def clean_run_dir(run_dir: Path) -> None:
+    """Remove the temporary state files that a process killed while saving left behind."""
+    remove_temp_files(run_dir, Path(STATE_FILE).stem, Path(STATE_FILE).suffix)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -18,13 +18,16 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
+import shutil
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
 from safetensors import safe_open
+
+import cli
 
 EXPECTED_LAYOUT = """expected layout of a UniAR checkpoint folder:
   <root>/config.json + model.safetensors (or model.safetensors.index.json + shards) + tokenizer.json ...
@@ -74,6 +77,8 @@ def resolve_part(root, sub: str, marker: str = "config.json") -> Path:
     root = Path(root)
     if not root.exists():
         raise CheckpointError(f"checkpoint folder not found: {root}\n{EXPECTED_LAYOUT}")
+    if (root / cli.JOURNAL).is_file():  # a save was killed mid-switch: finish it before reading
+        cli.recover_folder(root)
     for cand in (root / sub, root):
         if cand.is_dir() and (cand / marker).exists():
             return cand
@@ -497,7 +502,6 @@ def _plain(d: dict) -> dict:
 
 def ar_config_dict(cfg) -> dict:
     """model.UniARConfig -> the root config.json of a released checkpoint (read back by `ar_config`)."""
-    from dataclasses import asdict
 
     text = _plain(asdict(cfg.text))
     text["rope_scaling"] = {"rope_type": "default", "mrope_section": text.pop("mrope_section"),
@@ -529,26 +533,20 @@ def write_image_processor(root, proc) -> None:
     _write_json(Path(root) / bsq.PREPROCESSOR_CONFIG, proc.to_dict())
 
 
-def save_checkpoint(root, *, ar=None, tokenizer_dir=None, vision=None, decoder=None, sample_defaults=None) -> Path:
-    """Write the given parts in the released layout, atomically: everything goes to a temporary sibling folder
-    which then replaces `root` in one rename, so an interrupted save never leaves a half-written checkpoint and the
-    previous one survives until the new one is complete.
+def save_checkpoint(root, *, ar=None, tokenizer_dir=None, vision=None, decoder=None, sample_defaults=None,
+                    run_id: str | None = None) -> Path:
+    """Write the given parts in the released layout, crash-safe (cli.replace_folder): the new files are written
+    completely inside `root`, then switched in, so `root` never disappears and a save killed at any instant leaves
+    either the previous checkpoint or the new one (the next save or load finishes an interrupted switch).
 
     ar: model.UniAR (root config.json + model.safetensors, preprocessor_config.json from its image_processor when
     it has one) with its tokenizer files copied from tokenizer_dir;
     vision: bsq.VisionModel for bsq_encoder/ (the decoder's copy of the tokenizer); decoder: decoder.Decoder
     (sd3_transformer/, sd3_pipeline/scheduler/, sd3_pipeline/vae/ when it has a VAE, and its prompt embeddings in
-    sd3_pipeline/prompt_embeds.safetensors); sample_defaults: uniar_sample.json for sample.py.
+    sd3_pipeline/prompt_embeds.safetensors); sample_defaults: uniar_sample.json for sample.py; run_id: the training
+    run writing it (cli.RUN_MARK), which may later replace it without --overwrite.
     """
-    import shutil
-    from dataclasses import asdict
-
-    root = Path(root)
-    tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    def write(tmp: Path) -> None:
         if ar is not None:
             _write_json(tmp / "config.json", ar_config_dict(ar.cfg))
             _write_weights(tmp / "model.safetensors", ar)
@@ -577,16 +575,10 @@ def save_checkpoint(root, *, ar=None, tokenizer_dir=None, vision=None, decoder=N
             _write_weights(tmp / "sd3_pipeline" / PROMPT_EMBEDS_FILE, {"prompt_embeds": pe, "pooled": pooled})
         if sample_defaults is not None:
             _write_json(tmp / "uniar_sample.json", sample_defaults)
-        old = root.with_name(f".{root.name}.old-{os.getpid()}")
-        if root.exists():
-            os.replace(root, old)
-        os.replace(tmp, root)
-        if old.exists():
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return root
+        if run_id is not None:
+            _write_json(tmp / cli.RUN_MARK, {"run_id": run_id})
+
+    return cli.replace_folder(Path(root), write)
 
 
 def default_dtype(device) -> torch.dtype:

@@ -1,6 +1,7 @@
 """GRPO on generated images: UniAR's reinforcement-learning stage, on the project's own model.
 
-    python rl.py                                   # from checkpoints/toy -> checkpoints/toy-rl, plots in runs/rl
+    python rl.py                                   # from checkpoints/toy -> runs/rl/checkpoint, plots in runs/rl
+    python rl.py --resume                          # continue from runs/rl/state.safetensors (Ctrl-C / SIGTERM save it)
     python rl.py --ckpt CKPT --out OUT --steps 200 --loss-type dapo
 
 Group Relative Policy Optimisation (Shao et al., 2024) as UniAR applies it to parallel bitwise generation (paper: the
@@ -52,7 +53,6 @@ import argparse
 import copy
 import itertools
 import json
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -62,6 +62,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+import cli
 import load_hf
 import model as M
 import toy
@@ -355,16 +356,62 @@ def plot(history: list, folder: Path) -> None:
         a.set_xlabel("step")
         a.legend() if a is not ax[1] else None
     fig.tight_layout()
-    fig.savefig(folder / "rl_curves.png", dpi=100)
+    cli.atomic_write(folder / "rl_curves.png", lambda tmp: fig.savefig(tmp, dpi=100))
     plt.close(fig)
 
 
+def policy_state(net, opt) -> dict:
+    """What GRPO changes: the AR weights outside the frozen tower, and the optimizer's moments."""
+    tensors = {f"net.{k}": v for k, v in net.state_dict().items() if not k.startswith("model.visual.")}
+    for i, st in opt.state_dict()["state"].items():
+        for k, v in st.items():
+            tensors[f"opt.{i}.{k}"] = torch.as_tensor(v)
+    return tensors
+
+
+def load_policy_state(tensors: dict, net, opt) -> None:
+    net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")}, strict=False)
+    sd = opt.state_dict()
+    state = {}
+    for i in range(len(sd["param_groups"][0]["params"])):
+        keys = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
+        if keys:
+            state[i] = keys
+    opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Exit code 0; 2 with one `error: ...` line for bad input; 130 / 143 after Ctrl-C / SIGTERM (state saved)."""
+    with cli.SignalGuard() as guard:
+        guard.run_dir = None
+        try:
+            return _main(argv, guard)
+        except cli.UsageError as e:
+            return cli.fail(e)
+        except cli.Interrupted as e:
+            meta = None if guard.run_dir is None else cli.run_state_meta(guard.run_dir)
+            if meta is None:
+                print(f"interrupted by {e.name} before any GRPO state was saved", file=sys.stderr)
+            else:
+                print(f"interrupted by {e.name}: GRPO state saved in {guard.run_dir / cli.STATE_FILE} "
+                      f"({meta['where']}); continue with the same flags and --resume", file=sys.stderr)
+            return e.exit_code
+
+
+def _main(argv, guard: cli.SignalGuard) -> int:
+    ap = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", type=Path, default=ROOT / "checkpoints" / "toy", help="starting checkpoint")
-    ap.add_argument("--out", type=Path, default=ROOT / "checkpoints" / "toy-rl", help="RL checkpoint folder")
-    ap.add_argument("--run-dir", type=Path, default=ROOT / "runs" / "rl", help="plots and metrics")
-    ap.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    ap.add_argument("--run-dir", type=Path, default=ROOT / "runs" / "rl",
+                    help="plots, metrics, GRPO state (default: runs/rl)")
+    ap.add_argument("--out", type=Path, default=None, help="RL checkpoint folder (default: <run-dir>/checkpoint)")
+    ap.add_argument("--resume", action="store_true", help=f"continue from <run-dir>/{cli.STATE_FILE}")
+    ap.add_argument("--overwrite", action="store_true", help="start over in a run folder that holds a state, and "
+                    "replace an --out folder this run did not write")
+    ap.add_argument("--save-every", type=int, default=10, help="save the GRPO state every this many steps "
+                    "(default 10; Ctrl-C / SIGTERM also save it)")
+    ap.add_argument("--stop-after", type=int, default=None, help="stop (saving the state) after this many steps in "
+                    "this process, as if interrupted")
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     ap.add_argument("--no-eval", action="store_true", help="skip the before / after evaluations")
     for f in fields(RLConfig):
         ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None,
@@ -373,9 +420,26 @@ def main(argv=None) -> int:
     try:
         rc = RLConfig(**{f.name: getattr(args, f.name) for f in fields(RLConfig) if getattr(args, f.name) is not None})
     except ValueError as e:
-        ap.error(str(e))
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+        raise cli.UsageError(str(e)) from None
+    cli.check_seed(rc.seed)
+    cli.check_int_range(args.save_every, "--save-every", 1)
+    cli.check_float_range(rc.temperature, "--temperature", *cli.TEMPERATURE_RANGE)
+    cli.check_float_range(rc.cfg, "--cfg", *cli.CFG_RANGE)
+    device = cli.resolve_device(args.device)
+    run_dir = cli.check_out_folder(args.run_dir, "--run-dir")
+    meta = cli.check_run_start(run_dir, args.resume, args.overwrite)
+    start = str(Path(args.ckpt).resolve())
+    if meta is not None:
+        differ = [k for k in asdict(rc) if meta["config"].get(k) != asdict(rc)[k]]
+        differ += ["--ckpt"] if meta["start"] != start else []
+        differ += ["--no-eval"] if meta["eval"] != (not args.no_eval) else []
+        if differ:
+            raise cli.UsageError(f"--resume: the state in {run_dir / cli.STATE_FILE} was written with other settings "
+                                 f"(different: {', '.join(differ)}); pass the same flags")
+    else:
+        meta = {"config": asdict(rc), "start": start, "eval": not args.no_eval, "step": 0, "history": [],
+                "run_id": cli.new_run_id()}
+    out = cli.check_checkpoint_out(args.out or run_dir / "checkpoint", meta["run_id"], args.overwrite)
     import train
 
     try:
@@ -385,8 +449,12 @@ def main(argv=None) -> int:
         dec = load_hf.load_decoder(args.ckpt, device=device)
         settings = train.read_sample_defaults(args.ckpt)
     except (load_hf.CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise cli.UsageError(str(e)) from None
+    tensors = cli.load_run_state(run_dir)[1] if args.resume else None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cli.clean_run_dir(run_dir)
+    if args.overwrite and not args.resume:  # starting over, as the user asked: the earlier state goes
+        (run_dir / cli.STATE_FILE).unlink(missing_ok=True)
     torch.manual_seed(rc.seed)
     ref = copy.deepcopy(net).eval()
     for p in ref.parameters():
@@ -394,56 +462,77 @@ def main(argv=None) -> int:
     for n, p in net.named_parameters():
         p.requires_grad_(not n.startswith("model.visual."))
     net.eval()  # no dropout anywhere; eval mode keeps the frozen tower's behaviour fixed
-    args.run_dir.mkdir(parents=True, exist_ok=True)
-    before = None
-    if not args.no_eval:
-        before = train.evaluate(net, tok, dec, settings=settings, n=rc.eval_n)
-        print("before " + json.dumps(before), flush=True)
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=rc.lr, betas=(0.9, 0.99),
                             weight_decay=0.0)
+    gen = torch.Generator(device=device).manual_seed(rc.seed)
+    if tensors is not None:
+        load_policy_state(tensors, net, opt)
+        gen.set_state(tensors["rng.generator"])
+        torch.set_rng_state(tensors["rng.torch"])
+    if not args.no_eval and "before" not in meta:
+        meta["before"] = train.evaluate(net, tok, dec, settings=settings, n=rc.eval_n)
+        print("before " + json.dumps(meta["before"]), flush=True)
     rewards = RewardStack([("geneval", toy_geneval_reward, 1.0)])
     S = settings["ar_size"][0]
     grid_hw = (S // net.cfg.downsample, S // net.cfg.downsample)
-    gen = torch.Generator(device=device).manual_seed(rc.seed)
-    history = []
     exclude = frozenset(toy.heldout_prompts(rc.eval_n))  # never roll out an evaluation prompt
-    rounds = itertools.count()
+    rounds = itertools.count(meta.get("rounds", 0))
 
     def next_round() -> list:  # the prompts of the next rollout round: every round draws new ones
-        return train_prompts(next(rounds), rc.prompts_per_step, rc.seed, rc.prompt_split, exclude)
+        meta["rounds"] = next(rounds) + 1
+        return train_prompts(meta["rounds"] - 1, rc.prompts_per_step, rc.seed, rc.prompt_split, exclude)
+
+    def save_state() -> None:
+        meta["where"] = f"step {meta['step']} of {rc.steps}"
+        cli.save_run_state(run_dir, meta, {**policy_state(net, opt), "rng.generator": gen.get_state(),
+                                           "rng.torch": torch.get_rng_state()})
+
     from tqdm import tqdm
 
-    t0 = time.perf_counter()
-    bar = tqdm(range(rc.steps), desc="GRPO", dynamic_ncols=True)
-    for step in bar:
-        for grp in opt.param_groups:
-            grp["lr"] = rc.lr * min(1.0, (step + 1) / max(1, rc.warmup))
-        with torch.no_grad():
-            prompts, bits, r, stats = collect(net, tok, dec, rewards, rc, settings, gen, next_round)
-        m = {}  # stays empty when every group of every round scored alike: nothing to learn from, no update
-        if prompts:
-            ids, mask = (t.to(device) for t in M.build_generation_batch(net, tok, prompts, S, S, 1.0)[:2])
-            adv = group_advantages(r, rc.group_size, rc.scale_rewards).to(device)
-            m = grpo_step(net, ref, opt, ids, mask, bits, adv, rc, grid_hw)
-        history.append({"step": step, **stats, **m})
-        bar.set_postfix(reward=f"{stats['reward']:.3f}", correct=f"{stats['correct']:.2f}",
-                        groups=f"{stats['groups']}/{stats['rounds'] * rc.prompts_per_step}",
-                        **({"kl": f"{m['kl']:.2e}", "clip": f"{m['clip_fraction']:.3f}"} if m else {}))
-    t_train = time.perf_counter() - t0
-    load_hf.save_checkpoint(args.out, ar=net, tokenizer_dir=args.ckpt, vision=net.visual, decoder=dec,
-                            sample_defaults=settings)
-    metrics = {"config": asdict(rc), "start": str(args.ckpt), "train_s": round(t_train, 1), "history": history}
+    guard.run_dir = run_dir
+    bar = tqdm(range(meta["step"], rc.steps), desc="GRPO", initial=meta["step"], total=rc.steps, dynamic_ncols=True)
+    with guard.deferred():  # Ctrl-C / SIGTERM: finish the current step, save the state, then stop
+        for done, step in enumerate(bar, 1):
+            t0 = time.perf_counter()
+            for grp in opt.param_groups:
+                grp["lr"] = rc.lr * min(1.0, (step + 1) / max(1, rc.warmup))
+            with torch.no_grad():
+                prompts, bits, r, stats = collect(net, tok, dec, rewards, rc, settings, gen, next_round)
+            m = {}  # stays empty when every group of every round scored alike: nothing to learn from, no update
+            if prompts:
+                ids, mask = (t.to(device) for t in M.build_generation_batch(net, tok, prompts, S, S, 1.0)[:2])
+                adv = group_advantages(r, rc.group_size, rc.scale_rewards).to(device)
+                m = grpo_step(net, ref, opt, ids, mask, bits, adv, rc, grid_hw)
+            meta["history"].append({"step": step, **stats, **m})
+            meta["step"] = step + 1
+            meta["train_s"] = meta.get("train_s", 0.0) + time.perf_counter() - t0
+            bar.set_postfix(reward=f"{stats['reward']:.3f}", correct=f"{stats['correct']:.2f}",
+                            groups=f"{stats['groups']}/{stats['rounds'] * rc.prompts_per_step}",
+                            **({"kl": f"{m['kl']:.2e}", "clip": f"{m['clip_fraction']:.3f}"} if m else {}))
+            stop = args.stop_after is not None and done >= args.stop_after
+            if (step + 1) % args.save_every == 0 or step + 1 == rc.steps or stop or guard.pending:
+                save_state()
+            if guard.pending:
+                bar.close()
+                raise cli.Interrupted(guard.pending)
+            if stop:
+                return 0
+    bar.close()
+    load_hf.save_checkpoint(out, ar=net, tokenizer_dir=args.ckpt, vision=net.visual, decoder=dec,
+                            sample_defaults=settings, run_id=meta["run_id"])
+    metrics = {"config": asdict(rc), "start": str(args.ckpt), "train_s": round(meta.get("train_s", 0.0), 1),
+               "history": meta["history"]}
     if not args.no_eval:
         after = train.evaluate(net, tok, dec, settings=settings, n=rc.eval_n)
         print("after  " + json.dumps(after), flush=True)
+        before = meta["before"]
         metrics.update(before=before, after=after)
         print(f"held-out generation {before['generation']:.3f} -> {after['generation']:.3f}, understanding "
               f"{before['understanding']:.3f} -> {after['understanding']:.3f}", file=sys.stderr)
-    with open(args.run_dir / "metrics.json", "w") as f:
-        json.dump(metrics, f, indent=2)
-    if history:
-        plot(history, args.run_dir)
-    print(f"checkpoint: {args.out}  run folder: {args.run_dir}  (GRPO {t_train:.0f}s)", file=sys.stderr)
+    cli.atomic_write(run_dir / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
+    if meta["history"]:
+        plot(meta["history"], run_dir)
+    print(f"checkpoint: {out}  run folder: {run_dir}  (GRPO {metrics['train_s']:.0f}s)", file=sys.stderr)
     return 0
 
 

@@ -1,8 +1,9 @@
 """Train the whole UniAR system from scratch on the toy world (toy.py), on a laptop.
 
-    python train.py                          # both stages with defaults -> checkpoints/toy, plots in runs/toy
-    python train.py --resume                 # continue an interrupted run from runs/toy/state (same losses)
-                                             # (Ctrl-C or SIGTERM saves the state after the current step, exit 130/143)
+    python train.py                          # both stages with defaults -> runs/toy/checkpoint, plots in runs/toy
+    python train.py --resume                 # continue an interrupted run from runs/toy/state.safetensors
+                                             # (Ctrl-C or SIGTERM saves the state after the current step, exit 130/143;
+                                             # after a kill, the last state saved; the same final weights either way)
     torchrun --nproc_per_node 2 train.py     # data-parallel (gloo on CPU, nccl on GPU)
     python train.py --eval checkpoints/toy   # held-out scores of a checkpoint, one JSON line
 
@@ -43,7 +44,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -356,7 +356,8 @@ def stage_params(stage: int, vision, net, dec) -> list:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Training state: safetensors + JSON, written atomically (resume gives the same losses as an uninterrupted run)
+# Training state: one file in the run folder (cli.save_run_state), switched in atomically; resume gives the same
+# losses and the same final weights as an uninterrupted run
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -380,35 +381,14 @@ def load_model_state(state: dict, vision, net, dec) -> None:
     dec.context.load_state_dict(part("ctx."))
 
 
-def save_state(folder: Path, meta: dict, vision, net, dec, opt) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model_state(vision, net, dec).items()}
+def state_tensors(vision, net, dec, opt) -> dict:
+    """The model weights and (mid-stage) the optimizer's moments, as one flat dict of tensors."""
+    tensors = model_state(vision, net, dec)
     if opt is not None:
         for i, st in opt.state_dict()["state"].items():
             for k, v in st.items():
-                tensors[f"opt.{i}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / "state.safetensors"))
-    with open(tmp / "state.json", "w") as f:
-        json.dump(meta, f)
-    old = folder.with_name(folder.name + ".old")
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def load_state(folder: Path) -> tuple[dict, dict]:
-    from safetensors.torch import load_file
-
-    if not (folder / "state.json").is_file() or not (folder / "state.safetensors").is_file():
-        raise ValueError(f"--resume: no training state in {folder} (state.json + state.safetensors)")
-    with open(folder / "state.json") as f:
-        meta = json.load(f)
-    return meta, load_file(str(folder / "state.safetensors"))
+                tensors[f"opt.{i}.{k}"] = torch.as_tensor(v)
+    return tensors
 
 
 def load_optimizer(opt: torch.optim.Optimizer, tensors: dict) -> None:
@@ -460,6 +440,7 @@ def train_stage(stage: int, loss_fn, params, batch_fn, tc: TrainConfig, ctx: dic
     if opt_tensors:
         load_optimizer(opt, opt_tensors)
     history = ctx["meta"]["history"].setdefault(f"stage{stage}", [])
+    seconds = ctx["meta"].setdefault("time_s", {})
     start = ctx["meta"]["step"]
     bar = range(start, steps)
     if rank == 0:
@@ -469,6 +450,7 @@ def train_stage(stage: int, loss_fn, params, batch_fn, tc: TrainConfig, ctx: dic
     guard = ctx["signals"]
     with guard.deferred():  # Ctrl-C / SIGTERM: finish the current step, save the state, then stop
         for step in bar:
+            t0 = time.perf_counter()
             seed = step_seed(tc.seed, stage, step, rank)
             g = torch.Generator().manual_seed(seed)
             torch.manual_seed(seed)  # the decoder's condition dropout draws from the global generator
@@ -487,6 +469,7 @@ def train_stage(stage: int, loss_fn, params, batch_fn, tc: TrainConfig, ctx: dic
                 bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "flow", "bsq", "t2i", "edit", "understanding",
                                                               "bit_acc_l0", "answer_acc") if k in row})
             ctx["meta"]["step"] = step + 1
+            seconds[f"stage{stage}"] = seconds.get(f"stage{stage}", 0.0) + time.perf_counter() - t0
             ctx["global_step"] += 1
             stop = ctx["stop_after"] is not None and ctx["global_step"] >= ctx["stop_after"]
             signum = pending_signal(guard, world)
@@ -514,9 +497,14 @@ def pending_signal(guard: cli.SignalGuard, world: int) -> int:
     return signum
 
 
+def where(meta: dict) -> str:
+    return f"stage {meta['stage']} step {meta['step']}" if meta["stage"] <= 2 else "both stages done"
+
+
 def checkpoint_state(ctx: dict, opt) -> None:
     if ctx["rank"] == 0:
-        save_state(ctx["run_dir"] / "state", ctx["meta"], *ctx["models"], opt)
+        ctx["meta"]["where"] = where(ctx["meta"])
+        cli.save_run_state(ctx["run_dir"], ctx["meta"], state_tensors(*ctx["models"], opt))
     if ctx["world"] > 1:
         dist.barrier()
 
@@ -627,7 +615,8 @@ def save_grid(images: np.ndarray, path: Path, cols: int = 8) -> None:
     for i, im in enumerate(images):
         r, c = divmod(i, cols)
         canvas[r * (S + 2):r * (S + 2) + S, c * (S + 2):c * (S + 2) + S] = im
-    Image.fromarray(canvas).resize((canvas.shape[1] * 2, canvas.shape[0] * 2), Image.NEAREST).save(path)
+    big = Image.fromarray(canvas).resize((canvas.shape[1] * 2, canvas.shape[0] * 2), Image.NEAREST)
+    cli.atomic_write(path, big.save)
 
 
 def plot_history(meta: dict, folder: Path) -> None:
@@ -657,7 +646,7 @@ def plot_history(meta: dict, folder: Path) -> None:
         a.set_xlabel("step")
         a.legend()
     fig.tight_layout()
-    fig.savefig(folder / "losses.png", dpi=100)
+    cli.atomic_write(folder / "losses.png", lambda tmp: fig.savefig(tmp, dpi=100))
     plt.close(fig)
 
 
@@ -707,25 +696,47 @@ def main(argv=None) -> int:
             return interrupted(e, getattr(guard, "run_dir", None))
 
 
+def stage1_report(vision, dec, settings: dict, meta: dict, run_dir: Path, size: int) -> None:
+    """After stage 1: how many held-out images decode back to their scene, and a grid of reconstructions."""
+    rec = reconstruction_score(vision, dec, settings)
+    meta["reconstruction_heldout"] = rec
+    ex = [toy.t2i_example(i, "heldout", toy.EVAL_SEED, size).image for i in range(8)]
+    save_grid(np.concatenate([np.stack(ex), reconstruct(vision, dec, np.stack(ex), settings)]),
+              run_dir / "stage1_reconstructions.png")
+    print(f"stage 1: held-out images decoded back to their scene: {rec:.1%}", file=sys.stderr)
+
+
 def interrupted(e: cli.Interrupted, run_dir) -> int:
-    state = None if run_dir is None else run_dir / "state"
-    if state is not None and (state / "state.json").is_file():
-        with open(state / "state.json") as f:
-            meta = json.load(f)
-        where = (f"stage {meta['stage']} step {meta['step']}" if meta["stage"] <= 2 else "both stages done")
-        print(f"interrupted by {e.name}: training state saved in {state} ({where}); continue with the same flags "
-              "and --resume", file=sys.stderr)
+    meta = None if run_dir is None else cli.run_state_meta(run_dir)
+    if meta is not None:
+        print(f"interrupted by {e.name}: training state saved in {run_dir / cli.STATE_FILE} ({where(meta)}); "
+              "continue with the same flags and --resume", file=sys.stderr)
     else:
         print(f"interrupted by {e.name} before any training state was saved", file=sys.stderr)
     return e.exit_code
 
 
+BOOKKEEPING = ("save_every", "eval_n")  # settings a resumed run may change: they do not change the weights
+
+
+def changed(saved: dict, now: dict) -> list:
+    """The settings that differ between a saved run and this one, bookkeeping aside."""
+    return sorted(k for k in set(saved) | set(now) if k not in BOOKKEEPING and saved.get(k) != now.get(k))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def _main(argv, guard: cli.SignalGuard) -> int:
     guard.run_dir = None
     ap = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=ROOT / "checkpoints" / "toy", help="final checkpoint folder")
-    ap.add_argument("--run-dir", type=Path, default=ROOT / "runs" / "toy", help="plots, metrics, training state")
-    ap.add_argument("--resume", action="store_true", help="continue from <run-dir>/state")
+    ap.add_argument("--run-dir", type=Path, default=ROOT / "runs" / "toy",
+                    help="plots, metrics, training state (default: runs/toy)")
+    ap.add_argument("--out", type=Path, default=None, help="final checkpoint folder (default: <run-dir>/checkpoint)")
+    ap.add_argument("--resume", action="store_true", help=f"continue from <run-dir>/{cli.STATE_FILE}")
+    ap.add_argument("--overwrite", action="store_true", help="start over in a run folder that holds a state, and "
+                    "replace an --out folder this run did not write")
     ap.add_argument("--smoke", action="store_true", help="the tests' tiny, one-minute configuration")
     ap.add_argument("--eval", type=Path, metavar="CKPT", help="only evaluate a checkpoint; print one JSON line")
     ap.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
@@ -753,31 +764,36 @@ def _main(argv, guard: cli.SignalGuard) -> int:
     if bf16 and device.type != "cuda":
         raise cli.UsageError("--dtype bfloat16 needs a GPU (training on CPU runs in float32); use --dtype float32 "
                              "or auto")
-    if args.resume and not all((args.run_dir / "state" / f).is_file() for f in ("state.json", "state.safetensors")):
-        raise cli.UsageError(f"--resume: no training state in {args.run_dir / 'state'} yet (state.json + "
-                             "state.safetensors); start without --resume, or give the --run-dir of the interrupted run")
+    run_dir = args.run_dir
+    cli.check_out_folder(run_dir, "--run-dir")
+    meta = cli.check_run_start(run_dir, args.resume, args.overwrite)
+    if meta is not None and (meta.get("world") != world_size() or changed(meta["config"], asdict(tc))):
+        raise cli.UsageError(f"--resume: the state in {run_dir / cli.STATE_FILE} was written with other settings "
+                             f"(different: {', '.join(changed(meta['config'], asdict(tc))) or 'world size'}); pass "
+                             "the same flags")
+    if meta is None:
+        meta = {"stage": 1, "step": 0, "history": {}, "config": asdict(tc), "world": world_size(),
+                "run_id": cli.new_run_id()}
+    meta["config"] = asdict(tc)  # bookkeeping settings may change on resume
+    out = cli.check_checkpoint_out(args.out or run_dir / "checkpoint", meta.setdefault("run_id", cli.new_run_id()),
+                                   args.overwrite)
     rank, world = setup_distributed(device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    run_dir = args.run_dir
     tok_dir = run_dir / "tokenizer"
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
+        cli.clean_run_dir(run_dir)
+        if args.overwrite and not args.resume:  # starting over, as the user asked: the earlier state goes
+            (run_dir / cli.STATE_FILE).unlink(missing_ok=True)
         toy.save_tokenizer(tok_dir)
     if world > 1:
         dist.barrier()
     tok = M.Tokenizer(tok_dir)
-    meta = {"stage": 1, "step": 0, "history": {}, "config": asdict(tc), "world": world}
-    opt_tensors = None
-    if args.resume:
-        meta, tensors = load_state(run_dir / "state")
-        if meta["config"] != asdict(tc) or meta["world"] != world:
-            changed = sorted(k for k in meta["config"] if meta["config"][k] != asdict(tc).get(k))
-            raise cli.UsageError(f"--resume: the state in {run_dir / 'state'} was written with another configuration "
-                                 f"or world size (different: {', '.join(changed) or 'world size'}); pass the same "
-                                 "flags")
+    tensors = cli.load_run_state(run_dir)[1] if args.resume else None
     vision, net, dec = build(tc, tok, device)
-    if args.resume:
+    opt_tensors = None
+    if tensors is not None:
         load_model_state(tensors, vision, net, dec)
         opt_tensors = tensors
     guard.run_dir = run_dir
@@ -785,7 +801,6 @@ def _main(argv, guard: cli.SignalGuard) -> int:
            "stop_after": args.stop_after, "global_step": 0, "signals": guard,
            "autocast": (lambda: torch.autocast("cuda", torch.bfloat16)) if bf16 else nullcontext}
     settings = sample_defaults(tc)
-    t0 = time.perf_counter()
     B1 = tc.stage1_batch
     if meta["stage"] == 1:
         vision.train(), dec.train()
@@ -795,24 +810,18 @@ def _main(argv, guard: cli.SignalGuard) -> int:
             idx = [example_index(step, i, B1, rank, world) for i in range(B1)]
             return np.stack([toy.t2i_example(i, "train", tc.seed, tc.size).image for i in idx]), g
 
-        if not train_stage(1, TokenizerLoss(vision, dec, tc.bsq_weight, tc.flip_prob), params, batch1, tc, ctx, opt_tensors):
+        if not train_stage(1, TokenizerLoss(vision, dec, tc.bsq_weight, tc.flip_prob), params, batch1, tc, ctx,
+                           opt_tensors):
             return 0
         opt_tensors = None
-        if rank == 0:
-            rec = reconstruction_score(vision, dec, settings)
-            meta["reconstruction_heldout"] = rec
-            ex = [toy.t2i_example(i, "heldout", toy.EVAL_SEED, tc.size).image for i in range(8)]
-            save_grid(np.concatenate([np.stack(ex), reconstruct(vision, dec, np.stack(ex), settings)]),
-                      run_dir / "stage1_reconstructions.png")
-            print(f"stage 1: held-out images decoded back to their scene: {rec:.1%}", file=sys.stderr)
-    t1 = time.perf_counter()
+    if rank == 0 and "reconstruction_heldout" not in meta:  # also after a resume that skipped the stage-1 report
+        stage1_report(vision, dec, settings, meta, run_dir, tc.size)
     if meta["stage"] == 2:
         net.train()
         params = stage_params(2, vision, net, dec)
         if not train_stage(2, ARLoss(net, tok, tc), params, lambda step, g: (step, rank, world, g), tc, ctx,
                            opt_tensors):
             return 0
-    t2 = time.perf_counter()
     if world > 1:  # every rank must hold the same weights (DDP keeps them in sync)
         flat = torch.cat([p.detach().flatten().cpu() for p in net.parameters()])
         ref = flat.clone()
@@ -821,21 +830,22 @@ def _main(argv, guard: cli.SignalGuard) -> int:
             raise RuntimeError(f"rank {rank}: weights diverged from rank 0")
     if rank == 0:
         net.eval(), dec.eval()
-        load_hf.save_checkpoint(args.out, ar=net, tokenizer_dir=tok_dir, vision=vision, decoder=dec,
-                                sample_defaults=settings)
+        load_hf.save_checkpoint(out, ar=net, tokenizer_dir=tok_dir, vision=vision, decoder=dec,
+                                sample_defaults=settings, run_id=meta["run_id"])
         prompts = toy.heldout_prompts(16)
         save_grid(generate(net, tok, dec, prompts, settings), run_dir / "stage2_samples.png")
-        metrics = {"config": asdict(tc), "world": world, "time_stage1_s": round(t1 - t0, 1),
-                   "time_stage2_s": round(t2 - t1, 1), "reconstruction_heldout": meta.get("reconstruction_heldout"),
+        seconds = meta.get("time_s", {})
+        metrics = {"config": asdict(tc), "world": world, "time_stage1_s": round(seconds.get("stage1", 0.0), 1),
+                   "time_stage2_s": round(seconds.get("stage2", 0.0), 1),
+                   "reconstruction_heldout": meta.get("reconstruction_heldout"),
                    "final": {k: v for k, v in meta["history"].get("stage2", [{}])[-1].items()}}
         if not args.no_eval:
             metrics["eval"] = evaluate(net, tok, dec, settings=settings, n=tc.eval_n)
             print(json.dumps(metrics["eval"]))
-        with open(run_dir / "metrics.json", "w") as f:
-            json.dump(metrics, f, indent=2)
+        cli.atomic_write(run_dir / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
         plot_history(meta, run_dir)
-        print(f"checkpoint: {args.out}  run folder: {run_dir}  (stage 1 {t1 - t0:.0f}s, stage 2 {t2 - t1:.0f}s)",
-              file=sys.stderr)
+        print(f"checkpoint: {out}  run folder: {run_dir}  (training time: stage 1 {metrics['time_stage1_s']:.0f}s, "
+              f"stage 2 {metrics['time_stage2_s']:.0f}s)", file=sys.stderr)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

@@ -1,29 +1,34 @@
 """The checkpoints the project ships (checkpoints/toy from `python train.py`, checkpoints/toy-rl from `python rl.py`):
-they load with load_hf.py, `python sample.py` with no argument draws a correct image, and the evaluation command's
-held-out scores meet the training issue's bars (generation >= 85% fully correct, understanding >= 95%, editing >= 75%),
+the evaluation command's held-out scores are the README's, and they meet the training issue's bars (generation >= 85% fully correct, understanding >= 95%, editing >= 75%),
 and the GRPO issue's bar (generation +5 points or >= 97%, understanding within 1 point)."""
+import contextlib
+import io
 import json
+import re
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
-import load_hf
-import sample
-import toy
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY, TOY_RL = ROOT / "checkpoints" / "toy", ROOT / "checkpoints" / "toy-rl"
+README = ROOT / "README.md"
 N = 256  # held-out examples per task: one answer is 0.4 points
 
 
 def _scores(ckpt: Path) -> dict:
-    net, tok = load_hf.load_ar(ckpt)
-    dec = load_hf.load_decoder(ckpt)
-    settings = {**train.sample_defaults(train.TrainConfig()), **train.read_sample_defaults(ckpt)}
-    return train.evaluate(net, tok, dec, settings=settings, n=N)
+    """What the README's evaluation command, `python train.py --eval CKPT`, prints (its one JSON line)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert train.main(["--eval", str(ckpt)]) == 0
+    return json.loads(out.getvalue())
+
+
+def _readme_row(label: str) -> list:
+    """The percentages of the README table row that starts with `label`, as fractions."""
+    row = next(line for line in README.read_text().splitlines() if line.startswith(f"| {label}"))
+    return [float(x) / 100 for x in re.findall(r"([\d.]+)%", row)]
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +36,17 @@ def toy_scores():
     return _scores(TOY)
 
 
-def test_sample_with_no_argument_draws_the_default_prompt(tmp_path, capsys):
-    assert sample.main(["--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache")]) == 0
-    pngs = sorted(tmp_path.glob("*.png"))
-    assert pngs, "sample.py wrote no image"
-    prompt = train.read_sample_defaults(TOY)["prompt"]
-    assert toy.score_image(np.asarray(Image.open(pngs[0]).convert("RGB")), prompt)["correct"]
+@pytest.fixture(scope="module")
+def rl_scores():
+    return _scores(TOY_RL)
+
+
+def test_readme_tables_are_what_the_evaluation_command_prints(toy_scores, rl_scores):
+    """The held-out scores the README states for both shipped checkpoints are the ones `--eval` prints."""
+    got = [round(toy_scores[k], 3) for k in ("generation", "understanding", "editing")]
+    assert _readme_row("92.2%")[:3] == got == _readme_row("before (`checkpoints/toy`)")
+    got_rl = [round(rl_scores[k], 3) for k in ("generation", "understanding", "editing")]
+    assert _readme_row("after 100 steps")[:3] == got_rl
 
 
 def test_toy_checkpoint_meets_the_training_bar(toy_scores):
@@ -46,8 +56,7 @@ def test_toy_checkpoint_meets_the_training_bar(toy_scores):
     assert toy_scores["editing"] >= 0.75, toy_scores
 
 
-def test_rl_checkpoint_improves_generation_and_keeps_understanding(toy_scores):
-    rl_scores = _scores(TOY_RL)
+def test_rl_checkpoint_improves_generation_and_keeps_understanding(toy_scores, rl_scores):
     # The GRPO issue's bar: +5 points of held-out generation, or >= 97%, understanding within 1 point. Measured with
     # `time python rl.py`: 92.2% -> 98.0% (n=256), understanding 100% -> 99.6%.
     gain = rl_scores["generation"] - toy_scores["generation"]

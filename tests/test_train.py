@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import bsq
+import cli
 import load_hf
 import toy
 import train
@@ -19,8 +20,7 @@ from conftest import ROOT
 
 
 def history(run_dir):
-    with open(run_dir / "state" / "state.json") as f:
-        return json.load(f)["history"]
+    return cli.run_state_meta(run_dir)["history"]
 
 
 def mean(rows, key, sl):
@@ -56,7 +56,7 @@ def test_checkpoint_loads_and_matches_training_weights(smoke):
     vision = load_hf.load_vision(smoke / "ckpt")
     from safetensors.torch import load_file
 
-    state = load_file(str(smoke / "run" / "state" / "state.safetensors"))
+    state = load_file(str(smoke / "run" / cli.STATE_FILE))
     for k, v in net.state_dict().items():
         if k.startswith("model.visual."):
             torch.testing.assert_close(v, state["vision." + k[len("model.visual."):]], rtol=0, atol=0)
@@ -106,10 +106,45 @@ def test_resume_reproduces_the_uninterrupted_losses(smoke, tmp_path):
     second = tc.stage1_steps - first + tc.stage2_steps // 3  # then inside stage 2
     assert train.main(args + ["--resume", "--stop-after", str(second)]) == 0
     assert len(history(run)["stage2"]) == tc.stage2_steps // 3
-    assert train.main(args + ["--resume"]) == 0
+    assert train.main(args + ["--resume", "--save-every", "7"]) == 0  # bookkeeping settings may change
     got, want = history(run), history(smoke / "run")
     for stage in ("stage1", "stage2"):
         assert [r["loss"] for r in got[stage]] == [r["loss"] for r in want[stage]], stage
+    # the metrics survive the resumes: the stage-1 report, and training time summed over the three processes
+    m, m0 = (json.loads((d / "metrics.json").read_text()) for d in (run, smoke / "run"))
+    assert m["reconstruction_heldout"] == m0["reconstruction_heldout"] is not None
+    assert m["time_stage1_s"] > 0 and m["time_stage2_s"] > 0
+    assert m["final"] == m0["final"]
+
+
+def test_a_run_never_replaces_what_it_did_not_write(smoke, tmp_path, capsys):
+    """The default checkpoint goes under the run folder; a rerun over a saved state refuses without --resume, a
+    checkpoint folder another run wrote is refused as --out; --overwrite does both, as asked."""
+    import shutil
+
+    args = ["--smoke", "--stage1-steps", "2", "--stage2-steps", "2", "--no-eval"]
+    run = tmp_path / "run"
+    assert train.main(args + ["--run-dir", str(run)]) == 0
+    assert (run / "checkpoint" / "model.safetensors").is_file() and (run / "checkpoint" / cli.RUN_MARK).is_file()
+    before = (run / cli.STATE_FILE).read_bytes()
+    capsys.readouterr()
+    assert train.main(args + ["--run-dir", str(run)]) == 2
+    assert capsys.readouterr().err == (f"error: --run-dir {run} holds the state of an earlier run (both stages done); "
+                                       "continue it with --resume, start over with --overwrite (its state is "
+                                       "replaced), or pass another --run-dir\n")
+    assert (run / cli.STATE_FILE).read_bytes() == before
+    other = tmp_path / "other"  # a checkpoint some other run wrote (here the smoke run's)
+    shutil.copytree(smoke / "ckpt", other)
+    theirs = (other / "model.safetensors").read_bytes()
+    assert train.main(args + ["--run-dir", str(tmp_path / "run2"), "--out", str(other)]) == 2
+    assert capsys.readouterr().err == (f"error: --out {other} holds files this run did not write (another "
+                                       "checkpoint?); pass another --out, or --overwrite to replace them\n")
+    assert (other / "model.safetensors").read_bytes() == theirs and not (tmp_path / "run2").exists()
+    # the same run may rewrite its own checkpoint (a resume of a finished run does)
+    assert train.main(args + ["--run-dir", str(run), "--resume"]) == 0
+    assert train.main(args + ["--run-dir", str(run), "--out", str(other), "--overwrite"]) == 0
+    assert (other / "model.safetensors").read_bytes() == (run / "checkpoint" / "model.safetensors").read_bytes()
+    assert sorted(p.name for p in other.iterdir() if p.name.startswith(".")) == []
 
 
 def test_resume_refuses_another_configuration(smoke, tmp_path, capsys):
@@ -118,8 +153,8 @@ def test_resume_refuses_another_configuration(smoke, tmp_path, capsys):
     shutil.copytree(smoke / "run", tmp_path / "run")
     assert train.main(["--smoke", "--seed", "1", "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "c"),
                        "--resume"]) == 2
-    assert capsys.readouterr().err == (f"error: --resume: the state in {tmp_path / 'run' / 'state'} was written with "
-                                       "another configuration or world size (different: seed); pass the same flags\n")
+    assert capsys.readouterr().err == (f"error: --resume: the state in {tmp_path / 'run' / cli.STATE_FILE} was written "
+                                       "with other settings (different: seed); pass the same flags\n")
     assert train.main(["--smoke", "--run-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "c"), "--resume"]) == 2
     assert "no training state" in capsys.readouterr().err
 
@@ -138,7 +173,7 @@ def test_torchrun_two_processes(tmp_path):
     net, _ = load_hf.load_ar(tmp_path / "ckpt")  # rank 0 wrote it; every rank checked it holds the same weights
     from safetensors.torch import load_file
 
-    state = load_file(str(tmp_path / "run" / "state" / "state.safetensors"))
+    state = load_file(str(tmp_path / "run" / cli.STATE_FILE))
     for k, v in net.state_dict().items():  # the checkpoint holds the trained weights
         want = state["vision." + k[len("model.visual."):]] if k.startswith("model.visual.") else state["net." + k]
         assert torch.equal(v, want), k
@@ -310,8 +345,8 @@ def test_answer_loss_supervises_every_answer_token_and_the_end_of_turn(smoke_net
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--resume"], "--resume: no training state in {run}/state yet (state.json + state.safetensors); start without "
-                   "--resume, or give the --run-dir of the interrupted run"),
+    (["--resume"], "--resume: no training state in {run} yet (state.safetensors); start without --resume, or give "
+                   "the --run-dir of the interrupted run"),
     (["--seed", "-1"], "--seed must be an integer in [0, 4294967295], got -1"),
     (["--seed", str(2**32)], f"--seed must be an integer in [0, 4294967295], got {2**32}"),
     (["--eval-n", "0"], "--eval-n must be an integer >= 1, got 0 (held-out examples per task)"),
@@ -371,7 +406,7 @@ def test_signal_saves_the_state_and_resume_continues(tmp_path, sig):
     assert "Traceback" not in err
     saved = len(history(run)["stage1"])
     assert saved >= 1
-    assert err.endswith(f"interrupted by {sig}: training state saved in {run / 'state'} (stage 1 step {saved}); "
+    assert err.endswith(f"interrupted by {sig}: training state saved in {run / cli.STATE_FILE} (stage 1 step {saved}); "
                         "continue with the same flags and --resume\n")
     assert train.main(flags + ["--resume", "--stop-after", "1"]) == 0
     assert len(history(run)["stage1"]) == saved + 1

@@ -1,0 +1,134 @@
+"""Nothing a user has is lost: saves killed (SIGKILL) at every instant leave the previous state or the new one, never a
+mix, and the next run cleans up; a training run killed at random instants and resumed each time ends with the
+weights of an uninterrupted run, bit for bit; a run never replaces a state or a checkpoint it did not write."""
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import cli
+import killpoints
+import load_hf
+from conftest import ROOT
+
+needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="kills a forked child (POSIX)")
+
+
+def killed_at(k: int, fn) -> bool:
+    """Run fn in a forked child that SIGKILLs itself at its k-th file-system call; True if it was killed (False: fn
+    finished before its k-th call)."""
+    pid = os.fork()
+    if pid == 0:  # the child: no pytest teardown, no cleanup code, as after a real kill
+        try:
+            killpoints.install(k)
+            fn()
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+
+
+def tree(folder: Path) -> dict:
+    """Every file under folder (hidden ones included) -> its bytes."""
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def write_checkpoint(files: dict):
+    def write(tmp: Path):
+        for name, data in files.items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / name).write_bytes(data)
+    return write
+
+
+@needs_fork
+def test_checkpoint_folder_switch_killed_at_every_call(tmp_path):
+    """cli.replace_folder (what save_checkpoint writes through) killed before each of its file-system calls in turn:
+    the folder exists at every instant; a load reads exactly the old checkpoint or exactly the new one (the old one
+    until the journal is committed, the new one from then on); after the recovery the next save starts with, no
+    staging folder, journal or temporary file is left."""
+    old = {"config.json": b'{"a": 1}', "model.safetensors": b"old weights", "sub/x.json": b"old",
+           "stale.bin": b"only in the old checkpoint", ".gitattributes": b"hidden: kept"}
+    new = {"config.json": b'{"a": 2}', "model.safetensors": b"new weights", "sub/x.json": b"new",
+           "sub/y.json": b"new only"}
+    committed = False
+    k = 0
+    while True:
+        k += 1
+        root = tmp_path / f"ck{k}"
+        write_checkpoint(old)(root)
+        if not killed_at(k, lambda: cli.replace_folder(root, write_checkpoint(new))):
+            break
+        assert root.is_dir(), k
+        committed = committed or (root / cli.JOURNAL).is_file()
+        load_hf.resolve_part(root, "ar_model")  # a load finishes an interrupted switch before reading
+        want = {**new, ".gitattributes": old[".gitattributes"]} if committed else old
+        assert {n: b for n, b in tree(root).items() if not n.startswith(".")} == \
+            {n: b for n, b in want.items() if not n.startswith(".")}, k
+        cli.recover_folder(root)  # what the next save does first: no staging folder or temporary file remains
+        assert tree(root) == want, k
+    assert committed and k > 20  # the kills did reach past the commit point, at every call of the switch
+    assert tree(root) == {**new, ".gitattributes": old[".gitattributes"]}
+
+
+@needs_fork
+def test_state_save_killed_at_every_call(tmp_path):
+    """cli.save_run_state killed before each of its file-system calls: the run folder always holds one complete state
+    (the previous until the rename, the new after it), and clean_run_dir leaves no temporary file."""
+    run = tmp_path / "run"
+    run.mkdir()
+    cli.save_run_state(run, {"step": 1}, {"w": torch.zeros(3)})
+    k = 0
+    while True:
+        k += 1
+        if not killed_at(k, lambda: cli.save_run_state(run, {"step": 2}, {"w": torch.ones(3)})):
+            break
+        meta, tensors = cli.load_run_state(run)
+        assert (meta["step"], tensors["w"].tolist()) in ((1, [0.0] * 3), (2, [1.0] * 3)), k
+        cli.clean_run_dir(run)
+        assert sorted(p.name for p in run.iterdir()) == [cli.STATE_FILE], k
+        cli.save_run_state(run, {"step": 1}, {"w": torch.zeros(3)})
+    assert k > 3
+
+
+def weights(ckpt: Path) -> dict:
+    return load_file(str(ckpt / "model.safetensors"))
+
+
+TINY = ["--smoke", "--stage1-steps", "3", "--stage2-steps", "3", "--save-every", "1", "--no-eval"]
+
+
+def run_killed(k: int, log: Path, module: str, args: list) -> int:
+    """`python -m module args` SIGKILLed at its k-th file-system call (0: never) -> its exit code."""
+    r = subprocess.run([sys.executable, str(ROOT / "tests" / "killpoints.py"), str(k), str(log), module] + args,
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert r.returncode in (0, -signal.SIGKILL), r.stderr[-3000:]
+    return r.returncode
+
+
+def no_leftovers(*folders: Path) -> list:
+    return [p for f in folders for p in f.rglob(".*")]
+
+
+def test_training_killed_at_random_instants_resumes_to_the_same_weights(tmp_path):
+    """`train.py` killed with SIGKILL at random file-system calls (inside state saves and the checkpoint switch
+    among them), restarted after each kill with --resume (without it while no state was saved yet): the final
+    checkpoint equals an uninterrupted run's bit for bit, and no temporary file or folder is left."""
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert run_killed(0, tmp_path / "ref.log", "train", TINY + ["--run-dir", str(ref)]) == 0
+    calls = len((tmp_path / "ref.log").read_text().splitlines())  # file-system calls of a whole run
+    kills = 0
+    for k in random.Random(0).sample(range(1, calls + 1), 5) + [0]:
+        resume = ["--resume"] if cli.run_state_meta(run) is not None else []
+        kills += run_killed(k, tmp_path / "run.log", "train", TINY + ["--run-dir", str(run)] + resume) != 0
+    assert kills >= 4
+    want, got = weights(ref / "checkpoint"), weights(run / "checkpoint")
+    assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
+    assert cli.run_state_meta(run)["history"] == cli.run_state_meta(ref)["history"]
+    assert no_leftovers(run) == []
