@@ -8,11 +8,13 @@ import argparse
 import json
 import math
 import os
+import re
 import secrets
 import shutil
 import signal
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -208,34 +210,88 @@ def remove_temp_files(folder: Path, stem: str, suffix: str) -> None:
         f.unlink(missing_ok=True)
 
 
-# A folder replaced as a whole (a checkpoint): the new entries are staged in a hidden folder inside it, then switched
-# in under a journal, so the folder itself never disappears and a crash at any instant is rolled forward.
+# A set of entries replaced as a whole (a checkpoint folder, sample.py's outputs): the new entries are staged in a
+# hidden folder inside the target, then switched in under a journal and a lock, so the target never disappears, a
+# crash at any instant is rolled forward, and concurrent writers never interleave.
 JOURNAL = ".uniar-switch.json"
+LOCK = ".uniar-lock"
 
 
-def replace_folder(root: Path, write) -> Path:
-    """write(staging) fills a new hidden folder inside `root` completely (flushed to disk); then a journal naming it
-    is written atomically (the commit point), the visible entries of `root` move aside into a hidden old folder, the
-    new ones move in, and the old ones are deleted. Hidden entries of `root` (names starting with '.') stay. A crash
-    before the commit leaves the old contents; after it, `recover_folder` (run by the next save or load) finishes the
-    switch. Either way the next call cleans what was left behind."""
+def _alive(pid: int, path: Path) -> bool:
+    """Whether the process that owns `path` may still be running (POSIX: ask the system; elsewhere: a day)."""
+    if os.name == "posix":
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    try:
+        return time.time() - path.stat().st_mtime < 86400
+    except FileNotFoundError:
+        return False
+
+
+@contextmanager
+def folder_lock(root: Path, timeout: float = 60.0):
+    """One writer at a time switches entries in `root`: a lock file created exclusively (on every system), holding
+    the owner's pid; a lock whose owner was killed is taken over."""
+    path = Path(root) / LOCK
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                owner = int(path.read_text() or 0)
+            except (FileNotFoundError, ValueError):
+                owner = 0  # being written or removed right now: look again
+            if owner and not _alive(owner, path):
+                path.unlink(missing_ok=True)
+            elif time.monotonic() > deadline:
+                raise UsageError(f"{root} is being written by another run (process {owner}, {path}); wait for it, or "
+                                 "delete the lock file if that process is gone") from None
+            else:
+                time.sleep(0.02)
+            continue
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        break
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def replace_folder(root: Path, write, owned: str | None = None) -> Path:
+    """write(staging) fills a new hidden folder inside `root` completely (flushed to disk); then, under the folder
+    lock, a journal naming it is written atomically (the commit point), the entries it replaces move aside into a
+    hidden old folder, the new ones move in, and the old ones are deleted. Replaced: every visible entry of `root`
+    (a checkpoint), or with `owned` (the name of a hidden list file) only the entries the previous switch listed
+    there and the ones the new set brings (sample outputs beside the user's own files). A crash before the commit
+    leaves the old contents; after it, `recover_folder` (run by the next switch or load) finishes the switch."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    recover_folder(root)
     tag = f"{os.getpid()}-{secrets.token_hex(4)}"
     new = root / f".new-{tag}"
     new.mkdir()
     try:
         write(new)
+        if owned is not None:
+            names = sorted(e.name for e in new.iterdir() if not e.name.startswith("."))
+            (new / owned).write_text(json.dumps(names))
         for f in new.rglob("*"):
             if f.is_file():
                 _fsync_file(f)
     except BaseException:
         shutil.rmtree(new, ignore_errors=True)
         raise
-    journal = {"new": new.name, "old": f".old-{tag}", "phase": 1}
-    _write_journal(root, journal)
-    _finish_switch(root, journal)
+    with folder_lock(root):
+        recover_folder(root, locked=True)
+        journal = {"new": new.name, "old": f".old-{tag}", "phase": 1, "owned": owned}
+        _write_journal(root, journal)
+        _finish_switch(root, journal)
     return root
 
 
@@ -243,15 +299,27 @@ def _write_journal(root: Path, journal: dict) -> None:
     atomic_write(root / JOURNAL, lambda tmp: Path(tmp).write_text(json.dumps(journal)))
 
 
+def _replaced(root: Path, journal: dict) -> list:
+    """The entries of `root` a switch moves aside (phase 1)."""
+    new = root / journal["new"]
+    if journal.get("owned") is None:
+        return [e for e in root.iterdir() if not e.name.startswith(".")]
+    try:
+        names = set(json.loads((root / journal["owned"]).read_text()))
+    except (OSError, ValueError):
+        names = set()
+    names |= {e.name for e in new.iterdir()} if new.is_dir() else set()
+    return [root / n for n in sorted(names) if (root / n).exists() and not n.startswith(".")]
+
+
 def _finish_switch(root: Path, journal: dict) -> None:
-    """Phase 1 moves every visible entry of `root` into the old folder; phase 2 moves the staged entries in. The
-    journal records the phase, so running this again after a crash makes exactly the moves not yet made."""
+    """Phase 1 moves the replaced entries into the old folder; phase 2 moves the staged entries in. The journal
+    records the phase, so running this again after a crash makes exactly the moves not yet made."""
     new, old = root / journal["new"], root / journal["old"]
     if journal["phase"] == 1:
         old.mkdir(exist_ok=True)
-        for e in root.iterdir():
-            if not e.name.startswith("."):
-                os.replace(e, old / e.name)
+        for e in _replaced(root, journal):
+            os.replace(e, old / e.name)
         journal = {**journal, "phase": 2}
         _write_journal(root, journal)
     for e in list(new.iterdir()) if new.is_dir() else []:
@@ -262,16 +330,20 @@ def _finish_switch(root: Path, journal: dict) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def recover_folder(root: Path) -> None:
+def recover_folder(root: Path, locked: bool = False) -> None:
     """Finish a switch that a killed process left half done (roll forward: its staged entries were complete), then
-    remove staging and old folders and temporary files left behind."""
+    remove the staging and old folders and temporary files that killed processes left behind."""
     root = Path(root)
     if not root.is_dir():
         return
+    if not locked:
+        with folder_lock(root):
+            return recover_folder(root, locked=True)
     if (root / JOURNAL).is_file():
         _finish_switch(root, json.loads((root / JOURNAL).read_text()))
     for e in root.iterdir():
-        if e.name.startswith((".new-", ".old-")) and e.is_dir():
+        tag = re.fullmatch(r"\.(?:new|old)-(\d+)-[0-9a-f]+", e.name)
+        if tag and e.is_dir() and not _alive(int(tag.group(1)), e):  # a live writer may still be staging
             shutil.rmtree(e, ignore_errors=True)
     remove_temp_files(root, Path(JOURNAL).stem, Path(JOURNAL).suffix)
 

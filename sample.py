@@ -178,7 +178,6 @@ def _main(argv: list) -> int:
         return 2
     if default_prompt:
         print(f"prompt: {args.prompt!r}", file=sys.stderr)
-    args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 
     # ----- stage 1: the AR model -----
@@ -211,13 +210,6 @@ def _main(argv: list) -> int:
                         f"{args.cfg}, dtype {str(dtype).replace('torch.', '')}): the logits overflowed; use a larger "
                         "--temperature, a smaller --cfg or --dtype float32")
     t_ar = time.perf_counter()
-    if args.save_bits:
-        from safetensors.torch import save_file
-
-        import bsq
-        tensors = {"bits": bits.cpu().contiguous(), "indices": bsq.bits_to_indexes(bits).cpu().contiguous()}
-        cli.atomic_write(args.out / "bits.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata={
-            "prompt": args.prompt or "", "ar_size": f"{ar_h}x{ar_w}", "seed": str(args.seed)}))
     del net
     release(device)
 
@@ -231,20 +223,41 @@ def _main(argv: list) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     t_dec = time.perf_counter()
-    from PIL import Image
-
-    paths = []
-    for i, im in enumerate(images.cpu()):
-        p = args.out / f"sample_{i:02d}.png"
-        cli.atomic_write(p, lambda tmp: Image.fromarray(im.numpy()).save(tmp, format="PNG"))
-        paths.append(p)
-    if len(images) > 1:
-        save_grid(images.cpu(), args.out / "grid.png")
+    paths = write_outputs(args.out, images.cpu(), bits if args.save_bits else None,
+                          {"prompt": args.prompt or "", "ar_size": f"{ar_h}x{ar_w}", "seed": str(args.seed)})
     print("\n".join(str(p) for p in paths))
     print(f"[AR: load {t_load - t0:.1f}s, {ar_h // 32 * (ar_w // 32)} steps {t_ar - t_load:.1f}s | decoder: load "
           f"{t_dload - t_ar:.1f}s, {args.steps} steps {t_dec - t_dload:.1f}s | {peak_memory(device)}]",
           file=sys.stderr)
     return 0
+
+
+OUTPUTS = ".uniar-outputs.json"  # in --out: the files the last run wrote (the next run replaces exactly those)
+
+
+def write_outputs(out: Path, images: torch.Tensor, bits, metadata: dict) -> list:
+    """The run's files (sample_XX.png, grid.png with several images, bits.safetensors with --save-bits) written as
+    one set: staged completely, then switched in under a lock (cli.replace_folder), replacing exactly the files the
+    previous run wrote there. Concurrent runs with the same --out never leave a mix, a killed run leaves the
+    previous set, and the user's other files in --out are never touched."""
+    from PIL import Image
+
+    names = [f"sample_{i:02d}.png" for i in range(len(images))]
+
+    def write(folder: Path) -> None:
+        for name, im in zip(names, images):
+            Image.fromarray(im.numpy()).save(folder / name, format="PNG")
+        if len(images) > 1:
+            save_grid(images, folder / "grid.png")
+        if bits is not None:
+            from safetensors.torch import save_file
+
+            import bsq
+            save_file({"bits": bits.cpu().contiguous(), "indices": bsq.bits_to_indexes(bits).cpu().contiguous()},
+                      str(folder / "bits.safetensors"), metadata=metadata)
+
+    cli.replace_folder(out, write, owned=OUTPUTS)
+    return [out / n for n in names]
 
 
 def _checkpoint_defaults(ckpt: Path) -> dict:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -27,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cli
 from decoder import DECODER_PROMPT, JsonConfig, read_json
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -289,14 +289,13 @@ def prompt_cache_path(pipeline_dir, cache_dir, prompt: str = DECODER_PROMPT, joi
 
 
 def write_prompt_cache(path: Path, prompt_embeds: torch.Tensor, pooled: torch.Tensor) -> None:
-    """Written whole to a temporary file, then renamed: an interrupted run never leaves half a cache file."""
+    """Written whole to a temporary file of this process, then renamed (cli.atomic_write): an interrupted run never
+    leaves half a cache file, and concurrent runs never share a temporary name."""
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({"prompt_embeds": prompt_embeds.float().cpu().contiguous(), "pooled": pooled.float().cpu().contiguous()},
-              str(tmp))
-    os.replace(tmp, path)
+    tensors = {"prompt_embeds": prompt_embeds.float().cpu().contiguous(), "pooled": pooled.float().cpu().contiguous()}
+    cli.atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
 
 
 def cached_prompt_embeds(pipeline_dir, cache_dir, prompt: str = DECODER_PROMPT, joint_dim: int = 4096,

@@ -132,3 +132,49 @@ def test_training_killed_at_random_instants_resumes_to_the_same_weights(tmp_path
     assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
     assert cli.run_state_meta(run)["history"] == cli.run_state_meta(ref)["history"]
     assert no_leftovers(run) == []
+
+
+WRITER = """
+import sys, torch, sample, text_encoders
+out, who, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+k = 2 if who == "a" else 1  # run a: two images, grid and bits; run b: one image
+images = torch.full((k, 8, 8, 3), 10 if who == "a" else 200, dtype=torch.uint8)
+bits = torch.zeros(k, 4, 4, 4, 64, dtype=torch.long) if who == "a" else None
+for i in range(n):
+    sample.write_outputs(sample.Path(out), images, bits, {"seed": who})
+    for _ in range(20):
+        text_encoders.write_prompt_cache(sample.Path(out).parent / "cache.safetensors", torch.full((1, 2), float(i)),
+                                         torch.zeros(1, 2))
+"""
+
+
+def test_concurrent_runs_with_the_same_out_never_mix(tmp_path):
+    """Two processes write their output sets into one --out folder over and over (sample.write_outputs, as sample.py
+    does at the end of a run) and the decoder prompt cache beside it: the folder ends with exactly one run's set (no
+    PNG of one beside the grid or bits of the other), the user's own file in it is untouched, no temporary file or
+    lock is left, and neither process failed on a shared temporary name."""
+    import numpy as np
+    from PIL import Image
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(out), who, "25"], cwd=ROOT, stderr=subprocess.PIPE,
+                              env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}) for who in "ab"]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read().decode()[-2000:]
+    names = sorted(p.name for p in out.iterdir())
+    values = {n: int(np.asarray(Image.open(out / n))[0, 0, 0]) for n in names if n.startswith("sample_")}
+    if values["sample_00.png"] == 10:  # run a's set
+        assert names == [".uniar-outputs.json", "bits.safetensors", "grid.png", "notes.txt", "sample_00.png",
+                         "sample_01.png"]
+        assert values == {"sample_00.png": 10, "sample_01.png": 10}
+        from safetensors import safe_open
+
+        with safe_open(str(out / "bits.safetensors"), "pt") as f:
+            assert f.metadata()["seed"] == "a"
+    else:
+        assert names == [".uniar-outputs.json", "notes.txt", "sample_00.png"] and values == {"sample_00.png": 200}
+    assert (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache.safetensors", "out"]
+    assert load_file(str(tmp_path / "cache.safetensors"))["prompt_embeds"].tolist() == [[24.0, 24.0]]
