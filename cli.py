@@ -204,10 +204,13 @@ def atomic_write(path: Path, write) -> Path:
     return path
 
 
-def remove_temp_files(folder: Path, stem: str, suffix: str) -> None:
-    """Delete what atomic_write left behind for `stem` + `suffix` when a process was killed mid-write."""
-    for f in Path(folder).glob(f".{stem}.*.tmp{suffix}"):
-        f.unlink(missing_ok=True)
+def remove_temp_files(folder: Path, stem: str = "*", suffix: str = "*", recursive: bool = False) -> None:
+    """Delete the temporary files atomic_write left behind (for `stem` + `suffix`) when its process was killed; those
+    of a process still running are kept (it may be about to rename them)."""
+    for f in (Path(folder).rglob if recursive else Path(folder).glob)(f".{stem}.*.tmp{suffix}"):
+        m = re.search(r"\.(\d+)-[0-9a-f]{8}\.tmp", f.name)
+        if m and f.is_file() and not _alive(int(m.group(1)), f):
+            f.unlink(missing_ok=True)
 
 
 # A set of entries replaced as a whole (a checkpoint folder, sample.py's outputs): the new entries are staged in a

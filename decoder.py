@@ -683,11 +683,15 @@ class Decoder(nn.Module):
 
     @torch.no_grad()
     def sample_latents(self, cond, cond_grid, size: tuple[int, int], *, steps: int = 28, guidance: float = 1.5,
-                       seed: int | None = 0, noise: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
-        """Flow-matching Euler from noise (drawn on CPU with torch.Generator().manual_seed(seed))."""
+                       seed: int | list | None = 0, noise: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
+        """Flow-matching Euler from noise (drawn on CPU with torch.Generator().manual_seed(seed); with a list of seeds,
+        each row's noise from its own, so a row does not depend on its batch)."""
         B, dev, dt = cond.shape[0], cond.device, self.transformer.proj_out.weight.dtype
         shape = (B, self.transformer.cfg.in_channels, size[0] // self.scale, size[1] // self.scale)
-        if noise is None:
+        if noise is None and isinstance(seed, (list, tuple)):
+            noise = torch.cat([torch.randn((1, *shape[1:]), generator=torch.Generator().manual_seed(int(s)), dtype=dt)
+                               for s in seed])
+        elif noise is None:
             g = torch.Generator().manual_seed(seed) if seed is not None else None
             noise = torch.randn(shape, generator=g, dtype=dt)  # drawn on CPU in the model dtype, like diffusers
         if tuple(noise.shape) != shape:
@@ -704,10 +708,16 @@ class Decoder(nn.Module):
 
     @torch.no_grad()
     def decode(self, bits: torch.Tensor, ar_height: int, ar_width: int, *, upsampling_ratio: float = 2.0,
-               steps: int = 28, guidance: float = 1.5, seed: int | None = 0, noise: torch.Tensor | None = None,
+               steps: int = 28, guidance: float = 1.5, seed: int | list | None = 0, noise: torch.Tensor | None = None,
                output: str = "uint8", progress: bool = False) -> torch.Tensor:
         """Bits (B, N, L, U, d) or int64 indices (B, N, L, U) of an ar_height x ar_width image -> images
         (B, H, W, 3) uint8 (output="uint8") or (B, 3, H, W) float in [0, 1] (output="float")."""
+        if isinstance(seed, (list, tuple)) and len(seed) > 1 and noise is None:
+            # one image at a time: batched matrix products round differently, and a pixel on a rounding boundary
+            # would otherwise depend on the batch; with its own seed, each image depends on its bits and seed only
+            return torch.cat([self.decode(bits[i:i + 1], ar_height, ar_width, upsampling_ratio=upsampling_ratio,
+                                          steps=steps, guidance=guidance, seed=seed[i:i + 1], output=output,
+                                          progress=progress) for i in range(len(seed))])
         H, W = self.output_size(ar_height, ar_width, upsampling_ratio)
         vdev = self.vision.bsq_output_proj.linear_fc1.weight.device  # the only part of the tower used here
         cond = bits_to_condition(self.vision, bits.to(vdev), ar_height, ar_width)

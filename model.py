@@ -42,6 +42,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -619,8 +620,17 @@ def cfg_guide(logits: torch.Tensor, cfg: float) -> torch.Tensor:
 
 
 def sample_bits(logits: torch.Tensor, temperature: float, generator=None) -> torch.Tensor:
-    """Per-bit sampling, (..., 2) logits -> (...) int64 bits: one `torch.multinomial` over all bits of all rows,
-    in the official order, so a seeded run reproduces the official draws."""
+    """Per-bit sampling, (B_all, ..., 2) logits -> (B_all, ...) int64 bits: one `torch.multinomial` over all bits of
+    all rows, in the official order, so a seeded run reproduces the official draws. With a list of B generators (one
+    per image of a batch whose rows are [cond; uncond] or [cond]), each image's rows draw from its own generator in
+    that same order, so an image does not depend on the batch it is drawn in (and B = 1 equals the single stream)."""
+    if isinstance(generator, (list, tuple)):
+        B = len(generator)
+        out = torch.empty(logits.shape[:-1], dtype=torch.long, device=logits.device)
+        for b, g in enumerate(generator):
+            rows = list(range(b, logits.shape[0], B))  # the image's conditional row, then its unconditional one
+            out[rows] = sample_bits(logits[rows], temperature, g)
+        return out
     probs = (logits / temperature).flatten(0, -2).softmax(-1)  # (n_bits, 2)
     return torch.multinomial(probs, 1, generator=generator).view(logits.shape[:-1])
 
@@ -673,6 +683,8 @@ def generate_image(model: UniAR, prefix_ids: torch.Tensor, attention_mask: torch
     N = gh * gw
     if sampler not in ("multinomial", "kernel"):
         raise ValueError(f"sampler must be 'multinomial' or 'kernel', got {sampler!r}")
+    if sampler == "kernel" and isinstance(generator, (list, tuple)):
+        raise ValueError("per-image generators need sampler='multinomial' (the kernel draws one counter stream)")
     kernel_seed = int(torch.randint(2**31 - 1, (1,), generator=generator)) if sampler == "kernel" else 0
     model.check_prefix_images(prefix_ids, pixel_values, image_grid_thw)
     lm, dev = model.language_model, prefix_ids.device
@@ -880,8 +892,18 @@ def render_chat_prompt(question: str, image_tokens: Optional[int] = None) -> str
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _generator(seed: Optional[int], device) -> Optional[torch.Generator]:
-    # same stream as torch.manual_seed(seed) right before the call
+def sample_seed(seed: int, idx: int, k: int = 0) -> int:
+    """The seed of sample k of prompt idx in a run seeded `seed` (generate_bits / Decoder.decode take a list of them):
+    an image then depends on (seed, idx, k) only, not on its batch or process."""
+    a, b = np.random.SeedSequence([seed, idx, k]).generate_state(2, np.uint32)
+    return (int(a) << 32) | int(b)
+
+
+def _generator(seed, device):
+    """None, one generator (the same stream as torch.manual_seed(seed) right before the call), or with a list of
+    seeds one generator per image."""
+    if isinstance(seed, (list, tuple)):
+        return [torch.Generator(device=device).manual_seed(int(s)) for s in seed]
     return None if seed is None else torch.Generator(device=device).manual_seed(int(seed))
 
 
@@ -914,7 +936,8 @@ def generate_bits(model: UniAR, tokenizer: Tokenizer, prompts, *, ar_height: int
                   cfg: float = 1.5, temperature: float = 1.0, seed: Optional[int] = None, input_images=None,
                   visual_decoder_cache: bool = True, progress: bool = False,
                   sampler: str = "multinomial") -> torch.Tensor:
-    """Prompts (strings, or a (ids, mask) pair already in [cond; uncond] layout) -> bits (B, N, L, U, d) int64."""
+    """Prompts (strings, or a (ids, mask) pair already in [cond; uncond] layout) -> bits (B, N, L, U, d) int64.
+    seed: one int for the batch, or a list of B ints (one stream per image: the same image in any batch)."""
     dev = next(model.parameters()).device
     if isinstance(prompts, str):
         prompts = [prompts]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import sys
 import time
 from pathlib import Path
@@ -122,6 +123,17 @@ def build_parser(d: dict, ckpt: Path, has_json: bool) -> argparse.ArgumentParser
     ap.add_argument("--out", type=Path, default=Path("out"), help="output folder")
     ap.add_argument("--save-bits", action="store_true", help="also save the generated bits (safetensors)")
     ap.add_argument("--cache-dir", type=Path, default=None, help="where the decoder prompt embeddings are cached")
+    g = ap.add_argument_group("prompt files (the official batch launcher's format and output layout)")
+    g.add_argument("--prompts", type=Path, default=None, help="a .jsonl of {\"idx\", \"prompt\", \"meta\"} records, "
+                   "or a text file with one prompt per line; writes <out>/<run-name>/<idx:05d>/samples/<k:04d>.png "
+                   "and <idx:05d>/metadata.json. Under torchrun each process takes its share")
+    g.add_argument("--samples-per-prompt", type=int, default=1, help="images per prompt (default 1)")
+    g.add_argument("--batch-size", type=int, default=8, help="images per AR rollout and decoder batch (default 8)")
+    g.add_argument("--run-name", default=None, help="the run's folder under --out (default: the prompt file's name)")
+    g.add_argument("--resume", action="store_true", help="skip the samples already written")
+    g.add_argument("--image-root", type=Path, default=None, help="editing records: the input image is "
+                   "<image-root>/<meta[image-key]> (with --image-key)")
+    g.add_argument("--image-key", default=None, help="editing records: the field holding the input image's path")
     return ap
 
 
@@ -154,13 +166,15 @@ def _main(argv: list) -> int:
         raise cli.UsageError(f"no --ckpt given and the project's toy checkpoint does not exist yet ({DEFAULT_CKPT}); "
                              "pass --ckpt PATH to a UniAR checkpoint folder, e.g. a download of ShareLab-SII/UniAR-RL "
                              "(README: Released checkpoints)")
+    for name in ("cfg", "temperature", "steps", "decoder_cfg"):
+        if getattr(args, name) is None:
+            setattr(args, name, defaults[name])
+    if args.prompts is not None:
+        return run_prompts(args, ckpt, defaults)
     default_prompt = False
     if args.question is None and args.prompt is None and args.image is None and defaults.get("prompt"):
         args.prompt = defaults["prompt"]  # `python sample.py` alone: the checkpoint's example prompt
         default_prompt = True
-    for name in ("cfg", "temperature", "steps", "decoder_cfg"):
-        if getattr(args, name) is None:
-            setattr(args, name, defaults[name])
     if args.question is None and args.prompt is None:
         ap.error("give --prompt (text-to-image, or editing with --image) or --image with --question")
     if args.question is not None and args.image is None:
@@ -347,15 +361,18 @@ def check_image(path) -> None:
         raise ValueError(f"--image: {e}") from None
 
 
-def check_generation_plan(ckpt: Path, args, ar_h: int, ar_w: int, upsample: float) -> None:
-    """--ar-size / --upsample against the AR grid, the position budget and the decoder (ValueError naming the flag)."""
-    import bsq
+def check_generation_plan(ckpt: Path, args, ar_h: int, ar_w: int, upsample: float, prompts=None,
+                          editing: bool | None = None) -> None:
+    """--ar-size / --upsample against the AR grid, the position budget and the decoder, for --prompt or every prompt
+    of a file (ValueError naming the flag)."""
     import decoder as D
     import model as M
 
     cfg, tok, root = _ar_parts(ckpt)
-    if args.image is not None:
-        check_image(args.image)
+    if prompts is None:
+        prompts, editing = [args.prompt], args.image is not None
+        if editing:
+            check_image(args.image)
     ds = cfg.downsample
     if ar_h <= 0 or ar_w <= 0 or ar_h % ds or ar_w % ds:
         raise ValueError(f"--ar-size: AR size {ar_h}x{ar_w} must be positive multiples of {ds} px")
@@ -365,14 +382,12 @@ def check_generation_plan(ckpt: Path, args, ar_h: int, ar_w: int, upsample: floa
     except ValueError as e:
         raise ValueError(f"--ar-size {ar_h}x{ar_w} / --upsample {upsample}: {e}") from None
     n_img = None
-    if args.image is not None:
+    if editing:  # an input image is resized to the AR size, so its token count depends on that size only
         v = cfg.vision
-        _, grid = bsq.preprocess_image(args.image, size=(ar_h, ar_w), patch_size=v.patch_size,
-                                       merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size)
-        n_img = int(grid[0].prod()) // v.merge_unit
-    warn_unknown_words(tok, args.prompt, "--prompt", root)
+        n_img = (ar_h // v.patch_size) * (ar_w // v.patch_size) // v.merge_unit
+    warn_unknown_words(tok, "\n".join(dict.fromkeys(prompts)), "--prompts" if len(prompts) > 1 else "--prompt", root)
     gh, gw = ar_h // ds, ar_w // ds
-    n_prompt = len(tok.encode(M.render_generation_prompt(args.prompt, gh, gw, n_img)))
+    n_prompt = max(len(tok.encode(M.render_generation_prompt(p, gh, gw, n_img))) for p in prompts)
     budget = cfg.text.max_position_embeddings
     if n_prompt + gh * gw > budget:
         raise ValueError(f"--ar-size {ar_h}x{ar_w}: prompt of {n_prompt} tokens + {gh * gw} image tokens exceeds the "
@@ -406,6 +421,162 @@ def check_understanding_plan(ckpt: Path, args) -> None:
     elif args.max_new_tokens > room:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens}: the prompt takes {n_prompt} of the "
                          f"max_position_embeddings={budget} positions of {root / 'config.json'}; use at most {room}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Prompt files (--prompts): the official batch launcher's format and output layout, resumable, data parallel
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def read_prompts(path: Path) -> list:
+    """A .jsonl of {"idx", "prompt", "meta"} records (the official format; idx defaults to the record's position),
+    or a text file with one prompt per line -> records. UsageError naming the file and line."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise cli.UsageError(f"--prompts {path}: cannot read it ({e})") from None
+    records, seen = [], set()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if Path(path).suffix != ".jsonl":
+            rec = {"idx": len(records), "prompt": line.strip()}
+        else:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise cli.UsageError(f"--prompts {path} line {n}: not JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise cli.UsageError(f"--prompts {path} line {n}: a record must be a JSON object")
+            rec = {"idx": len(records), **rec}
+        idx, prompt = rec["idx"], rec.get("prompt")
+        if not isinstance(idx, int) or isinstance(idx, bool) or idx < 0:
+            raise cli.UsageError(f"--prompts {path} line {n}: 'idx' must be an integer >= 0, got {json.dumps(idx)}")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise cli.UsageError(f"--prompts {path} line {n}: 'prompt' must be a non-empty string")
+        if idx in seen:
+            raise cli.UsageError(f"--prompts {path} line {n}: idx {idx} appears twice")
+        seen.add(idx)
+        records.append(rec)
+    if not records:
+        raise cli.UsageError(f"--prompts {path}: no prompt in it")
+    return records
+
+
+def input_image_path(rec: dict, root: Path, key: str) -> Path:
+    """An editing record's input image: <root>/<meta[key]> (meta may nest the upstream row as meta.meta; the record's
+    top level is the fallback), as the official launcher looks it up."""
+    meta = rec.get("meta", {})
+    if isinstance(meta, dict) and isinstance(meta.get("meta"), dict):
+        meta = meta["meta"]
+    rel = (meta.get(key) if isinstance(meta, dict) else None) or rec.get(key)
+    if not isinstance(rel, str) or not rel:
+        raise cli.UsageError(f"--image-key {key!r}: record idx {rec['idx']} has no such field (looked in meta and at "
+                             "the top level)")
+    return Path(root) / rel
+
+
+def sample_path(run_dir: Path, idx: int, k: int) -> Path:
+    return run_dir / f"{idx:05d}" / "samples" / f"{k:04d}.png"
+
+
+def setup_ranks(device: torch.device) -> tuple[int, int, torch.device]:
+    """(rank, world, device) under torchrun (gloo on CPU, NCCL on GPUs; one GPU per process), else (0, 1, device)."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device
+
+
+def barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def run_prompts(args, ckpt: Path, defaults: dict) -> int:
+    """--prompts: every (prompt, sample) of the file, batched; each process of a torchrun takes every world-th
+    pending sample; each PNG is written atomically, so --resume skips exactly the finished ones."""
+    for flag in ("prompt", "image", "question"):
+        if getattr(args, flag) is not None:
+            raise cli.UsageError(f"--prompts runs a prompt file; drop --{flag}")
+    cli.check_int_range(args.samples_per_prompt, "--samples-per-prompt", 1)
+    cli.check_int_range(args.batch_size, "--batch-size", 1)
+    if (args.image_root is None) != (args.image_key is None):
+        raise cli.UsageError("--image-root and --image-key go together (editing records)")
+    ar_h, ar_w = args.ar_size or defaults["ar_size"]
+    upsample = args.upsample if args.upsample is not None else defaults["upsample"]
+    records = read_prompts(args.prompts)
+    editing = args.image_root is not None
+    images = {r["idx"]: input_image_path(r, args.image_root, args.image_key) for r in records} if editing else {}
+    for idx, f in images.items():
+        if not f.is_file():
+            raise cli.UsageError(f"--image-root: the input image of record idx {idx} does not exist: {f}")
+    device, dtype = check_flags(args, upsample)
+    import load_hf
+    import model as M
+
+    try:
+        check_generation_plan(ckpt, args, ar_h, ar_w, upsample, [r["prompt"] for r in records], editing)
+    except (load_hf.CheckpointError, ValueError) as e:
+        raise cli.UsageError(str(e)) from None
+    run_dir = args.out / (args.run_name or Path(args.prompts).stem)
+    jobs = [(r, k) for r in records for k in range(args.samples_per_prompt)]
+    done = sum(sample_path(run_dir, r["idx"], k).is_file() for r, k in jobs)
+    if done and not args.resume:
+        raise cli.UsageError(f"{run_dir} already holds {done} of this file's samples; pass --resume to skip them, or "
+                             "another --run-name / --out")
+    rank, world, device = setup_ranks(device)
+    if rank == 0 and run_dir.is_dir():
+        cli.remove_temp_files(run_dir, recursive=True)  # left by a killed run
+    pending = [(r, k) for r, k in jobs if not sample_path(run_dir, r["idx"], k).is_file()]
+    barrier(world)  # every process has listed the pending samples before any is written
+    if rank == 0:
+        for r in records:
+            (run_dir / f"{r['idx']:05d}").mkdir(parents=True, exist_ok=True)
+            cli.atomic_write(run_dir / f"{r['idx']:05d}" / "metadata.json", lambda tmp: Path(tmp).write_text(
+                json.dumps(r, indent=2, ensure_ascii=False), encoding="utf-8"))
+    mine = pending[rank::world]
+    net, tok = load_hf.load_ar(ckpt, dtype=dtype, device=device)
+    dec = load_hf.load_decoder(ckpt, dtype=dtype, device=device, cache_dir=args.cache_dir)
+    from PIL import Image
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(mine), desc="samples", unit="img", disable=rank != 0 and world > 1)
+    for i in range(0, len(mine), args.batch_size):
+        batch = mine[i:i + args.batch_size]
+        seeds = [M.sample_seed(args.seed, r["idx"], k) for r, k in batch]
+        inputs = [images[r["idx"]] for r, _ in batch] if editing else None
+        bits = M.generate_bits(net, tok, [r["prompt"] for r, _ in batch], ar_height=ar_h, ar_width=ar_w,
+                               cfg=args.cfg, temperature=args.temperature, seed=seeds, input_images=inputs)
+        out = dec.decode(bits, ar_h, ar_w, upsampling_ratio=upsample, steps=args.steps, guidance=args.decoder_cfg,
+                         seed=seeds).cpu()
+        for (r, k), im in zip(batch, out):
+            path = sample_path(run_dir, r["idx"], k)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            cli.atomic_write(path, lambda tmp: Image.fromarray(im.numpy()).save(tmp, format="PNG"))
+            print(path, flush=True)
+        bar.update(len(batch))
+    bar.close()
+    barrier(world)
+    if rank == 0:
+        missing = [(r["idx"], k) for r, k in jobs if not sample_path(run_dir, r["idx"], k).is_file()]
+        print(f"{run_dir}: {len(jobs) - len(missing)} of {len(jobs)} samples" +
+              (f"; missing: {missing[:5]}" if missing else ""), file=sys.stderr)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return 0
 
 
 if __name__ == "__main__":

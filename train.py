@@ -6,6 +6,7 @@
                                              # after a kill, the last state saved; the same final weights either way)
     torchrun --nproc_per_node 2 train.py     # data-parallel (gloo on CPU, nccl on GPU)
     python train.py --eval checkpoints/toy   # held-out scores of a checkpoint, one JSON line
+    python train.py --score out/toy_heldout  # a `sample.py --prompts` run of toy prompts, scored: one JSON line
 
 The stages follow the paper's recipe at toy scale, with the released model's classes:
   stage 1, the shared tokenizer (paper: "Visual Tokenizer is Key to Unification"): the vision tower and its four BSQ
@@ -515,16 +516,17 @@ def checkpoint_state(ctx: dict, opt) -> None:
 
 
 @torch.no_grad()
-def generate(net, tok, dec, prompts, settings: dict, *, input_images=None, seed: int = 0) -> np.ndarray:
-    """Prompts (+ input images for editing) -> decoded images (B, S, S, 3) uint8 with the checkpoint's settings."""
+def generate(net, tok, dec, prompts, settings: dict, *, input_images=None, seed: int = 0, first: int = 0
+             ) -> np.ndarray:
+    """Prompts number first, first + 1, ... (+ input images for editing) -> decoded images (B, S, S, 3) uint8 with
+    the checkpoint's settings; image i drawn from its own seed (model.sample_seed(seed, first + i)), so it is the
+    image `sample.py --prompts` writes for that prompt index, whatever the batch."""
     S = settings["ar_size"][0]
-    dev = net.lm_head.weight.device
-    ids, mask, pv, grid = M.build_generation_batch(net, tok, prompts, S, S, settings["cfg"], input_images)
-    out = M.generate_image(net, ids.to(dev), mask.to(dev), S, S, cfg=settings["cfg"],
-                           temperature=settings["temperature"], pixel_values=None if pv is None else pv.to(dev),
-                           image_grid_thw=grid, generator=torch.Generator(device=dev).manual_seed(seed))
-    imgs = dec.decode(out.bits, S, S, upsampling_ratio=settings["upsample"], steps=settings["steps"],
-                      guidance=settings["decoder_cfg"], seed=seed)
+    seeds = [M.sample_seed(seed, first + i) for i in range(len(prompts))]
+    bits = M.generate_bits(net, tok, list(prompts), ar_height=S, ar_width=S, cfg=settings["cfg"],
+                           temperature=settings["temperature"], seed=seeds, input_images=input_images)
+    imgs = dec.decode(bits, S, S, upsampling_ratio=settings["upsample"], steps=settings["steps"],
+                      guidance=settings["decoder_cfg"], seed=seeds)
     return imgs.cpu().numpy()
 
 
@@ -553,7 +555,7 @@ def evaluate(net, tok, dec, *, settings: dict, n: int = 64, batch: int = 32, see
     gen = []
     bar.set_postfix(task="generation")
     for i in range(0, n, batch):
-        imgs = generate(net, tok, dec, prompts[i:i + batch], settings, seed=seed + i)
+        imgs = generate(net, tok, dec, prompts[i:i + batch], settings, seed=seed, first=i)
         gen += [toy.score_image(im, p) for im, p in zip(imgs, prompts[i:i + batch])]
         bar.update(len(imgs))
     qa = toy.heldout_questions(n)
@@ -570,7 +572,7 @@ def evaluate(net, tok, dec, *, settings: dict, n: int = 64, batch: int = 32, see
     for i in range(0, n, batch):
         chunk = edits[i:i + batch]
         imgs = generate(net, tok, dec, [e.instruction for e in chunk], settings,
-                        input_images=[e.source for e in chunk], seed=seed + i)
+                        input_images=[e.source for e in chunk], seed=seed, first=i)
         ed += [toy.score_edit(im, e.target_scene)["correct"] for im, e in zip(imgs, chunk)]
         bar.update(len(chunk))
     bar.close()
@@ -676,6 +678,36 @@ def eval_main(ckpt: Path, device, n: int) -> int:
     return 0
 
 
+def score_run(run_dir: Path) -> dict:
+    """A `sample.py --prompts` run folder of toy prompts (<idx:05d>/metadata.json + samples/<k:04d>.png) read back by
+    the toy evaluator: "overall" is the fraction of samples fully correct (what --eval's generation figure counts),
+    "per_category" the same per the records' meta "tag", and the per-attribute fractions as --eval reports them."""
+    from PIL import Image
+
+    run_dir = Path(run_dir)
+    rows = []
+    for meta in sorted(run_dir.glob("*/metadata.json")):
+        try:
+            rec = json.loads(meta.read_text(encoding="utf-8"))
+            prompt, tag = rec["prompt"], (rec.get("meta") or {}).get("tag", "all")
+        except (OSError, ValueError, KeyError, AttributeError) as e:
+            raise cli.UsageError(f"--score: {meta} is not a record with a 'prompt' ({type(e).__name__})") from None
+        for png in sorted((meta.parent / "samples").glob("*.png")):
+            try:
+                scores = toy.score_image(np.asarray(Image.open(png).convert("RGB")), prompt)
+            except ValueError as e:
+                raise cli.UsageError(f"--score: {meta}: {e} (the toy evaluator reads toy prompts only)") from None
+            rows.append((tag, scores))
+    if not rows:
+        raise cli.UsageError(f"--score {run_dir}: no samples (<idx:05d>/metadata.json + samples/<k:04d>.png, as "
+                             "`sample.py --prompts` writes)")
+    out = {"overall": float(np.mean([s["correct"] for _, s in rows])), "samples": len(rows),
+           "per_category": {t: float(np.mean([s["correct"] for u, s in rows if u == t]))
+                            for t in sorted({t for t, _ in rows})}}
+    out.update({f"generation_{k}": float(np.mean([s[k] for _, s in rows])) for k in rows[0][1] if k != "correct"})
+    return out
+
+
 def read_sample_defaults(ckpt: Path) -> dict:
     """The fields of the checkpoint's uniar_sample.json, checked (cli.UsageError, a ValueError, naming the file and
     field; also when the file is missing)."""
@@ -739,6 +771,8 @@ def _main(argv, guard: cli.SignalGuard) -> int:
                     "replace an --out folder this run did not write")
     ap.add_argument("--smoke", action="store_true", help="the tests' tiny, one-minute configuration")
     ap.add_argument("--eval", type=Path, metavar="CKPT", help="only evaluate a checkpoint; print one JSON line")
+    ap.add_argument("--score", type=Path, metavar="RUN_DIR", help="only score a `sample.py --prompts` run of toy "
+                    "prompts with the toy evaluator; print one JSON line")
     ap.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
     ap.add_argument("--stop-after", type=int, default=None, help="stop (saving the state) after this many steps "
                     "in total, as if interrupted")
@@ -750,6 +784,9 @@ def _main(argv, guard: cli.SignalGuard) -> int:
                         help=f"default {f.default}" + (" (held-out examples per task)" if f.name == "eval_n" else ""))
     args = ap.parse_args(argv)
 
+    if args.score is not None:
+        print(json.dumps(score_run(args.score)))
+        return 0
     device = cli.resolve_device(args.device)
     if args.eval_n is not None:
         cli.check_int_range(args.eval_n, "--eval-n", 1, hint="held-out examples per task")
