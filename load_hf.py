@@ -582,7 +582,10 @@ def save_checkpoint(root, *, ar=None, tokenizer_dir=None, vision=None, decoder=N
 
 
 def default_dtype(device) -> torch.dtype:
-    """bf16 on GPU, fp32 on CPU."""
+    """The dtype a device runs the model in by default: bf16 on CUDA (the released weights' dtype, half the memory of
+    fp32); fp32 on the CPU and on Apple's MPS. On MPS, bf16 needs macOS 14 or later and fp16 has a narrower range than
+    the bf16 the model was trained in (activations can overflow), while fp32 works on every MPS system and matches
+    the CPU path (`sample.py --dtype bfloat16` halves the memory there on macOS 14+)."""
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 

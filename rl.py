@@ -53,12 +53,16 @@ import argparse
 import copy
 import itertools
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+# Apple's GPU: an operation the installed torch lacks on MPS runs on the CPU instead of stopping the run (read when
+# torch is imported; a value the user set is kept).
+os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
 import numpy as np
 import torch
 
@@ -411,7 +415,7 @@ def _main(argv, guard: cli.SignalGuard) -> int:
                     "(default 10; Ctrl-C / SIGTERM also save it)")
     ap.add_argument("--stop-after", type=int, default=None, help="stop (saving the state) after this many steps in "
                     "this process, as if interrupted")
-    ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    ap.add_argument("--device", default="auto", help="auto (CUDA, else Apple's MPS, else CPU), cpu, cuda, mps")
     ap.add_argument("--no-eval", action="store_true", help="skip the before / after evaluations")
     for f in fields(RLConfig):
         ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None,

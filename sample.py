@@ -16,10 +16,14 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
+# Apple's GPU: an operation the installed torch lacks on MPS runs on the CPU instead of stopping the run (torch reads
+# this when it is imported, so it is set first; a value the user set is kept).
+os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
 import torch
 
 import cli
@@ -37,23 +41,45 @@ def parse_size(s: str) -> tuple[int, int]:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """--dtype: 'auto' is the device's default (load_hf.default_dtype: bf16 on CUDA, fp32 on MPS and CPU)."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        import load_hf
+
+        return load_hf.default_dtype(device)
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident memory in bytes, from getrusage (Linux, macOS and the BSDs; no /proc), or None
+    where the system has no `resource` module (Windows). ru_maxrss is in bytes on macOS and in KiB elsewhere."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
 def peak_memory(device: torch.device) -> str:
+    """The memory part of the closing line: peak allocated GPU memory on CUDA, else the process's peak resident
+    memory (on MPS with the Metal driver's allocation at the end, which unified memory need not count as resident);
+    'peak memory not measured' where the system reports neither."""
     if device.type == "cuda":
         return f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
-    with open("/proc/self/status") as f:
-        hwm = next((int(l.split()[1]) for l in f if l.startswith("VmHWM:")), 0)
-    return f"peak resident memory {hwm / 2**20:.2f} GiB"
+    rss = peak_rss_bytes()
+    out = "peak memory not measured on this system" if rss is None else f"peak resident memory {rss / 2**30:.2f} GiB"
+    if device.type == "mps":
+        out += f", Metal driver memory at the end {torch.mps.driver_allocated_memory() / 2**30:.2f} GiB"
+    return out
 
 
 def release(device: torch.device) -> None:
+    """Hand the released model's memory back to the device before the next stage loads."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()
 
 
 def save_grid(images: torch.Tensor, path: Path) -> None:
@@ -117,9 +143,10 @@ def build_parser(d: dict, ckpt: Path, has_json: bool) -> argparse.ArgumentParser
                     f"min({MAX_NEW_TOKENS}, what the checkpoint's position budget text_config.max_position_embeddings "
                     "leaves after the prompt), decided at run time)")
     ap.add_argument("--answer-temperature", type=float, default=0.0, help="understanding: 0 = greedy (official)")
-    ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    ap.add_argument("--device", default="auto", help="auto (CUDA, else Apple's MPS, else CPU), cpu, cuda, "
+                    "cuda:1, mps")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                    help="auto: bfloat16 on GPU, float32 on CPU")
+                    help="auto: bfloat16 on CUDA, float32 on Apple's MPS and on the CPU")
     ap.add_argument("--out", type=Path, default=Path("out"), help="output folder")
     ap.add_argument("--save-bits", action="store_true", help="also save the generated bits (safetensors)")
     ap.add_argument("--cache-dir", type=Path, default=None, help="where the decoder prompt embeddings are cached")

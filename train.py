@@ -51,6 +51,9 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+# Apple's GPU: an operation the installed torch lacks on MPS runs on the CPU instead of stopping the run (read when
+# torch is imported; a value the user set is kept).
+os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -776,9 +779,10 @@ def _main(argv, guard: cli.SignalGuard) -> int:
     ap.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
     ap.add_argument("--stop-after", type=int, default=None, help="stop (saving the state) after this many steps "
                     "in total, as if interrupted")
-    ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    ap.add_argument("--device", default="auto", help="auto (CUDA, else Apple's MPS, else CPU), cpu, cuda, cuda:1, "
+                    "mps")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                    help="auto: bf16 autocast on GPU, fp32 on CPU")
+                    help="auto: bf16 autocast on CUDA, fp32 on Apple's MPS and on the CPU")
     for f in fields(TrainConfig):
         ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None,
                         help=f"default {f.default}" + (" (held-out examples per task)" if f.name == "eval_n" else ""))
@@ -799,8 +803,8 @@ def _main(argv, guard: cli.SignalGuard) -> int:
                                          if getattr(args, f.name) is not None}})
     bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda")
     if bf16 and device.type != "cuda":
-        raise cli.UsageError("--dtype bfloat16 needs a GPU (training on CPU runs in float32); use --dtype float32 "
-                             "or auto")
+        raise cli.UsageError("--dtype bfloat16 needs a CUDA GPU (training on the CPU or Apple's MPS runs in float32); "
+                             "use --dtype float32 or auto")
     run_dir = args.run_dir
     cli.check_out_folder(run_dir, "--run-dir")
     meta = cli.check_run_start(run_dir, args.resume, args.overwrite)

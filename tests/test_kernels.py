@@ -1,6 +1,7 @@
 """kernels/: the Triton kernels equal their PyTorch references. On CPU they run through TRITON_INTERPRET=1 (set by
 the README's test command, and by conftest when no GPU is present); each test calls the Triton path explicitly,
-never the fallback."""
+never the fallback. Where triton is not installed (macOS, Windows: it has no wheels there) the tests that need it
+are skipped with that reason; CI installs it (.ci/run checks), so there they always run."""
 import inspect
 import math
 
@@ -12,6 +13,9 @@ from kernels import bitwise as BW
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 BLOCK_N = inspect.signature(A.attention_triton).parameters["block_n"].default  # the kernel's key tile
+
+needs_triton = pytest.mark.skipif(BW.triton is None, reason="triton is not installed (it has no wheels for macOS or "
+                                  "Windows): the kernels cannot run, the model uses their PyTorch references")
 
 if BW.triton is not None:
     import triton
@@ -57,6 +61,7 @@ def _left_pad(B, L, n_pad):
 
 # ----- attention -----
 
+@needs_triton
 @pytest.mark.parametrize("D", [64, 72, 128])
 @pytest.mark.parametrize("Lq, Lk", [(37, 37), (1, 45), (6, 45)])  # prefill, decode against a cache, a chunk
 def test_causal_padded_gqa_equals_reference(D, Lq, Lk):
@@ -88,6 +93,7 @@ def _plain_softmax_attention(q, k, v, valid):
 
 
 # Lq: a prefill, a chunk spanning two query tiles, decode steps against a KV cache (queries are the last Lq keys)
+@needs_triton
 @pytest.mark.parametrize("D, Lq", [(64, 2 * BLOCK_N + 22), (64, BLOCK_N + 6), (72, 5), (64, 1)])
 def test_causal_over_several_key_tiles(D, Lq):
     """Keys span three BLOCK_N tiles (queries are the last Lq of them): the online softmax across tiles, the causal
@@ -109,6 +115,7 @@ def test_causal_over_several_key_tiles(D, Lq):
     assert (ref.double().cpu() - plain).abs().max().item() <= 1e-5  # the reference is the model's mask
 
 
+@needs_triton
 @pytest.mark.parametrize("D", [64, 72, 128])
 def test_varlen_bidirectional_equals_reference(D):
     """Per-image bidirectional attention (an image crosses the key-tile boundary) equals SDPA image by image."""
@@ -122,6 +129,7 @@ def test_varlen_bidirectional_equals_reference(D):
     assert (ref - per_image).abs().max().item() <= 1e-5  # the reference's mask is the per-image split
 
 
+@needs_triton
 def test_padding_row_sees_only_itself():
     """A query at a padded position (no valid key) returns its own value instead of NaN."""
     q, k, v = _qkv(1, 2, 2, 8, 8, 64)
@@ -131,6 +139,7 @@ def test_padding_row_sees_only_itself():
     assert torch.allclose(got[0, :, 2], v[0, :, 2], atol=1e-6)  # a padded query's only key is its own
 
 
+@needs_triton
 @pytest.mark.parametrize("D", [64, 72, 128])
 def test_bf16_against_fp32_reference(D):
     """bfloat16 inputs give a bfloat16 output within bf16 rounding of the float32 reference."""
@@ -141,6 +150,7 @@ def test_bf16_against_fp32_reference(D):
     assert got.dtype == torch.bfloat16 and (got.float() - ref).abs().max().item() <= 3e-2
 
 
+@needs_triton
 def test_model_attention_equals_kernel():
     """The model's attention (explicit causal + key-padding mask) is the kernel's reference case."""
     import model
@@ -155,6 +165,7 @@ def test_model_attention_equals_kernel():
 
 # ----- bitwise sampling -----
 
+@needs_triton
 @pytest.mark.parametrize("cfg", [1.0, 2.5])
 def test_bitwise_exact_with_same_uniforms(cfg):
     """Given uniforms, kernel bits and codes equal the reference's exactly (each row reads its own uniforms); with
@@ -171,6 +182,7 @@ def test_bitwise_exact_with_same_uniforms(cfg):
         assert torch.equal(p[:2], p[2:])
 
 
+@needs_triton
 def test_bitwise_frequencies_match_probabilities():
     """Statistical: over 64 seeded steps the count of ones per p(1) decile is within 3 s.e. of the guided p(1); a
     (seed, step) repeats, another step differs."""
@@ -190,6 +202,7 @@ def test_bitwise_frequencies_match_probabilities():
     assert not torch.equal(a, BW.sample_bits(logits, 1.5, 1.0, seed=3, step=1, backend="triton")[0])
 
 
+@needs_triton
 @pytest.mark.parametrize("cfg, rows", [(2.0, 4), (1.0, 3)])
 def test_bitwise_counter_stream_per_row_and_step(cfg, rows):
     """Seeded kernel draws are exactly the reference fed the documented counter uniforms
@@ -203,6 +216,7 @@ def test_bitwise_counter_stream_per_row_and_step(cfg, rows):
         assert torch.equal(bits, rbits) and torch.equal(codes, rcodes), step
 
 
+@needs_triton
 def test_bitwise_cond_and_uncond_rows_draw_their_own_numbers():
     """With cfg > 1 both halves sample the same guided p(1) but with their own random numbers: at p = 1/2 a cond row
     and its uncond row (and two cond rows, and one row at two steps) agree on about half the bits (5 s.d.), not all."""
@@ -215,7 +229,9 @@ def test_bitwise_cond_and_uncond_rows_draw_their_own_numbers():
 
 
 def test_dispatch_switch(monkeypatch):
-    """UNIAR_KERNELS picks the backend (auto: Triton on CUDA only) and rejects anything else."""
+    """UNIAR_KERNELS picks the backend (auto: Triton on CUDA only) and rejects anything else (triton stood in for,
+    so that the rule is checked where it is not installed too)."""
+    monkeypatch.setattr(BW, "triton", BW.triton or object())
     logits = torch.randn(2, 16, 2)
     monkeypatch.setenv("UNIAR_KERNELS", "torch")
     assert BW.backend_for(logits) == "torch"
@@ -228,14 +244,33 @@ def test_dispatch_switch(monkeypatch):
         BW.backend_for(logits)
 
 
+def test_without_triton_auto_is_pytorch_and_forcing_triton_is_a_clear_error(monkeypatch):
+    """Where triton is missing, auto picks the PyTorch references even for CUDA tensors, and UNIAR_KERNELS=triton
+    says that triton is not installed."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(BW, "triton", None)
+    on_cuda = SimpleNamespace(is_cuda=True)  # all the dispatch reads of a tensor
+    monkeypatch.delenv("UNIAR_KERNELS", raising=False)
+    assert BW.backend_for(on_cuda) == "torch"
+    monkeypatch.setenv("UNIAR_KERNELS", "triton")
+    with pytest.raises(ValueError, match="the Triton backend was asked for but triton is not installed"):
+        BW.backend_for(on_cuda)
+
+
 def test_bad_input():
-    """Malformed logits, odd rows under guidance, temperature 0 and non-divisible GQA heads are refused."""
+    """Malformed logits, odd rows under guidance and temperature 0 are refused."""
     with pytest.raises(ValueError, match="logits must be"):
         BW.sample_bits(torch.zeros(2, 16), 1.0, 1.0)
     with pytest.raises(ValueError, match="odd"):
         BW.sample_bits(torch.zeros(3, 16, 2), 2.0, 1.0)
     with pytest.raises(ValueError, match="temperature"):
         BW.sample_bits(torch.zeros(2, 16, 2), 1.0, 0.0)
+
+
+@needs_triton
+def test_attention_kernel_refuses_uneven_gqa_heads():
+    """Query heads that are not a multiple of the key/value heads are refused by the kernel."""
     q, k, v = _qkv(1, 3, 2, 4, 4, 64)
     with pytest.raises(ValueError, match="multiple of key/value heads"):
         A.attention(q, k, v, causal=True, backend="triton")
@@ -251,6 +286,7 @@ def golden_ar(golden):
     return load_hf.load_ar(golden.dir)
 
 
+@needs_triton
 def test_golden_rollout_with_the_attention_kernel(golden, golden_ar, monkeypatch):
     """UNIAR_KERNELS=triton: every attention of the tower, the backbone and the visual-decoder stack runs the flash
     kernel; the seeded golden rollout is unchanged."""
@@ -273,6 +309,7 @@ def _kernel_sampler_only(monkeypatch, backend):
     monkeypatch.setattr(model, "use_kernel", lambda x: False)
 
 
+@needs_triton
 def test_model_kernel_sampler_matches_its_reference(golden, golden_ar, monkeypatch):
     """Exact, step by step: generate_image(sampler="kernel") on the Triton sampler gives, for every row (cond and
     uncond) at every AR step i, the bits of the PyTorch reference `sample_bits_reference` on that step's logits with
@@ -317,7 +354,7 @@ def test_model_kernel_sampler_matches_its_reference(golden, golden_ar, monkeypat
     assert not torch.equal(rollout(2).bits, out.bits)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_triton), "torch"])
 def test_model_kernel_sampler_new_numbers_every_step_and_guided(golden_ar, monkeypatch, backend):
     """Statistical (the two backends draw different streams): a bit head with the SAME logits at every step, chosen
     so that the guided p(1) is 1/2 (cond d = 2, uncond d = 3, cfg = 3: 3 + 3 (2 - 3) = 0) while the unguided cond p(1)

@@ -353,8 +353,8 @@ def test_answer_loss_supervises_every_answer_token_and_the_end_of_turn(smoke_net
     (["--eval", "{ckpt}", "--eval-n", "0"], "--eval-n must be an integer >= 1, got 0 (held-out examples per task)"),
     (["--eval", "{ckpt}"], "{ckpt}/uniar_sample.json: field 'steps' must be an integer >= 1, got 0"),
     (["--device", "banana"], "--device 'banana' is not a device; use auto, cpu, cuda, cuda:N or mps"),
-    (["--device", "cpu", "--dtype", "bfloat16"], "--dtype bfloat16 needs a GPU (training on CPU runs in float32); use "
-                                                 "--dtype float32 or auto"),
+    (["--device", "cpu", "--dtype", "bfloat16"], "--dtype bfloat16 needs a CUDA GPU (training on the CPU or Apple's "
+                                                 "MPS runs in float32); use --dtype float32 or auto"),
     (["--stage1-steps", "x"], "argument --stage1-steps: invalid int value: 'x'"),
 ])
 def test_mistakes_are_one_line_errors(tmp_path, capsys, monkeypatch, flags, message):
