@@ -1,6 +1,7 @@
 """Benchmarks, printed as ratios measured in one run.
 
     python bench.py rollout    # CFG image rollout: visual-decoder KV cache vs the official recompute-every-step loop
+    python bench.py throughput --size 256   # images per second at batch 1, 4, 16 (toy checkpoint; mid-size AR)
     python bench.py step       # one full-size AR step (released config, random bf16 weights, batch 2) vs its
                                # physical limit, weight bytes / memory bandwidth (meant for a GPU)
 
@@ -148,7 +149,45 @@ def bench_step(args) -> dict:
     return out
 
 
-BENCHES = {"rollout": bench_rollout, "step": bench_step}
+def bench_throughput(args) -> dict:
+    """Images per second at batch 1, 4 and 16, 16 images each, as `sample.py --prompts` draws them (per-image
+    seeds): the toy checkpoint end to end (AR rollout + decoder, the decoder one image at a time), and the mid-size
+    model's AR rollout alone (random weights, `--size` px). Printed as ratios to batch 1."""
+    import load_hf
+    import toy
+    from pathlib import Path
+
+    ckpt = Path(__file__).resolve().parent / "checkpoints" / "toy"
+    net, tok = load_hf.load_ar(ckpt, device=args.device)
+    dec = load_hf.load_decoder(ckpt, device=args.device)
+    prompts, seeds = toy.heldout_prompts(16), [M.sample_seed(0, i) for i in range(16)]
+    torch.manual_seed(0)
+    mid = M.UniAR(mid_config(args.vd_depth)).to(args.device).eval()
+    ids = torch.randint(0, 1000, (16, args.prompt_len), generator=torch.Generator().manual_seed(1))
+    ids[:, -1] = mid.cfg.vision_start_token_id
+
+    def toy_run(b):
+        for i in range(0, 16, b):
+            bits = M.generate_bits(net, tok, prompts[i:i + b], ar_height=64, ar_width=64, cfg=1.5, seed=seeds[i:i + b])
+            dec.decode(bits, 64, 64, upsampling_ratio=1.0, steps=10, guidance=1.5, seed=seeds[i:i + b])
+
+    def mid_run(b):
+        for i in range(0, 16, b):
+            rows = torch.cat([ids[i:i + b], torch.zeros_like(ids[i:i + b])]).to(args.device)  # [cond; uncond]
+            rows[b:, -1] = mid.cfg.vision_start_token_id
+            M.generate_image(mid, rows, torch.ones_like(rows), args.size, args.size, cfg=args.cfg,
+                             generator=[torch.Generator(args.device).manual_seed(s) for s in seeds[i:i + b]])
+
+    out = {}
+    for name, fn in (("toy checkpoint, AR + decoder", toy_run), (f"mid-size AR, {args.size} px", mid_run)):
+        fn(1)  # warm-up
+        rate = {b: 16 / _timed(lambda: fn(b))[1] for b in (1, 4, 16)}
+        print(f"{name}: " + ", ".join(f"batch {b}: {r:.2f} img/s ({r / rate[1]:.2f}x)" for b, r in rate.items()))
+        out[name] = rate
+    return out
+
+
+BENCHES = {"rollout": bench_rollout, "step": bench_step, "throughput": bench_throughput}
 
 
 def main(argv=None):

@@ -112,6 +112,11 @@ NOT_RUN = {  # README commands the suite does not run, and why
     "python train.py\n": "18 minutes at its defaults: tests/test_train.py runs the same code at the smoke size, and "
                          "test_a_run_never_replaces_what_it_did_not_write its default output folder",
     "python rl.py\n": "9 minutes at its defaults: tests/test_rl.py runs the same code at a tiny size",
+    "torchrun --nproc_per_node 8": "8 GPUs and the released checkpoint: tests/test_prompts.py runs torchrun with 2 "
+                                   "CPU processes on the toy checkpoint",
+    "python sample.py --prompts prompts/toy_heldout.jsonl": "256 images: tests/test_prompts.py runs its first 16 "
+                                                             "records and checks --score against the evaluation",
+    "python train.py --score": "tests/test_prompts.py (test_score_of_a_prompt_file_run_equals_the_evaluation)",
 }
 RUN = {  # the rest: the test below that runs the command and checks its outcome
     "python sample.py\n": "test_sample_with_no_argument",
@@ -126,7 +131,7 @@ def bash_commands() -> list:
     out = []
     for block in re.findall(r"```bash\n(.*?)```", README.read_text(), re.S):
         for line in block.splitlines():
-            line = re.sub(r"\s+#.*$", "", line).strip()
+            line = re.sub(r"(^|\s+)#.*$", "", line).strip()
             out += [part.strip() + "\n" for part in line.split("&&") if part.strip()]
     return out
 
@@ -170,7 +175,7 @@ def test_command_line_examples_on_the_toy_checkpoint(workdir):
     """The README's sample.py commands with `--ckpt UniAR-RL` replaced by the shipped toy checkpoint (and the GRPO
     checkpoint's command as written): the text-to-image prompts are drawn as the toy evaluator reads them, the edit
     shows the edited scene, and the printed answer is the right one."""
-    cmds = [c for c in bash_commands() if c.startswith("python sample.py --")]
+    cmds = [c for c in bash_commands() if c.startswith("python sample.py --") and "--prompts" not in c]
     kinds = set()
     for cmd in cmds:
         argv = shlex.split(cmd.replace("--ckpt UniAR-RL", "--ckpt checkpoints/toy"))
