@@ -31,9 +31,8 @@ Departures from the paper / official code (whose tokenizer, decoder and SFT trai
     - Stage 2 flips each bit the AR model reads (input images, and the teacher-forced tokens of the image being
       generated) with probability `read_flip_prob` (noisy_reading); the targets stay clean. The model thereby learns
       to read codes near the ones it was trained on, which is what it meets at inference (its own sampled bits, and
-      the held-out objects' codes, which no training image contains). The shipped run (read_flip_prob 0.1) scores
-      92.2% / 100% / 96.5% on held-out generation / understanding / editing; the same recipe without read flips
-      scored 87.9% / 99.6% / 54.7% (the README has the table).
+      the held-out objects' codes, which no training image contains). Without read flips held-out editing
+      collapses (the README has the table).
     - Classifier-free guidance is learned by dropping the prompt text (edit: the instruction only) with
       probability `cfg_drop`, the AR analogue of the decoder's condition dropout.
 
