@@ -7,11 +7,14 @@ Released layout (one folder; each part may also be given by its own path):
     <root>/sd3_transformer/config.json, diffusion_pytorch_model*.safetensors   the MMDiT decoder
     <root>/sd3_pipeline/vae/, scheduler/, text_encoder{,_2,_3}/, tokenizer{,_2,_3}/   SD3 pipeline parts
 
-How a part is loaded: its config is parsed into the project's dataclass (values validated), the module is built on
-the meta device (no memory), every tensor is read from memory-mapped safetensors through a declarative key map
-(renames, explicit drops), converted to the requested dtype one tensor at a time, and assigned in place. Missing,
-unexpected and mis-shaped keys are all collected and reported in one error. Loading therefore never holds two
-copies of the weights.
+How a part is loaded: its config file is checked against its schema (`config_schema.py`: every field that sets a
+shape or a computation is required, each value's type and range are checked) and parsed into the project's
+dataclass, the module is built on the meta device (no memory), every tensor is read from memory-mapped safetensors
+through a declarative key map (renames, explicit drops), converted to the requested dtype one tensor at a time, and
+assigned in place. Missing, unexpected and mis-shaped keys, tensors of a dtype the module cannot take (an int8 or
+bool tensor where a float weight belongs) and weights holding NaN or inf are all reported in one error naming the
+file and the tensors; a shard index must agree with the shards' headers. Loading therefore never holds two copies
+of the weights, and a damaged checkpoint is an error, never wrong images.
 """
 from __future__ import annotations
 
@@ -21,13 +24,14 @@ import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple
 
 import torch
 import torch.nn as nn
 from safetensors import safe_open
 
 import cli
+import config_schema as schema
 
 EXPECTED_LAYOUT = """expected layout of a UniAR checkpoint folder:
   <root>/config.json + model.safetensors (or model.safetensors.index.json + shards) + tokenizer.json ...
@@ -93,29 +97,67 @@ def read_config(path) -> dict:
     try:
         with open(path) as f:
             return json.load(f)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON ({e})") from None
 
 
+def checked_config(d, where, check: Callable, *args) -> dict:
+    """`check(d, where, *args)` from config_schema: the file's contents with the defaults of absent optional fields
+    filled in, or a CheckpointError naming the file and the field."""
+    try:
+        return check(d, where, *args)
+    except schema.ConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+
 def weight_files(folder, stem: str = "model") -> list[Path]:
-    """The safetensors files of one part: `<stem>.safetensors`, or the shards named by `<stem>.safetensors.index.json`."""
+    """The safetensors files of one part: `<stem>.safetensors`, or the shards named by `<stem>.safetensors.index.json`
+    (checked against the shards' headers: every key it maps must be in the shard it names, every key of a shard
+    must be mapped to that shard)."""
     folder = Path(folder)
     single, index = folder / f"{stem}.safetensors", folder / f"{stem}.safetensors.index.json"
     if single.exists():
         return [single]
     if index.exists():
-        shards = sorted(set(read_config(index).get("weight_map", {}).values()))
-        if not shards:
-            raise CheckpointError(f"{index} has an empty weight_map")
-        missing = [s for s in shards if not (folder / s).exists()]
-        if missing:
-            raise CheckpointError(f"{index} names shards that are missing: {missing}")
-        return [folder / s for s in shards]
+        return _index_shards(index)
     found = sorted(p.name for p in folder.glob("*.safetensors"))
     if len(found) == 1:
         return [folder / found[0]]
     raise CheckpointError(f"no weights in {folder}: expected {single.name} or {index.name}"
                           + (f" (found {found})" if found else ""))
+
+
+def _index_shards(index: Path) -> list[Path]:
+    d = read_config(index)
+    wmap = d.get("weight_map") if isinstance(d, dict) else None
+    if not isinstance(wmap, dict) or not wmap:
+        raise CheckpointError(f"{index}: field 'weight_map' must be a non-empty JSON object {{tensor key: shard "
+                              f"file}}, got {json.dumps(wmap)[:80]}")
+    for k, v in wmap.items():
+        if not isinstance(v, str) or not v or Path(v).name != v:
+            raise CheckpointError(f"{index}: weight_map['{k}'] must be the file name of a shard in {index.parent}, "
+                                  f"got {json.dumps(v)[:80]}")
+    shards = sorted(set(wmap.values()))
+    missing = [s for s in shards if not (index.parent / s).is_file()]
+    if missing:
+        raise CheckpointError(f"{index} names shards that are missing: {missing}")
+    held = {}  # key -> the shard whose header holds it
+    for s in shards:
+        with _open(index.parent / s) as st:
+            for k in st.keys():
+                if k in held:
+                    raise CheckpointError(f"{index}: key '{k}' appears in both {held[k]} and {s}")
+                held[k] = s
+    for k, s in wmap.items():
+        if held.get(k) != s:
+            where = f"it is in {held[k]}" if k in held else "no shard holds it"
+            raise CheckpointError(f"{index}: weight_map maps '{k}' to {s}, but that shard does not hold it ({where}); "
+                                  "the index does not belong to these shards: re-download the index and the shards")
+    for k, s in held.items():
+        if k not in wmap:
+            raise CheckpointError(f"{index}: shard {s} holds '{k}', which the weight_map does not list; the index does "
+                                  "not belong to these shards: re-download the index and the shards")
+    return [index.parent / s for s in shards]
 
 
 def _open(path: Path):
@@ -125,15 +167,22 @@ def _open(path: Path):
         raise CheckpointError(f"{path}: not a readable safetensors file, corrupt or truncated ({e})") from None
 
 
-def tensor_index(files: Iterable[Path]) -> dict[str, tuple[Path, list[int]]]:
-    """{key: (file, shape)} over all shards, from the headers only."""
-    out: dict[str, tuple[Path, list[int]]] = {}
+class TensorInfo(NamedTuple):
+    file: Path
+    shape: list[int]
+    dtype: str  # safetensors' name: "F32", "BF16", "I64", "I8", "BOOL", ...
+
+
+def tensor_index(files: Iterable[Path]) -> dict[str, TensorInfo]:
+    """{key: (file, shape, dtype)} over all shards, from the headers only."""
+    out: dict[str, TensorInfo] = {}
     for f in files:
         with _open(f) as st:
             for k in st.keys():
                 if k in out:
-                    raise CheckpointError(f"key {k} appears in both {out[k][0].name} and {f.name}")
-                out[k] = (f, list(st.get_slice(k).get_shape()))
+                    raise CheckpointError(f"key {k} appears in both {out[k].file.name} and {f.name}")
+                sl = st.get_slice(k)
+                out[k] = TensorInfo(f, list(sl.get_shape()), sl.get_dtype())
     return out
 
 
@@ -202,26 +251,68 @@ def module_shapes(module: nn.Module) -> dict[str, list[int]]:
     return {k: list(v.shape) for k, v in module.state_dict().items()}
 
 
+# safetensors dtype names as torch spells them, for messages; a floating-point weight may be stored in any of
+# FLOAT_DTYPES (it is converted on load), an integer buffer only in its own dtype.
+DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
+               "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+               "BOOL": "bool"}
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+
+
+def _listed(items: list[str], n: int = 6) -> str:
+    return "; ".join(items[:n]) + (f"; and {len(items) - n} more" if len(items) > n else "")
+
+
+def check_dtypes(module: nn.Module, index: dict[str, TensorInfo], plan: dict[str, str], where: str) -> None:
+    """Each planned tensor's stored dtype against what its place in the module takes: a floating-point weight needs
+    a float dtype of FLOAT_DTYPES (an int8 / bool / float8 tensor is refused, not cast), an integer buffer its own
+    integer dtype. One CheckpointError naming the tensors and their files."""
+    want = {k: v.dtype for k, v in module.state_dict().items()}
+    bad = []
+    for mk, fk in plan.items():
+        info, w = index[fk], want[mk]
+        have = DTYPE_NAMES.get(info.dtype, info.dtype)
+        if w.is_floating_point and info.dtype not in FLOAT_DTYPES:
+            bad.append(f"'{fk}' in {info.file.name} is {have}, but it is a floating-point weight: store it as "
+                       "float32, float16 or bfloat16 (quantized checkpoints are not supported)")
+        elif not w.is_floating_point and have != str(w).removeprefix("torch."):
+            bad.append(f"'{fk}' in {info.file.name} is {have}, but it is an integer buffer: store it as "
+                       f"{str(w).removeprefix('torch.')}")
+    if bad:
+        raise CheckpointError(f"cannot load {where}: {_listed(bad)}")
+
+
+def finite_check_default() -> bool:
+    """Whether load_weights checks that every weight is finite when not told: yes, unless the environment sets
+    UNIAR_SKIP_FINITE_CHECK=1."""
+    return os.environ.get("UNIAR_SKIP_FINITE_CHECK", "") not in ("1", "true", "yes")
+
+
 def load_weights(module: nn.Module, files: list[Path], keymap: KeyMap | None = None, *, dtype=None,
-                 device="cpu", where: str | None = None, only: Callable[[str], bool] | None = None) -> LoadReport:
+                 device="cpu", where: str | None = None, only: Callable[[str], bool] | None = None,
+                 check_finite: bool | None = None) -> LoadReport:
     """Fill `module` (typically built on the meta device) from safetensors `files`, strictly.
 
     Floating tensors are converted to `dtype` (None keeps the file's), integer buffers keep theirs. `only` restricts
     loading to module keys it accepts (the others stay as built, e.g. on meta, and must not be used).
+    check_finite (default: `finite_check_default()`): every floating tensor, as loaded (converted), must hold no NaN
+    or inf; one min/max reduction per tensor, read once the tensor is in place, so the check costs no memory.
     """
     keymap = keymap or KeyMap()
     where = where or ", ".join(str(f) for f in files)
+    check_finite = finite_check_default() if check_finite is None else check_finite
     index = tensor_index(files)
     shapes = module_shapes(module)
     if only is not None:
         shapes = {k: v for k, v in shapes.items() if only(k)}
         keymap = KeyMap(keymap.rename, keymap.drop + [re.escape(fk) for fk in index
                                                       if not only(keymap.to_module(fk))], keymap.alias)
-    plan = plan_load(shapes, {k: s for k, (_, s) in index.items()}, keymap, where)
+    plan = plan_load(shapes, {k: info.shape for k, info in index.items()}, keymap, where)
+    check_dtypes(module, index, plan, where)
     by_file: dict[Path, list[tuple[str, str]]] = {}
     for mk, fk in plan.items():
-        by_file.setdefault(index[fk][0], []).append((mk, fk))
-    state = {}
+        by_file.setdefault(index[fk].file, []).append((mk, fk))
+    state, finite = {}, []  # finite: (file key, 0-d bool tensor), read in one go at the end (one device sync)
     for f, pairs in by_file.items():
         # Tensors come from a memory map. When they are converted (dtype / device), the mapped pages already read
         # are dropped by reopening the map every ~256 MiB, so the peak stays near the size of the result.
@@ -236,6 +327,9 @@ def load_weights(module: nn.Module, files: list[Path], keymap: KeyMap | None = N
                 t = t.to(dtype)
             t = t.to(device)
             state[mk] = t
+            if check_finite and t.is_floating_point() and t.numel():
+                lo, hi = torch.aminmax(t)  # NaN propagates into both; +-inf shows in one
+                finite.append((fk, torch.isfinite(lo) & torch.isfinite(hi)))
             if t.data_ptr() != src.data_ptr():
                 mapped += src.numel() * src.element_size()
                 del src
@@ -243,9 +337,33 @@ def load_weights(module: nn.Module, files: list[Path], keymap: KeyMap | None = N
                     st.__exit__(None, None, None)
                     st, mapped = _open(f), 0
         st.__exit__(None, None, None)
+    if finite:
+        ok = torch.stack([v for _, v in finite]).tolist()
+        bad = [fk for (fk, _), good in zip(finite, ok) if not good]
+        if bad:
+            raise CheckpointError(_non_finite_message(bad, index, dtype, where))
     _assign(module, state)
     dropped = sorted(k for k in index if keymap.dropped(k))
     return LoadReport(loaded=len(state), dropped=dropped)
+
+
+def _non_finite_message(keys: list[str], index: dict[str, TensorInfo], dtype, where: str) -> str:
+    """NaN / inf in the file (a damaged checkpoint), or values the conversion to `dtype` overflowed."""
+    damaged, overflowed = [], []
+    for fk in keys:
+        info = index[fk]
+        with _open(info.file) as st:
+            lo, hi = torch.aminmax(st.get_tensor(fk))
+        (damaged if not (torch.isfinite(lo) and torch.isfinite(hi)) else overflowed).append(f"'{fk}' in "
+                                                                                             f"{info.file.name}")
+    parts = []
+    if damaged:
+        parts.append(f"NaN or inf values in {_listed(damaged)}; the checkpoint is damaged: download it again")
+    if overflowed:
+        name = str(dtype).removeprefix("torch.")
+        parts.append(f"values beyond the range of {name} in {_listed(overflowed)} (they became inf on conversion); "
+                     "load in bfloat16 or float32")
+    return f"cannot load {where}: " + "; ".join(parts)
 
 
 def _assign(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -308,12 +426,10 @@ def load_vision(folder, *, dtype=None, device="cpu", decoder_only: bool = False)
 
 
 def vision_config(d: dict, where):
+    """A vision config (bsq_encoder/config.json, or the root's vision_config) -> bsq.VisionConfig, checked."""
     import bsq
 
-    if d.get("use_bsq", True) is not True:
-        raise CheckpointError(f"{where}: use_bsq must be true for a UniAR tokenizer, got {d.get('use_bsq')!r}")
-    if d.get("bsq_dim", 64) != 64:
-        raise CheckpointError(f"{where}: bsq_dim {d.get('bsq_dim')} is not supported (the 64-bit index needs 64)")
+    d = checked_config(d, where, schema.check, schema.VISION)
     try:
         return bsq.VisionConfig.from_dict(d)
     except (TypeError, ValueError) as e:
@@ -331,12 +447,7 @@ def ar_config(root: Path):
     import model as M
 
     path = root / "config.json"
-    d = read_config(path)
-    if d.get("model_type") not in (None, "uniar"):
-        raise CheckpointError(f"{path}: model_type {d.get('model_type')!r} is not 'uniar'")
-    for flag in ("vistok_pred", "visual_transformer_decoder"):
-        if d.get(flag) is not True:
-            raise CheckpointError(f"{path}: {flag} must be true for UniAR generation, got {d.get(flag)!r}")
+    d = checked_config(read_config(path), path, schema.check_ar)
     try:
         cfg = M.UniARConfig.from_dict(d)
     except (TypeError, ValueError) as e:
@@ -409,13 +520,50 @@ def _pipeline_dir(root) -> Path:
 PROMPT_EMBEDS_FILE = "prompt_embeds.safetensors"
 
 
-def _part(factory_cfg, folder: Path, where: str):
+def _read_prompt_embeds(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """A project checkpoint's stored decoder prompt embeddings (`prompt_embeds`, `pooled`): floating point and,
+    unless UNIAR_SKIP_FINITE_CHECK says otherwise, finite, as every weight."""
+    info = tensor_index([path])
+    out = []
+    for k in ("prompt_embeds", "pooled"):
+        if k not in info:
+            raise CheckpointError(f"{path}: no tensor '{k}' (the file holds {sorted(info)})")
+        if info[k].dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"{path}: tensor '{k}' is {DTYPE_NAMES.get(info[k].dtype, info[k].dtype)}; store "
+                                  "it as float32, float16 or bfloat16")
+        with _open(path) as st:
+            t = st.get_tensor(k)
+        if finite_check_default() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{path}: NaN or inf values in '{k}'; the checkpoint is damaged: download it again")
+        out.append(t)
+    return out[0], out[1]
+
+
+def _part(factory_cfg, path: Path, check: Callable, *args):
+    """Config file -> checked against its schema (config_schema) -> the project's config dataclass."""
+    d = checked_config(read_config(path), path, check, *args)
     try:
-        return factory_cfg(read_config(folder / "config.json"))
+        return factory_cfg(d)
     except (TypeError, ValueError) as e:
-        if isinstance(e, CheckpointError):
-            raise
-        raise CheckpointError(f"{folder / 'config.json'}: invalid {where} config ({e})") from None
+        raise CheckpointError(f"{path}: invalid config ({e})") from None
+
+
+def transformer_config(root):
+    """`sd3_transformer/config.json` -> decoder.MMDiTConfig, checked. A pixel-space decoder (no sd3_pipeline/vae/,
+    this project's own) must state its prediction_type; the released layout's has none and predicts velocity."""
+    import decoder as D
+
+    path = resolve_part(root, "sd3_transformer") / "config.json"
+    pixel_space = not (_pipeline_dir(root) / "vae").is_dir()
+    return _part(D.MMDiTConfig.from_dict, path, schema.check_mmdit, pixel_space)
+
+
+def vae_config(root):
+    """`sd3_pipeline/vae/config.json` -> decoder.VAEConfig, checked; None for a pixel-space decoder (no vae/)."""
+    import decoder as D
+
+    vae = _pipeline_dir(root) / "vae"
+    return _part(D.VAEConfig.from_dict, vae / "config.json", schema.check, schema.VAE) if vae.is_dir() else None
 
 
 def load_text_encoders(pipeline_dir, *, dtype=torch.float32, device="cpu", max_sequence_length: int = 256) -> dict:
@@ -424,18 +572,20 @@ def load_text_encoders(pipeline_dir, *, dtype=torch.float32, device="cpu", max_s
     import text_encoders as TE
 
     root = Path(pipeline_dir)
-    out = {}
-    for name, enc, tok, cls, ccls, km in (
-            ("clip_l", "text_encoder", "tokenizer", TE.CLIPTextModel, TE.CLIPTextConfig, None),
-            ("clip_g", "text_encoder_2", "tokenizer_2", TE.CLIPTextModel, TE.CLIPTextConfig, None),
-            ("t5", "text_encoder_3", "tokenizer_3", TE.T5Encoder, TE.T5Config, T5_KEYMAP)):
+    out, parts = {}, []
+    for name, enc, tok, cls, ccls, fields, km in (
+            ("clip_l", "text_encoder", "tokenizer", TE.CLIPTextModel, TE.CLIPTextConfig, schema.CLIP, None),
+            ("clip_g", "text_encoder_2", "tokenizer_2", TE.CLIPTextModel, TE.CLIPTextConfig, schema.CLIP, None),
+            ("t5", "text_encoder_3", "tokenizer_3", TE.T5Encoder, TE.T5Config, schema.T5, T5_KEYMAP)):
         if not (root / enc).is_dir():
             if name == "t5":
                 out[name] = None
                 continue
             raise CheckpointError(f"{root}: missing {enc}/ (the decoder prompt is encoded once with it, then cached)"
                                   f"\n{EXPECTED_LAYOUT}")
-        cfg = _part(ccls.from_dict, root / enc, name)
+        parts.append((name, enc, tok, cls, _part(ccls.from_dict, root / enc / "config.json", schema.check, fields),
+                      km))
+    for name, enc, tok, cls, cfg, km in parts:  # every config is checked before any weights are read
         model = build_on_meta(lambda: cls(cfg))
         load_weights(model, weight_files(root / enc), km, dtype=dtype, device=device, where=str(root / enc))
         try:
@@ -461,26 +611,22 @@ def load_decoder(root, *, dtype=None, device="cpu", cache_dir=None, prompt_embed
     root = Path(root)
     vision = load_vision(root, dtype=dtype, device=device, decoder_only=True)
     tdir = resolve_part(root, "sd3_transformer")
-    tcfg = _part(D.MMDiTConfig.from_dict, tdir, "transformer")
+    tcfg = transformer_config(root)
     transformer = build_on_meta(lambda: D.MMDiT(tcfg))
     load_weights(transformer, weight_files(tdir, "diffusion_pytorch_model"), dtype=dtype, device=device,
                  where=str(tdir))
     pipe = _pipeline_dir(root)
     vae = None  # no vae/: a pixel-space decoder (the project's toy checkpoints)
-    if (pipe / "vae").is_dir():
-        vcfg = _part(D.VAEConfig.from_dict, pipe / "vae", "VAE")
+    vcfg = vae_config(root)
+    if vcfg is not None:
         vae = build_on_meta(lambda: D.VAE(vcfg))
         load_weights(vae, weight_files(pipe / "vae", "diffusion_pytorch_model"), VAE_KEYMAP, dtype=dtype,
                      device=device, where=str(pipe / "vae"))
         vae.eval()
-    sched_path = pipe / "scheduler" / "scheduler_config.json"
-    try:
-        sched = D.SchedulerConfig.from_dict(read_config(sched_path))
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{sched_path}: {e}") from None
+    sched = _part(D.SchedulerConfig.from_dict, pipe / "scheduler" / "scheduler_config.json", schema.check,
+                  schema.SCHEDULER)
     if prompt_embeds is None and (pipe / PROMPT_EMBEDS_FILE).exists():
-        with _open(pipe / PROMPT_EMBEDS_FILE) as st:
-            prompt_embeds = (st.get_tensor("prompt_embeds"), st.get_tensor("pooled"))
+        prompt_embeds = _read_prompt_embeds(pipe / PROMPT_EMBEDS_FILE)
     if prompt_embeds is None:
         prompt_embeds = TE.cached_prompt_embeds(pipe, cache_dir or default_cache_dir(), D.DECODER_PROMPT,
                                                 tcfg.joint_attention_dim, device=device)
@@ -616,19 +762,41 @@ class _Synthetic(nn.Module):
         self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(n))
 
 
-def _bench_child(path: str, n: int, width: int, dtype: str) -> None:
-    """Runs in a fresh process: build on meta, load, report (baseline RSS, peak RSS) as JSON."""
+def _bench_child(path: str, n: int, width: int, dtype: str, device: str = "cpu") -> None:
+    """Runs in a fresh process: build on meta, load, report (baseline RSS, peak RSS) as JSON; then the load time
+    with and without the finiteness check onto `device` (alternating, best of 3 each; the file is in the page cache
+    by then)."""
+    import time
+
     base = _rss_bytes()
     with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
         f.write("5")
     model = build_on_meta(lambda: _Synthetic(n, width))
     load_weights(model, [Path(path)], dtype=getattr(torch, dtype))
+    peak = _peak_rss_bytes()
     s = sum(p.float().sum().item() for p in model.parameters())  # touch every weight
-    print(json.dumps({"base": base, "peak": _peak_rss_bytes(), "checksum": s}))
+    del model
+    times = {(check, touch): [] for check in (False, True) for touch in (False, True)}
+    for _ in range(3):
+        for check, touch in times:
+            model = build_on_meta(lambda: _Synthetic(n, width))
+            t0 = time.perf_counter()
+            load_weights(model, [Path(path)], dtype=getattr(torch, dtype), device=device, check_finite=check)
+            if touch:  # one pass over every weight, as a first forward makes: a kept float32 map is read only here
+                for p in model.parameters():
+                    p.sum()
+            if device != "cpu":
+                torch.cuda.synchronize()
+            times[check, touch].append(time.perf_counter() - t0)
+            del model
+    print(json.dumps({"base": base, "peak": peak, "checksum": s,
+                      **{f"{'checked' if c else 'plain'}_{'touched' if t else 'load'}": min(v)
+                         for (c, t), v in times.items()}}))
 
 
-def bench_memory(gib: float = 1.0, dtype: str = "float32", folder: str | None = None) -> float:
-    """Write a synthetic float32 checkpoint of about `gib` GiB, load it in a fresh process, print peak RSS / size."""
+def bench_memory(gib: float = 1.0, dtype: str = "float32", folder: str | None = None, device: str = "cpu") -> float:
+    """Write a synthetic float32 checkpoint of about `gib` GiB, load it in a fresh process, print peak RSS / size
+    (loading to the CPU) and the load time onto `device` with and without the finiteness check."""
     import subprocess
     import sys
     import tempfile
@@ -642,13 +810,17 @@ def bench_memory(gib: float = 1.0, dtype: str = "float32", folder: str | None = 
     save_file({f"layers.{i}.{k}": v for i in range(n)
                for k, v in (("weight", torch.randn(width, width)), ("bias", torch.randn(width)))}, str(path))
     size = path.stat().st_size
-    out = subprocess.run([sys.executable, __file__, "--bench-child", str(path), str(n), str(width), dtype],
+    out = subprocess.run([sys.executable, __file__, "--bench-child", str(path), str(n), str(width), dtype, device],
                          capture_output=True, text=True, check=True).stdout
     r = json.loads(out.strip().splitlines()[-1])
     ratio = (r["peak"] - r["base"]) / size
     print(f"synthetic checkpoint {size / 2**30:.2f} GiB ({n} x Linear({width}, {width}), float32) loaded as {dtype}: "
           f"peak RSS above baseline {(r['peak'] - r['base']) / 2**30:.2f} GiB = {ratio:.3f} x file size "
           f"(baseline after imports {r['base'] / 2**30:.2f} GiB)")
+    for what, key in (("load", "load"), ("load + one pass over every weight", "touched")):
+        plain, checked = r[f"plain_{key}"], r[f"checked_{key}"]
+        print(f"  {what} onto {device} (best of 3): {plain:.3f} s without the finiteness check, {checked:.3f} s with "
+              f"it ({100 * (checked / plain - 1):+.0f}%)")
     tmp.cleanup()
     return ratio
 
@@ -658,15 +830,16 @@ if __name__ == "__main__":
     import sys
 
     if len(sys.argv) > 1 and sys.argv[1] == "--bench-child":
-        _bench_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
+        _bench_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6])
         sys.exit(0)
     ap = argparse.ArgumentParser(description="load_hf.py benchmarks")
     ap.add_argument("--bench-memory", action="store_true", help="peak RSS while loading a synthetic checkpoint")
     ap.add_argument("--gib", type=float, default=1.0)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--device", default="cpu", help="where the timed loads put the weights (cpu, cuda)")
     args = ap.parse_args()
     if args.bench_memory:
         for dt in ([args.dtype] if args.dtype != "float32" else ["float32", "bfloat16"]):
-            bench_memory(args.gib, dt)
+            bench_memory(args.gib, dt, device=args.device)
     else:
         ap.print_help()

@@ -350,13 +350,10 @@ def _ar_parts(ckpt: Path):
 
 def decoder_geometry(ckpt: Path) -> tuple[int, int]:
     """(pixels per decoder token = VAE scale x patch size, pos_embed_max_size) from the decoder's configs."""
-    import decoder as D
     import load_hf
 
-    tcfg = load_hf._part(D.MMDiTConfig.from_dict, load_hf.resolve_part(ckpt, "sd3_transformer"), "transformer")
-    pipe = load_hf._pipeline_dir(ckpt)
-    scale = load_hf._part(D.VAEConfig.from_dict, pipe / "vae", "VAE").scale if (pipe / "vae").is_dir() else 1
-    return scale * tcfg.patch_size, tcfg.pos_embed_max_size
+    tcfg, vcfg = load_hf.transformer_config(ckpt), load_hf.vae_config(ckpt)
+    return (1 if vcfg is None else vcfg.scale) * tcfg.patch_size, tcfg.pos_embed_max_size
 
 
 def warn_unknown_words(tok, text: str, flag: str, root: Path) -> None:

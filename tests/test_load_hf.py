@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 import bsq
 import load_hf
-from conftest import golden_dir
+from conftest import ROOT, golden_dir
 
 
 def test_vision_part_loads_like_a_strict_state_dict(golden):
@@ -95,13 +95,261 @@ def test_missing_unexpected_and_mismatched_keys_reported_together(tmp_path, gold
     assert "merger.linear_fc2.bias: file" in msg
 
 
-def test_invalid_config_value(tmp_path, golden):
+# ----- configs checked like tensors: the message names the file and the field -----
+
+RESTORE = "restore it from the checkpoint's original file"
+
+
+def _edit_json(path, change):
+    """Apply `change` to the JSON file (in place; a returned value replaces the whole content)."""
+    d = json.loads(path.read_text())
+    out = change(d)
+    path.write_text(json.dumps(d if out is None or not isinstance(out, list) else out))
+
+
+def _checkpoint_copy(src, tmp_path):
+    root = tmp_path / "ckpt"
+    shutil.copytree(src, root, ignore=shutil.ignore_patterns("golden*"))
+    return root
+
+
+def _tc(d):
+    return d["text_config"]
+
+
+AR_DEFECTS = {  # change of the root config.json -> the message after "<file>: " (values read from the fixture)
+    "missing rope_theta": (lambda d: _tc(d).pop("rope_theta"),
+                           f"required field 'text_config.rope_theta' is missing: it must be a finite number > 0; "
+                           f"{RESTORE}"),
+    "missing hidden_size": (lambda d: _tc(d).pop("hidden_size"),
+                            f"required field 'text_config.hidden_size' is missing: it must be an integer >= 1; "
+                            f"{RESTORE}"),
+    "missing text_config": (lambda d: d.pop("text_config"),
+                            "required field 'text_config' is missing: it must be a JSON object holding "
+                            f"'text_config.hidden_size'; {RESTORE}"),
+    "missing token id": (lambda d: d.pop("image_token_id"),
+                         f"required field 'image_token_id' is missing: it must be an integer >= 0; {RESTORE}"),
+    "int as string": (lambda d: _tc(d).update(num_hidden_layers=str(_tc(d)["num_hidden_layers"])),
+                      "field 'text_config.num_hidden_layers' must be an integer >= 1, got \"{num_hidden_layers}\""),
+    "int as float": (lambda d: _tc(d).update(num_hidden_layers=float(_tc(d)["num_hidden_layers"])),
+                     "field 'text_config.num_hidden_layers' must be an integer >= 1, got {num_hidden_layers}.0"),
+    "list for object": (lambda d: d.update(text_config=[1, 2]),
+                        "field 'text_config' must be a JSON object, got [1, 2]"),
+    "bool as string": (lambda d: d["vision_config"].update(bsq_skip_final_layernorm="yes"),
+                       "field 'vision_config.bsq_skip_final_layernorm' must be true or false, got \"yes\""),
+    "zero eps": (lambda d: _tc(d).update(rms_norm_eps=0),
+                 "field 'text_config.rms_norm_eps' must be a finite number > 0, got 0"),
+    "NaN rope_theta": (lambda d: _tc(d).update(rope_theta=float("nan")),
+                       "field 'text_config.rope_theta' must be a finite number > 0, got NaN"),
+    "short mrope section": (lambda d: _tc(d)["rope_scaling"].update(mrope_section=[1, 2]),
+                            "field 'text_config.rope_scaling.mrope_section' must be a list of 3 integers >= 0, got "
+                            "[1, 2]"),
+    "other rope type": (lambda d: _tc(d)["rope_scaling"].update(rope_type="yarn"),
+                        "field 'text_config.rope_scaling.rope_type' must be \"default\" (the only RoPE supported: "
+                        "plain interleaved MRoPE), got \"yarn\""),
+    "token id beyond the vocabulary": (lambda d: d.update(image_token_id=_tc(d)["vocab_size"]),
+                                       "field 'image_token_id' must be a token id below text_config.vocab_size "
+                                       "{vocab_size}, got {vocab_size}"),
+    "generation off": (lambda d: d.update(visual_transformer_decoder=False),
+                       "field 'visual_transformer_decoder' must be true (UniAR generation needs the visual-decoder "
+                       "stack), got false"),
+}
+
+
+@pytest.mark.parametrize("defect", list(AR_DEFECTS))
+def test_ar_config_defects_name_the_file_and_field(tmp_path, golden, defect):
+    change, message = AR_DEFECTS[defect]
+    root = _checkpoint_copy(golden.dir, tmp_path)
+    _edit_json(root / "config.json", change)
+    with pytest.raises(load_hf.CheckpointError) as e:
+        load_hf.load_ar(root)
+    assert str(e.value) == f"{root / 'config.json'}: " + message.format(**golden.config["text_config"])
+
+
+def test_config_that_is_not_an_object(tmp_path, golden):
+    root = _checkpoint_copy(golden.dir, tmp_path)
+    (root / "config.json").write_text("[1, 2]")
+    with pytest.raises(load_hf.CheckpointError) as e:
+        load_hf.load_ar(root)
+    assert str(e.value) == f"{root / 'config.json'} must hold a JSON object (a config), got [1, 2]"
+
+
+DECODER_DEFECTS = {  # file under the checkpoint, change -> the message after "<file>: "
+    "transformer size missing": ("sd3_transformer/config.json", lambda d: d.pop("num_layers"),
+                                 f"required field 'num_layers' is missing: it must be an integer >= 1; {RESTORE}"),
+    "transformer qk norm": ("sd3_transformer/config.json", lambda d: d.update(qk_norm="layer_norm"),
+                            "field 'qk_norm' must be \"rms_norm\" or null (the q/k norms supported), got "
+                            "\"layer_norm\""),
+    "dual attention beyond the layers": ("sd3_transformer/config.json",
+                                         lambda d: d.update(dual_attention_layers=[d["num_layers"]]),
+                                         "field 'dual_attention_layers' names layers [{num_layers}] beyond "
+                                         "num_layers {num_layers}"),
+    "scheduler shift missing": ("sd3_pipeline/scheduler/scheduler_config.json", lambda d: d.pop("shift"),
+                                f"required field 'shift' is missing: it must be a finite number > 0; {RESTORE}"),
+    "scheduler option on": ("sd3_pipeline/scheduler/scheduler_config.json",
+                            lambda d: d.update(use_dynamic_shifting=True),
+                            "field 'use_dynamic_shifting' must be false (the released scheduler has it off; the only "
+                            "value supported), got true"),
+    "VAE scaling missing": ("sd3_pipeline/vae/config.json", lambda d: d.pop("scaling_factor"),
+                            f"required field 'scaling_factor' is missing: it must be a finite number > 0; {RESTORE}"),
+    "VAE channels as a string": ("sd3_pipeline/vae/config.json", lambda d: d.update(block_out_channels="16,32"),
+                                 "field 'block_out_channels' must be a non-empty list of integers >= 1, got "
+                                 "\"16,32\""),
+    "tokenizer BSQ size": ("bsq_encoder/config.json", lambda d: d.update(bsq_dim=32),
+                           "field 'bsq_dim' must be 64 (the only size supported: a code is a 64-bit index), got 32"),
+}
+
+
+@pytest.mark.parametrize("defect", list(DECODER_DEFECTS))
+def test_decoder_config_defects_name_the_file_and_field(tmp_path, golden, defect):
+    rel, change, message = DECODER_DEFECTS[defect]
+    root = _checkpoint_copy(golden.dir, tmp_path)
+    transformer = json.loads((root / "sd3_transformer" / "config.json").read_text())
+    _edit_json(root / rel, change)
+    with pytest.raises(load_hf.CheckpointError) as e:
+        load_hf.load_decoder(root, cache_dir=tmp_path / "cache")
+    assert str(e.value) == f"{root / rel}: " + message.format(**transformer)
+
+
+def test_prediction_type_required_only_for_a_pixel_space_decoder(tmp_path, golden):
+    """The released layout has no prediction_type (its decoder predicts velocity); the project's pixel-space
+    decoder (no sd3_pipeline/vae/) predicts x0 and must say so: without it the sampler would read x0 as a
+    velocity and draw noise."""
+    assert "prediction_type" not in json.loads((golden.dir / "sd3_transformer" / "config.json").read_text())
+    assert load_hf.transformer_config(golden.dir).prediction_type == "velocity"
+    root = tmp_path / "toy"
+    shutil.copytree(ROOT / "checkpoints" / "toy", root)
+    assert load_hf.transformer_config(root).prediction_type == "sample"
+    _edit_json(root / "sd3_transformer" / "config.json", lambda d: d.pop("prediction_type"))
+    with pytest.raises(load_hf.CheckpointError) as e:
+        load_hf.load_decoder(root)
+    assert str(e.value) == (f"{root / 'sd3_transformer' / 'config.json'}: required field 'prediction_type' is "
+                            "missing: it must be one of \"velocity\", \"sample\" (a pixel-space decoder, without "
+                            f"sd3_pipeline/vae/, must say which); {RESTORE}")
+
+
+@pytest.mark.parametrize("encoder, field", [("text_encoder", "eos_token_id"), ("text_encoder_3", "feed_forward_proj")])
+def test_text_encoder_config_defects(tmp_path, golden, encoder, field):
+    """The pipeline's text encoders: their transformers class defaults differ from SD3's (CLIP's eos_token_id
+    49407 vs 2, T5's feed_forward_proj "relu" vs "gated-gelu"), so the fields are required."""
+    import dataclasses
+
+    import text_encoders as TE
+
+    root = _checkpoint_copy(golden.dir, tmp_path)
+    for name, cfg in (("text_encoder", TE.CLIPTextConfig.tiny()), ("text_encoder_2", TE.CLIPTextConfig.tiny()),
+                      ("text_encoder_3", TE.T5Config.tiny())):
+        d = {k: v for k, v in dataclasses.asdict(cfg).items() if not (name == encoder and k == field)}
+        (root / "sd3_pipeline" / name).mkdir()
+        (root / "sd3_pipeline" / name / "config.json").write_text(json.dumps(d))
+    want = {"eos_token_id": "an integer >= 0",
+            "feed_forward_proj": "\"gated-gelu\" (T5 v1.1, the only feed-forward supported)"}[field]
+    path = root / "sd3_pipeline" / encoder / "config.json"
+    with pytest.raises(load_hf.CheckpointError) as e:
+        load_hf.load_decoder(root, cache_dir=tmp_path / "cache")
+    assert str(e.value) == f"{path}: required field '{field}' is missing: it must be {want}; {RESTORE}"
+
+
+# ----- tensors: shard index, dtypes, finiteness -----
+
+def _shard(folder, sd, wrong_key=None):
+    """Split `sd` into two shards + model.safetensors.index.json; `wrong_key` is mapped to the other shard."""
+    keys = sorted(sd)
+    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    for name, ks in shards.items():
+        save_file({k: sd[k] for k in ks}, str(folder / name))
+    wmap = {k: n for n, ks in shards.items() for k in ks}
+    if wrong_key is not None:
+        wmap[wrong_key] = next(n for n in shards if n != wmap[wrong_key])
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wmap}))
+    return wmap
+
+
+def test_shard_index_must_agree_with_the_shards(tmp_path, golden):
+    root = _checkpoint_copy(golden.dir, tmp_path)
+    sd = load_file(str(root / "model.safetensors"))
+    (root / "model.safetensors").unlink()
+    key = sorted(sd)[0]
+    wmap = _shard(root, sd, wrong_key=key)
+    index = root / "model.safetensors.index.json"
+    with pytest.raises(load_hf.CheckpointError) as e:
+        load_hf.load_ar(root)
+    assert str(e.value) == (f"{index}: weight_map maps '{key}' to {wmap[key]}, but that shard does not hold it (it is "
+                            "in model-00001-of-00002.safetensors); the index does not belong to these shards: "
+                            "re-download the index and the shards")
+    index.write_text(json.dumps({"weight_map": [key]}))
+    with pytest.raises(load_hf.CheckpointError) as e:
+        load_hf.load_ar(root)
+    assert str(e.value) == (f"{index}: field 'weight_map' must be a non-empty JSON object {{tensor key: shard file}}, "
+                            f'got ["{key}"]')
+    _shard(root, sd)
+    net, _ = load_hf.load_ar(root)  # the same shards with a right index load
+    assert torch.equal(net.state_dict()[key], sd[key])
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool])
+def test_non_float_tensor_for_a_weight(tmp_path, golden, dtype):
     part = _copy_part(golden, tmp_path)
-    cfg = json.loads((part / "config.json").read_text())
-    cfg["bsq_dim"] = 32
-    (part / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(load_hf.CheckpointError, match="bsq_dim 32"):
+    sd = load_file(str(part / "model.safetensors"))
+    sd["pos_embed.weight"] = sd["pos_embed.weight"].to(dtype)
+    save_file(sd, str(part / "model.safetensors"))
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(load_hf.CheckpointError) as e:
         load_hf.load_vision(part)
+    assert str(e.value) == (f"cannot load {part}: 'pos_embed.weight' in model.safetensors is {name}, but it is a "
+                            "floating-point weight: store it as float32, float16 or bfloat16 (quantized checkpoints "
+                            "are not supported)")
+
+
+def test_float_tensor_for_an_integer_buffer(tmp_path, golden):
+    part = _copy_part(golden, tmp_path)
+    sd = load_file(str(part / "model.safetensors"))
+    sd["bsq.basis"] = sd["bsq.basis"].float()
+    save_file(sd, str(part / "model.safetensors"))
+    with pytest.raises(load_hf.CheckpointError) as e:
+        load_hf.load_vision(part)
+    assert str(e.value) == (f"cannot load {part}: 'bsq.basis' in model.safetensors is float32, but it is an integer "
+                            "buffer: store it as int64")
+
+
+def _poison(path, key, value):
+    sd = load_file(str(path))
+    sd[key] = sd[key].clone()
+    sd[key].view(-1)[sd[key].numel() // 2] = value
+    save_file(sd, str(path))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_an_error_naming_the_tensor(tmp_path, golden, monkeypatch, value):
+    """NaN / inf weights would give `<unk>` answers and black images with exit code 0; they are an error naming
+    the tensor, for the AR model and the decoder alike. UNIAR_SKIP_FINITE_CHECK=1 skips the check."""
+    root = _checkpoint_copy(golden.dir, tmp_path)
+    _poison(root / "model.safetensors", "lm_head.weight", value)
+    tr = root / "sd3_transformer" / "diffusion_pytorch_model.safetensors"
+    key = sorted(load_file(str(tr)))[-1]
+    _poison(tr, key, value)
+    with pytest.raises(load_hf.CheckpointError) as e:
+        load_hf.load_ar(root)
+    assert str(e.value) == (f"cannot load {root}: NaN or inf values in 'lm_head.weight' in model.safetensors; the "
+                            "checkpoint is damaged: download it again")
+    with pytest.raises(load_hf.CheckpointError) as e:
+        load_hf.load_decoder(root, cache_dir=tmp_path / "cache")
+    assert str(e.value) == (f"cannot load {root / 'sd3_transformer'}: NaN or inf values in '{key}' in "
+                            "diffusion_pytorch_model.safetensors; the checkpoint is damaged: download it again")
+    monkeypatch.setenv("UNIAR_SKIP_FINITE_CHECK", "1")
+    net, _ = load_hf.load_ar(root)
+    assert not torch.isfinite(net.lm_head.weight).all()
+
+
+def test_overflow_on_conversion_is_named(tmp_path, golden):
+    part = _copy_part(golden, tmp_path)
+    _poison(part / "model.safetensors", "pos_embed.weight", 1e6)  # finite in float32, beyond float16's 65504
+    load_hf.load_vision(part)
+    with pytest.raises(load_hf.CheckpointError) as e:
+        load_hf.load_vision(part, dtype=torch.float16)
+    assert str(e.value) == (f"cannot load {part}: values beyond the range of float16 in 'pos_embed.weight' in "
+                            "model.safetensors (they became inf on conversion); load in bfloat16 or float32")
 
 
 def test_golden_dir_helper_points_at_fixtures():
@@ -173,16 +421,6 @@ def test_unknown_head_variant(tmp_path, golden):
     sd["output_layer_vistok.7.weight"] = sd.pop(last)
     save_file(sd, str(root / "model.safetensors"))
     with pytest.raises(load_hf.CheckpointError, match="unknown bit-head variant.*output_layer_vistok.7.weight"):
-        load_hf.load_ar(root)
-
-
-def test_ar_config_must_enable_generation(tmp_path, golden):
-    root = tmp_path / "ckpt"
-    shutil.copytree(golden.dir, root, ignore=shutil.ignore_patterns("golden*", "sd3_*", "bsq_encoder"))
-    cfg = json.loads((root / "config.json").read_text())
-    cfg["visual_transformer_decoder"] = False
-    (root / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(load_hf.CheckpointError, match="visual_transformer_decoder must be true"):
         load_hf.load_ar(root)
 
 

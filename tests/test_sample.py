@@ -307,6 +307,61 @@ def test_answer_length_fits_the_position_budget(tmp_path, capsys, monkeypatch):
     assert sample.main(base + ["--max-new-tokens", m[2]]) == 0 and seen["max_new_tokens"] == int(m[2])
 
 
+# ----- a damaged checkpoint: one error line naming the file and the field or tensor, exit code 2 -----
+
+def _damaged_copy(golden, tmp_path, defect: str) -> tuple[Path, str]:
+    """A copy of the fixture checkpoint with one defect -> (folder, the message sample.py must print)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    root = tmp_path / "ckpt"
+    shutil.copytree(golden.dir, root, ignore=shutil.ignore_patterns("golden*"))
+    if defect == "config field missing":
+        d = json.loads((root / "config.json").read_text())
+        del d["text_config"]["rope_theta"]
+        (root / "config.json").write_text(json.dumps(d))
+        return root, (f"{root / 'config.json'}: required field 'text_config.rope_theta' is missing: it must be a "
+                      "finite number > 0; restore it from the checkpoint's original file")
+    if defect == "decoder config type":
+        path = root / "sd3_transformer" / "config.json"
+        d = json.loads(path.read_text())
+        d["num_layers"] = str(d["num_layers"])
+        path.write_text(json.dumps(d))
+        return root, f"{path}: field 'num_layers' must be an integer >= 1, got \"{d['num_layers']}\""
+    assert defect == "NaN weight"
+    sd = load_file(str(root / "model.safetensors"))
+    sd["lm_head.weight"][0, 0] = float("nan")
+    save_file(sd, str(root / "model.safetensors"))
+    return root, (f"cannot load {root}: NaN or inf values in 'lm_head.weight' in model.safetensors; the checkpoint "
+                  "is damaged: download it again")
+
+
+@pytest.mark.parametrize("defect", ["config field missing", "decoder config type", "NaN weight"])
+def test_damaged_checkpoint_is_one_error_line(golden, tmp_path, capsys, defect):
+    """Today's failure modes of such checkpoints were wrong images with exit code 0 (a config field silently
+    defaulted, NaN weights) or a traceback; now one line before anything is drawn."""
+    root, message = _damaged_copy(golden, tmp_path, defect)
+    s = golden.scenario("e2e")
+    rc = sample.main(["--ckpt", str(root), "--prompt", "a cube", "--ar-size", f"{s['ar_height']}x{s['ar_width']}",
+                      "--upsample", "1", "--device", "cpu", "--out", str(tmp_path / "o")])
+    assert (rc, capsys.readouterr()) == (2, ("", f"error: {message}\n"))
+    assert not (tmp_path / "o" / "sample_00.png").exists()
+
+
+def test_damaged_checkpoint_command_line(golden, tmp_path):
+    """The same as a process: exit code 2, the one line on stderr, no traceback."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    root, message = _damaged_copy(golden, tmp_path, "config field missing")
+    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--ckpt", str(root), "--prompt", "a cube",
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
+    assert (r.returncode, r.stdout, r.stderr) == (2, "", f"error: {message}\n")
+
+
 def test_sixteen_bit_grayscale_is_scaled_to_eight_bits(tmp_path):
     import bsq
 

@@ -200,6 +200,22 @@ def test_eval_command_rejects_a_missing_checkpoint(tmp_path):
     assert r.returncode == 2 and "nope" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_eval_command_names_a_damaged_config(tmp_path, capsys):
+    """A shipped-layout checkpoint whose config.json lost a field: one error line naming the file and the field, exit
+    code 2 (before, the full-size default was used and the scores were silently wrong)."""
+    import shutil
+
+    root = tmp_path / "toy"
+    shutil.copytree(ROOT / "checkpoints" / "toy", root)
+    d = json.loads((root / "config.json").read_text())
+    del d["text_config"]["max_position_embeddings"]
+    (root / "config.json").write_text(json.dumps(d))
+    assert train.main(["--eval", str(root), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == (f"error: {root / 'config.json'}: required field "
+                                       "'text_config.max_position_embeddings' is missing: it must be an integer >= 1; "
+                                       "restore it from the checkpoint's original file\n")
+
+
 def test_to_pixels_matches_the_processor():
     vc = train.vision_config(train.TrainConfig.smoke())
     imgs = np.stack([toy.t2i_example(i).image for i in range(3)])
