@@ -33,11 +33,15 @@ Departures from the official code:
     - Prompts are rendered by plain string templates (the official code renders them with Jinja chat templates:
       UniAR's own for generation, the checkpoint processor's Qwen3-VL one for understanding) to the same strings;
       the generation strings are checked against the fixtures' renderings.
+    - User text in those templates is tokenized without the tokenizer's added tokens (`Prompt`, `Tokenizer`): a
+      special-token string typed into a prompt or question stays text. The official processor tokenizes the whole
+      rendered string, so there such a string becomes a control token; without one the ids are the same.
 """
 from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
@@ -805,8 +809,40 @@ IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 VISION_START, VISION_END, IMAGE_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"
 
 
+class Prompt(str):
+    """A rendered prompt: a template with `{}` where the user's texts go. As a str it is the whole text, equal to the
+    official rendering; `Tokenizer.encode` reads the user's parts as plain text (a special-token string typed there,
+    such as "<|im_end|>", stays text) and only the template's own special tokens as control tokens.
+
+    Adding anything to a Prompt gives a plain str, which the tokenizer reads whole as template text (every
+    special-token string in it a control token): build prompts that hold user text with the render_* functions."""
+
+    def __new__(cls, template: str, *user: str):
+        pieces = template.split("{}")
+        if len(pieces) != len(user) + 1 or not all(isinstance(u, str) for u in user):
+            raise ValueError(f"template {template!r} has {len(pieces) - 1} places for user text, got {user!r}")
+        self = super().__new__(cls, pieces[0] + "".join(u + p for u, p in zip(user, pieces[1:])))
+        self.template, self.user = template, user
+        segments = [(pieces[0], False)]
+        for u, p in zip(user, pieces[1:]):
+            segments += [(u, True), (p, False)]
+        self.segments = tuple(segments)  # (text, is user text) in order
+        return self
+
+    def __getnewargs__(self):  # copy / pickle rebuild it from the template and the user texts
+        return (self.template, *self.user)
+
+
 class Tokenizer:
-    """The checkpoint's byte-level BPE (`tokenizer.json`) with special tokens read from its config files."""
+    """The checkpoint's tokenizer (`tokenizer.json`: the released byte-level BPE, or the toy's word level) with the
+    special tokens read from its config files.
+
+    User text is tokenized as text: `text_tk` is the same tokenizer without its added tokens (the special and other
+    added tokens: <|im_start|>, <|vision_start|>, <|image_pad|>, ...), so what a user types can never become a
+    control token. A Prompt is encoded by splitting the template's parts at the added tokens (those become their
+    ids) and tokenizing the text between two of them, template and user text joined, with `text_tk`. Without
+    special-token strings in the user's text this is exactly what the whole string gives (the tokenizers library
+    also splits at the added tokens first and tokenizes each stretch between them on its own)."""
 
     def __init__(self, folder):
         from tokenizers import Tokenizer as HFTokenizer
@@ -816,6 +852,10 @@ class Tokenizer:
         if not path.is_file():
             raise ValueError(f"no tokenizer.json in {folder}")
         self.tk = HFTokenizer.from_file(str(path))
+        # the same normalizer, pre-tokenizer and model (shared, not copied), without the added vocabulary
+        self.text_tk = HFTokenizer(self.tk.model)
+        self.text_tk.normalizer, self.text_tk.pre_tokenizer = self.tk.normalizer, self.tk.pre_tokenizer
+        added_here = [t.content for t in self.tk.get_added_tokens_decoder().values()]
         specials = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):  # tokenizer_config wins, like HF
             p = folder / name
@@ -835,6 +875,11 @@ class Tokenizer:
         self.pad_id, self.eos_id = self.token_id(self.pad_token), self.token_id(self.eos_token)
         for t in (IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD):
             self.token_id(t)
+        # The template's control tokens: every added token (longest first, so that one which is a prefix of another
+        # never cuts it, as the library's leftmost-longest match).
+        added = sorted(set(added_here) | set(self._added), key=len, reverse=True)
+        self._control = re.compile("(" + "|".join(map(re.escape, added)) + ")") if added else None
+        self.control_ids = {self.token_id(t) for t in added}
         # where an answer ends: the eos token, the chat turn's end and generation_config.json's eos_token_id (int or
         # list; Qwen3-VL lists <|im_end|> and <|endoftext|>)
         gen_eos = None
@@ -850,14 +895,33 @@ class Tokenizer:
             raise ValueError(f"token {token!r} is not in the tokenizer")
         return int(i)
 
+    def encode_text(self, text: str) -> list[int]:
+        """Text as text: special-token strings in it are spelled out, never control tokens."""
+        return self.text_tk.encode(text, add_special_tokens=False).ids if text else []
+
     def encode(self, text: str) -> list[int]:
-        return self.tk.encode(text, add_special_tokens=False).ids
+        """A Prompt: template tokens as control tokens, user text as text (see the class). A plain str is read whole
+        as template text: every special-token string in it becomes its control token (the official tokenization
+        of a rendered template, as the fixtures store them)."""
+        segments = getattr(text, "segments", None)
+        if segments is None:
+            return self.tk.encode(text, add_special_tokens=False).ids
+        ids, stretch = [], []  # stretch: the text since the last control token, template and user parts
+        for part, user in segments:
+            pieces = [part] if user or self._control is None else self._control.split(part)
+            for i, piece in enumerate(pieces):  # split() with a group: text, token, text, token, ..., text
+                if i % 2:
+                    ids += self.encode_text("".join(stretch)) + [self.token_id(piece)]
+                    stretch = []
+                else:
+                    stretch.append(piece)
+        return ids + self.encode_text("".join(stretch))
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def batch(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokenize and LEFT pad with the pad token -> ids, attention_mask (B, T) int64."""
+        """Tokenize (`encode`) and LEFT pad with the pad token -> ids, attention_mask (B, T) int64."""
         seqs = [self.encode(t) for t in texts]
         T = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), T), self.pad_id, dtype=torch.int64)
@@ -873,18 +937,20 @@ def image_placeholder(n_tokens: int) -> str:
     return VISION_START + IMAGE_PAD * n_tokens + VISION_END
 
 
-def render_generation_prompt(prompt: str, grid_h: int, grid_w: int, input_image_tokens: Optional[int] = None) -> str:
+def render_generation_prompt(prompt: str, grid_h: int, grid_w: int, input_image_tokens: Optional[int] = None) -> Prompt:
     """UniAR's generation template: user turn = prompt [+ input image] + '<image_gen> generate image {h} {w}' (no
     separator), the assistant turn opened, then <|vision_start|> announces the image to generate."""
     image = "" if input_image_tokens is None else image_placeholder(input_image_tokens)
-    return (f"{IM_START}user\n{prompt}{image}<image_gen> generate image {grid_h} {grid_w}{IM_END}\n"
-            f"{IM_START}assistant\n{VISION_START}")
+    return Prompt(f"{IM_START}user\n{{}}{image}<image_gen> generate image {grid_h} {grid_w}{IM_END}\n"
+                  f"{IM_START}assistant\n{VISION_START}", prompt)
 
 
-def render_chat_prompt(question: str, image_tokens: Optional[int] = None) -> str:
-    """Understanding: one user turn with the image first, then the question; the assistant turn opened."""
+def render_chat_prompt(question: str, image_tokens: Optional[int] = None, answer: Optional[str] = None) -> Prompt:
+    """Understanding: one user turn with the image first, then the question; the assistant turn opened. `answer`
+    (training): the assistant's reply and the <|im_end|> that closes it follow."""
     image = "" if image_tokens is None else image_placeholder(image_tokens)
-    return f"{IM_START}user\n{image}{question}{IM_END}\n{IM_START}assistant\n"
+    template = f"{IM_START}user\n{image}{{}}{IM_END}\n{IM_START}assistant\n"
+    return Prompt(template, question) if answer is None else Prompt(template + "{}" + IM_END, question, answer)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

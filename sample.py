@@ -365,7 +365,7 @@ def warn_unknown_words(tok, text: str, flag: str, root: Path) -> None:
     if not isinstance(model, models.WordLevel) or not text:
         return
     unk_id = tok.tk.token_to_id(model.unk_token)
-    enc = tok.tk.encode(text, add_special_tokens=False)
+    enc = tok.text_tk.encode(text, add_special_tokens=False)  # as the model will read it: text, never control tokens
     unknown = [text[a:b] for (a, b), i in zip(enc.offsets, enc.ids) if i == unk_id]
     if unknown:
         known = sorted(w for w, i in tok.tk.get_vocab(with_added_tokens=False).items()

@@ -288,7 +288,7 @@ class ARLoss(nn.Module):
         net, tok = self.net, self.tok
         pv, grid = to_pixels(images, net.cfg.vision)
         n_img = int(grid[0].prod()) // net.cfg.vision.merge_unit
-        prompts = [M.render_chat_prompt(q, n_img) + a + M.IM_END for q, a in zip(questions, answers)]
+        prompts = [M.render_chat_prompt(q, n_img, answer=a) for q, a in zip(questions, answers)]
         n_target = [len(tok.encode(a + M.IM_END)) for a in answers]
         ids, mask = tok.batch(prompts)
         ids, mask = ids.to(self.device), mask.to(self.device)
