@@ -385,6 +385,22 @@ def save_run_state(run_dir: Path, meta: dict, tensors: dict) -> Path:
     return path
 
 
+def optimizer_tensors(opt: torch.optim.Optimizer) -> dict:
+    """The optimizer's per-parameter state as flat tensors ("opt.<param index>.<name>") for save_run_state."""
+    return {f"opt.{i}.{k}": torch.as_tensor(v) for i, st in opt.state_dict()["state"].items() for k, v in st.items()}
+
+
+def load_optimizer(opt: torch.optim.Optimizer, tensors: dict) -> None:
+    """The inverse of optimizer_tensors (the hyper-parameters stay those `opt` was built with)."""
+    sd = opt.state_dict()
+    state = {}
+    for i in range(len(sd["param_groups"][0]["params"])):
+        keys = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
+        if keys:
+            state[i] = keys
+    opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+
+
 def run_state_meta(run_dir: Path) -> dict | None:
     """The JSON record of the run folder's state (no tensors read), or None when it holds none."""
     got = _read_run_state(Path(run_dir), tensors=False)

@@ -5,7 +5,7 @@ Transformers") MMDiT turns them into pixels: the bits are re-embedded by the tok
 (levels interleaved per channel), resampled to the latent token grid and added to the patch embeddings through one
 bias-free projection (`siglip_embed_add_latent`). Sampling is rectified-flow Euler with the scheduler's shift and
 guidance over the visual condition only (zeros vs features, the same fixed text prompt on both rows); the SD3 VAE
-decoder maps latents to pixels. SPEC sections 1.4, 1.5, 2.2, 2.3, 3.8-3.12.
+decoder maps latents to pixels.
 
 Sections: configs | MMDiT | conditioning | flow matching | VAE decoder | Decoder (high level) and toy configuration.
 The text encoders that embed the fixed decoder prompt are in text_encoders.py; loading is in load_hf.py.
@@ -62,7 +62,8 @@ def read_json(path) -> dict:
 @dataclass
 class MMDiTConfig(JsonConfig):
     """`sd3_transformer/config.json`. Defaults: SD3.5-medium base (the golden fixture's layout: dual attention +
-    RMS qk-norm) with UniAR's 4-level conditioning; `sd3_medium()` is the other candidate base (SPEC 1.4)."""
+    RMS qk-norm) with UniAR's 4-level conditioning; `sd3_medium()` is the other candidate base (the SD3-medium
+    layout the released folder may also hold)."""
     sample_size: int = 128
     patch_size: int = 2
     in_channels: int = 16
@@ -423,7 +424,7 @@ def bits_to_condition(vision: "bsq.VisionModel", bits: torch.Tensor, ar_height: 
     """Bits (B, N, L, U, d) {0,1} or int64 indices (B, N, L, U) -> the decoder condition (B, gh*gw, C*L).
 
     The `bsq_encoder` output projections re-embed every level (levels interleaved per channel); the 2x2 blocks of
-    the AR token order are then unfolded to raster order at 16 px (SPEC 3.8).
+    the AR token order are then unfolded to raster order at 16 px.
     """
     vc = vision.cfg
     L, U, d, m = vc.levels, vc.merge_unit, vc.bsq_dim, vc.spatial_merge_size
@@ -454,7 +455,8 @@ def blocks_to_raster(feats: torch.Tensor, gh: int, gw: int, m: int) -> torch.Ten
 
 def flow_sigmas(cfg: SchedulerConfig, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(sigmas (steps+1,) float32 ending in 0, timesteps (steps,) = 1000 sigma) exactly as the scheduler's
-    set_timesteps: linspace between the shifted train sigmas, then the shift applied again (SPEC 3.11)."""
+    set_timesteps: linspace between the shifted train sigmas, then the shift applied again (as diffusers'
+    FlowMatchEulerDiscreteScheduler does)."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     T, s = cfg.num_train_timesteps, cfg.shift

@@ -18,6 +18,7 @@ of the weights, and a damaged checkpoint is an error, never wrong images.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -29,9 +30,14 @@ from typing import Callable, Iterable, NamedTuple
 import torch
 import torch.nn as nn
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
+import bsq
 import cli
 import config_schema as schema
+import decoder as D
+import model as M
+import text_encoders as TE
 
 EXPECTED_LAYOUT = """expected layout of a UniAR checkpoint folder:
   <root>/config.json + model.safetensors (or model.safetensors.index.json + shards) + tokenizer.json ...
@@ -415,7 +421,6 @@ def load_vision(folder, *, dtype=None, device="cpu", decoder_only: bool = False)
     loaded; every other key is dropped on purpose (the official loader passes ignore_mismatched_sizes for this
     part, so its other tensors are not relied on) and the rest of the module stays on the meta device.
     """
-    import bsq
 
     folder = resolve_part(folder, "bsq_encoder")
     cfg = vision_config(read_config(folder / "config.json"), folder / "config.json")
@@ -427,7 +432,6 @@ def load_vision(folder, *, dtype=None, device="cpu", decoder_only: bool = False)
 
 def vision_config(d: dict, where):
     """A vision config (bsq_encoder/config.json, or the root's vision_config) -> bsq.VisionConfig, checked."""
-    import bsq
 
     d = checked_config(d, where, schema.check, schema.VISION)
     try:
@@ -444,7 +448,6 @@ AR_KEYMAP = KeyMap(drop=[r".*rotary_emb\.inv_freq", r".*rotary_pos_emb\.inv_freq
 def ar_config(root: Path):
     """The root config.json -> model.UniARConfig, validated; the bit-head variant is read from the keys when the
     config's flags do not say (or disagree with the file)."""
-    import model as M
 
     path = root / "config.json"
     d = checked_config(read_config(path), path, schema.check_ar)
@@ -466,7 +469,6 @@ def image_processor_config(root: Path, vcfg):
     """`<root>/preprocessor_config.json` -> bsq.ImageProcessorConfig (checked against the vision config), or None
     when the file is absent: then, as with the official loader (AutoProcessor finds only a tokenizer there), the
     checkpoint has no image preprocessing and understanding refuses images (model.image_processor says so)."""
-    import bsq
 
     path = Path(root) / bsq.PREPROCESSOR_CONFIG
     if not path.is_file():
@@ -484,7 +486,6 @@ def image_processor_config(root: Path, vcfg):
 def load_ar(root, *, dtype=None, device="cpu"):
     """The AR model at the checkpoint root (or an `ar_model/` folder) -> (model.UniAR, model.Tokenizer). The model
     carries the checkpoint's image preprocessing (`net.image_processor`, from preprocessor_config.json)."""
-    import model as M
 
     root = resolve_part(root, "ar_model")
     cfg = ar_config(root)
@@ -551,7 +552,6 @@ def _part(factory_cfg, path: Path, check: Callable, *args):
 def transformer_config(root):
     """`sd3_transformer/config.json` -> decoder.MMDiTConfig, checked. A pixel-space decoder (no sd3_pipeline/vae/,
     this project's own) must state its prediction_type; the released layout's has none and predicts velocity."""
-    import decoder as D
 
     path = resolve_part(root, "sd3_transformer") / "config.json"
     pixel_space = not (_pipeline_dir(root) / "vae").is_dir()
@@ -560,7 +560,6 @@ def transformer_config(root):
 
 def vae_config(root):
     """`sd3_pipeline/vae/config.json` -> decoder.VAEConfig, checked; None for a pixel-space decoder (no vae/)."""
-    import decoder as D
 
     vae = _pipeline_dir(root) / "vae"
     return _part(D.VAEConfig.from_dict, vae / "config.json", schema.check, schema.VAE) if vae.is_dir() else None
@@ -569,7 +568,6 @@ def vae_config(root):
 def load_text_encoders(pipeline_dir, *, dtype=torch.float32, device="cpu", max_sequence_length: int = 256) -> dict:
     """The SD3 pipeline's text encoders and tokenizers: {"clip_l", "clip_g", "t5"} -> (model, tokenizer); "t5" is
     None when the pipeline has no text_encoder_3/ (SD3 then uses zeros for the T5 part)."""
-    import text_encoders as TE
 
     root = Path(pipeline_dir)
     out, parts = {}, []
@@ -600,13 +598,44 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("UNIAR_CACHE", Path.home() / ".cache" / "uniar"))
 
 
+# The decoder prompt's embeddings, computed once by the pipeline's text encoders and cached on disk
+
+
+def prompt_cache_path(pipeline_dir, cache_dir, prompt: str = D.DECODER_PROMPT, joint_dim: int = 4096,
+                      max_sequence_length: int = 256, dtype=torch.float32) -> Path:
+    """Where the embeddings of `prompt` for this pipeline folder (and encoder dtype) are cached."""
+    key = json.dumps([str(Path(pipeline_dir).resolve()), prompt, joint_dim, max_sequence_length, str(dtype)])
+    return Path(cache_dir) / f"prompt_{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
+
+
+def write_prompt_cache(path: Path, prompt_embeds: torch.Tensor, pooled: torch.Tensor) -> None:
+    """Written whole to a temporary file of this process, then renamed (cli.atomic_write): an interrupted run never
+    leaves half a cache file, and concurrent runs never share a temporary name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {"prompt_embeds": prompt_embeds.float().cpu().contiguous(), "pooled": pooled.float().cpu().contiguous()}
+    cli.atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
+
+
+def cached_prompt_embeds(pipeline_dir, cache_dir, prompt: str = D.DECODER_PROMPT, joint_dim: int = 4096,
+                         max_sequence_length: int = 256, device="cpu",
+                         dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed decoder prompt's embeddings (1, S, joint_dim), (1, pooled), computed once per (pipeline folder,
+    prompt, encoder dtype) and stored as safetensors in cache_dir; later calls read the file and never load the text
+    encoders. (The official pipeline encodes in its torch_dtype, bfloat16; float32 here unless dtype says so.)"""
+    path = prompt_cache_path(pipeline_dir, cache_dir, prompt, joint_dim, max_sequence_length, dtype)
+    if not path.is_file():
+        enc = load_text_encoders(pipeline_dir, device=device, dtype=dtype, max_sequence_length=max_sequence_length)
+        write_prompt_cache(path, *TE.encode_prompt(enc, [prompt], joint_dim, max_sequence_length))
+        del enc
+    t = load_file(str(path))
+    return t["prompt_embeds"].to(device), t["pooled"].to(device)
+
+
 def load_decoder(root, *, dtype=None, device="cpu", cache_dir=None, prompt_embeds=None):
     """The decoder stage: `bsq_encoder/` (output projections only), `sd3_transformer/`, `sd3_pipeline/{vae,
     scheduler}` -> decoder.Decoder. The fixed decoder prompt is embedded once by the pipeline's text encoders and
     cached on disk (cache_dir, default $UNIAR_CACHE or ~/.cache/uniar); `prompt_embeds=(embeds, pooled)` skips that.
     """
-    import decoder as D
-    import text_encoders as TE
 
     root = Path(root)
     vision = load_vision(root, dtype=dtype, device=device, decoder_only=True)
@@ -628,7 +657,7 @@ def load_decoder(root, *, dtype=None, device="cpu", cache_dir=None, prompt_embed
     if prompt_embeds is None and (pipe / PROMPT_EMBEDS_FILE).exists():
         prompt_embeds = _read_prompt_embeds(pipe / PROMPT_EMBEDS_FILE)
     if prompt_embeds is None:
-        prompt_embeds = TE.cached_prompt_embeds(pipe, cache_dir or default_cache_dir(), D.DECODER_PROMPT,
+        prompt_embeds = cached_prompt_embeds(pipe, cache_dir or default_cache_dir(), D.DECODER_PROMPT,
                                                 tcfg.joint_attention_dim, device=device)
     pe, pooled = (t.to(device=device, dtype=dtype or t.dtype) for t in prompt_embeds)
     try:
@@ -665,7 +694,6 @@ def _write_json(path: Path, d: dict) -> None:
 
 
 def _write_weights(path: Path, module_or_state, keep: Callable[[str], bool] = lambda k: True) -> None:
-    from safetensors.torch import save_file
 
     state = module_or_state.state_dict() if isinstance(module_or_state, nn.Module) else module_or_state
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -674,7 +702,6 @@ def _write_weights(path: Path, module_or_state, keep: Callable[[str], bool] = la
 
 def write_image_processor(root, proc) -> None:
     """bsq.ImageProcessorConfig -> `<root>/preprocessor_config.json` (read back by `image_processor_config`)."""
-    import bsq
 
     _write_json(Path(root) / bsq.PREPROCESSOR_CONFIG, proc.to_dict())
 
@@ -800,8 +827,6 @@ def bench_memory(gib: float = 1.0, dtype: str = "float32", folder: str | None = 
     import subprocess
     import sys
     import tempfile
-
-    from safetensors.torch import save_file
 
     width = 4096
     n = max(1, round(gib * 2**30 / (4 * (width * width + width))))

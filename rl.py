@@ -5,7 +5,7 @@
     python rl.py --ckpt CKPT --out OUT --steps 200 --loss-type dapo
 
 Group Relative Policy Optimisation (Shao et al., 2024) as UniAR applies it to parallel bitwise generation (paper: the
-RL stage; SPEC section 4). A step:
+RL stage). A step:
   1. rollouts: G images per prompt from the current policy (model.generate_image: its own sampler, temperature,
      optional guidance), decoded to pixels (decoder.Decoder.decode) and scored by a weighted stack of reward
      functions of (image, prompt) (RewardStack; the toy GenEval-style evaluator by default); with dynamic sampling
@@ -26,8 +26,8 @@ Departures from the paper and the official trainer (trl GRPOTrainer, UniAR fork)
       through its own samples and the reward (never through a ground-truth image). The train split
       (`--prompt-split train`) gives almost no signal: the SFT toy model already draws its prompts right.
     - Dynamic sampling, from DAPO (Yu et al., 2025): `--filter-groups 8 --max-rounds 8`. A group whose G rewards
-      are all equal has zero advantages and only its KL term would train. On 64 rollout prompts x 8 samples of
-      checkpoints/toy, 62 groups at temperature 1.0 (58 at 1.5) were like that. Rounds of `--prompts-per-step`
+      are all equal has zero advantages and only its KL term would train, and on the toy model most groups are like
+      that (the README has the counts). Rounds of `--prompts-per-step`
       prompts are therefore rolled out, with the policy unchanged between rounds, until 8 groups with differing
       rewards are collected or 8 rounds are spent. Only those groups train, with their KL term. A step that finds
       none makes no update.
@@ -37,8 +37,8 @@ Departures from the paper and the official trainer (trl GRPOTrainer, UniAR fork)
       official `logits_use_temperature` does.
     - Rewards come from in-process functions (the toy evaluator), not from reward and decoding servers. The decoder
       runs in-process at the checkpoint's decoder guidance, with `--decode-steps 4` Euler steps instead of the
-      checkpoint's 10 (0 uses the checkpoint's). On 256 rollouts of checkpoints/toy at temperature 2, the toy reward
-      of every image was the same at 4 steps as at 10, and the decode was 2.9x faster.
+      checkpoint's 10 (0 uses the checkpoint's): the toy rewards come out the same, at a fraction of the decode time
+      (the README has the measurement).
     - With `--cfg` > 1 the rollouts are drawn from the guided distribution while the log-probabilities are those of
       the conditional policy (the official rollouts use cfg 1.0, the default here too).
     - Plain AdamW with a constant learning rate after a short warm-up, fp32 on CPU; no DeepSpeed, no gradient
@@ -79,7 +79,7 @@ PROMPT_SPLITS = ("heldout", "train")
 
 @dataclass
 class RLConfig:
-    """Defaults: the shipped toy RL checkpoint (`time python rl.py`: 8 min 58 s on 2 CPU cores, with evaluations)."""
+    """Defaults: those of the shipped toy RL checkpoint (the README has its run time and scores)."""
 
     steps: int = 100
     prompts_per_step: int = 8
@@ -366,22 +366,13 @@ def plot(history: list, folder: Path) -> None:
 
 def policy_state(net, opt) -> dict:
     """What GRPO changes: the AR weights outside the frozen tower, and the optimizer's moments."""
-    tensors = {f"net.{k}": v for k, v in net.state_dict().items() if not k.startswith("model.visual.")}
-    for i, st in opt.state_dict()["state"].items():
-        for k, v in st.items():
-            tensors[f"opt.{i}.{k}"] = torch.as_tensor(v)
-    return tensors
+    return {**{f"net.{k}": v for k, v in net.state_dict().items() if not k.startswith("model.visual.")},
+            **cli.optimizer_tensors(opt)}
 
 
 def load_policy_state(tensors: dict, net, opt) -> None:
     net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")}, strict=False)
-    sd = opt.state_dict()
-    state = {}
-    for i in range(len(sd["param_groups"][0]["params"])):
-        keys = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
-        if keys:
-            state[i] = keys
-    opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+    cli.load_optimizer(opt, tensors)
 
 
 def main(argv=None) -> int:

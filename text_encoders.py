@@ -1,7 +1,7 @@
 """The decoder's text conditioning: CLIP-L, CLIP-bigG and T5-XXL encoders, their tokenizers, and SD3's prompt assembly.
 
 The diffusion decoder (decoder.py) is conditioned on a fixed prompt, "Please reconstruct this image and restore all
-the details.", so these encoders run once per machine: `cached_prompt_embeds` stores the result on disk and later
+the details.", so these encoders run once per machine: `load_hf.cached_prompt_embeds` stores the result on disk and later
 decodes read the file. Modules mirror the transformers keys (CLIPTextModelWithProjection, T5EncoderModel) so the
 released `sd3_pipeline/text_encoder*/` files load strictly; tokenizers run on the `tokenizers` library.
 
@@ -15,8 +15,6 @@ Departures from the reference libraries:
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import cli
-from decoder import DECODER_PROMPT, JsonConfig, read_json
+from decoder import JsonConfig, read_json
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Text encoders (transformers CLIPTextModelWithProjection / T5EncoderModel names) and the prompt cache
@@ -279,40 +276,3 @@ def encode_prompt(encoders: dict, prompts: Sequence[str], joint_dim: int, max_se
         model, tok = encoders["t5"]
         t5 = model(tok(prompts).to(model.shared.weight.device)).to(clip.dtype)
     return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1)
-
-
-def prompt_cache_path(pipeline_dir, cache_dir, prompt: str = DECODER_PROMPT, joint_dim: int = 4096,
-                      max_sequence_length: int = 256, dtype=torch.float32) -> Path:
-    """Where the embeddings of `prompt` for this pipeline folder (and encoder dtype) are cached."""
-    key = json.dumps([str(Path(pipeline_dir).resolve()), prompt, joint_dim, max_sequence_length, str(dtype)])
-    return Path(cache_dir) / f"prompt_{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
-
-
-def write_prompt_cache(path: Path, prompt_embeds: torch.Tensor, pooled: torch.Tensor) -> None:
-    """Written whole to a temporary file of this process, then renamed (cli.atomic_write): an interrupted run never
-    leaves half a cache file, and concurrent runs never share a temporary name."""
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {"prompt_embeds": prompt_embeds.float().cpu().contiguous(), "pooled": pooled.float().cpu().contiguous()}
-    cli.atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
-
-
-def cached_prompt_embeds(pipeline_dir, cache_dir, prompt: str = DECODER_PROMPT, joint_dim: int = 4096,
-                         max_sequence_length: int = 256, device="cpu",
-                         dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fixed decoder prompt's embeddings (1, S, joint_dim), (1, pooled), computed once per (pipeline folder,
-    prompt, encoder dtype) and stored as safetensors in cache_dir; later calls read the file and never load the text
-    encoders. (The official pipeline encodes in its torch_dtype, bfloat16; float32 here unless dtype says so.)"""
-    from safetensors.torch import load_file
-
-    path = prompt_cache_path(pipeline_dir, cache_dir, prompt, joint_dim, max_sequence_length, dtype)
-    if not path.is_file():
-        import load_hf  # the loader builds the encoders on the meta device and fills them from the files
-
-        enc = load_hf.load_text_encoders(pipeline_dir, device=device, dtype=dtype,
-                                         max_sequence_length=max_sequence_length)
-        write_prompt_cache(path, *encode_prompt(enc, [prompt], joint_dim, max_sequence_length))
-        del enc
-    t = load_file(str(path))
-    return t["prompt_embeds"].to(device), t["pooled"].to(device)

@@ -13,7 +13,7 @@ Scene grammar (chosen so that the evaluator reads it exactly and the AR model le
   - HELDOUT_OBJECTS: (colour, shape, quadrant) combinations that no "train" image, caption, instruction or question
     ever contains: each of the 15 colour-shape pairs is held out in one quadrant (it is seen in the three others);
     the "heldout" split has at least one of them in every example. (Holding out whole colour-shape pairs instead is
-    harder than this toy model learns on 2 CPU cores in 20 minutes; see the README.)
+    harder than this toy model learns in a laptop-sized run.)
 
 Letters: S image side in px, N batch size, Q = S // 2 quadrant side.
 """

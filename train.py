@@ -75,7 +75,7 @@ ROOT = Path(__file__).resolve().parent
 
 @dataclass
 class TrainConfig:
-    """Defaults: the shipped toy checkpoint (both stages in < 20 min on 2 CPU cores)."""
+    """Defaults: those of the shipped toy checkpoint (the README has its training time and scores)."""
 
     seed: int = 0
     size: int = 64  # image side: a 2x2 grid of AR tokens, one per quadrant of the toy world
@@ -386,22 +386,7 @@ def load_model_state(state: dict, vision, net, dec) -> None:
 
 def state_tensors(vision, net, dec, opt) -> dict:
     """The model weights and (mid-stage) the optimizer's moments, as one flat dict of tensors."""
-    tensors = model_state(vision, net, dec)
-    if opt is not None:
-        for i, st in opt.state_dict()["state"].items():
-            for k, v in st.items():
-                tensors[f"opt.{i}.{k}"] = torch.as_tensor(v)
-    return tensors
-
-
-def load_optimizer(opt: torch.optim.Optimizer, tensors: dict) -> None:
-    sd = opt.state_dict()
-    state = {}
-    for i in range(len(sd["param_groups"][0]["params"])):
-        keys = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
-        if keys:
-            state[i] = keys
-    opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+    return {**model_state(vision, net, dec), **(cli.optimizer_tensors(opt) if opt is not None else {})}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -441,7 +426,7 @@ def train_stage(stage: int, loss_fn, params, batch_fn, tc: TrainConfig, ctx: dic
         module = nn.parallel.DistributedDataParallel(loss_fn, find_unused_parameters=unused)
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay)
     if opt_tensors:
-        load_optimizer(opt, opt_tensors)
+        cli.load_optimizer(opt, opt_tensors)
     history = ctx["meta"]["history"].setdefault(f"stage{stage}", [])
     seconds = ctx["meta"].setdefault("time_s", {})
     start = ctx["meta"]["step"]

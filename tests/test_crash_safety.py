@@ -135,7 +135,7 @@ def test_training_killed_at_random_instants_resumes_to_the_same_weights(tmp_path
 
 
 WRITER = """
-import sys, torch, sample, text_encoders
+import sys, torch, sample, load_hf
 out, who, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 k = 2 if who == "a" else 1  # run a: two images, grid and bits; run b: one image
 images = torch.full((k, 8, 8, 3), 10 if who == "a" else 200, dtype=torch.uint8)
@@ -143,7 +143,7 @@ bits = torch.zeros(k, 4, 4, 4, 64, dtype=torch.long) if who == "a" else None
 for i in range(n):
     sample.write_outputs(sample.Path(out), images, bits, {"seed": who})
     for _ in range(20):
-        text_encoders.write_prompt_cache(sample.Path(out).parent / "cache.safetensors", torch.full((1, 2), float(i)),
+        load_hf.write_prompt_cache(sample.Path(out).parent / "cache.safetensors", torch.full((1, 2), float(i)),
                                          torch.zeros(1, 2))
 """
 

@@ -17,7 +17,6 @@ import torch
 from PIL import Image
 
 import decoder
-import text_encoders
 import toy
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -54,8 +53,8 @@ def test_readme_python_api_example_runs(golden, golden_ckpt, tmp_path, monkeypat
     # the golden folder has no text encoders: seed the decoder prompt cache as a first run with them would
     joint = json.loads((golden.dir / "sd3_transformer" / "config.json").read_text())["joint_attention_dim"]
     monkeypatch.setenv("UNIAR_CACHE", str(tmp_path / "cache"))
-    text_encoders.write_prompt_cache(
-        text_encoders.prompt_cache_path(golden_ckpt / "sd3_pipeline", tmp_path / "cache", decoder.DECODER_PROMPT,
+    load_hf.write_prompt_cache(
+        load_hf.prompt_cache_path(golden_ckpt / "sd3_pipeline", tmp_path / "cache", decoder.DECODER_PROMPT,
                                         joint),
         golden["dec.pipe_prompt_embeds"], golden["dec.pipe_pooled"])
     monkeypatch.chdir(tmp_path)

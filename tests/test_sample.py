@@ -8,7 +8,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import sample
-import text_encoders
+import load_hf
 
 
 @pytest.fixture()
@@ -19,8 +19,8 @@ def cache_dir(golden, tmp_path):
     import json
 
     joint = json.loads((golden.dir / "sd3_transformer" / "config.json").read_text())["joint_attention_dim"]
-    path = text_encoders.prompt_cache_path(golden.dir / "sd3_pipeline", tmp_path / "cache", D.DECODER_PROMPT, joint)
-    text_encoders.write_prompt_cache(path, golden["dec.pipe_prompt_embeds"], golden["dec.pipe_pooled"])
+    path = load_hf.prompt_cache_path(golden.dir / "sd3_pipeline", tmp_path / "cache", D.DECODER_PROMPT, joint)
+    load_hf.write_prompt_cache(path, golden["dec.pipe_prompt_embeds"], golden["dec.pipe_pooled"])
     return tmp_path / "cache"
 
 
