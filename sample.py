@@ -1,9 +1,10 @@
 """Generate, edit and answer with a UniAR checkpoint from the command line.
 
-    python sample.py --ckpt CKPT --prompt "a red cube on a table"                 # text-to-image
-    python sample.py --ckpt CKPT --image in.png --prompt "make the cube blue"     # editing
-    python sample.py --ckpt CKPT --image in.png --question "what is on the table?"  # understanding
+    python sample.py --ckpt CKPT --prompt "a blue circle at the bottom right"             # text-to-image
+    python sample.py --ckpt CKPT --image in.png --prompt "make the red square blue"       # editing
+    python sample.py --ckpt CKPT --image in.png --question "what color is the square?"    # understanding
     python sample.py --prompt "a blue triangle at the top right"  # the toy checkpoint (no --ckpt): toy words only
+    python sample.py --ckpt CKPT --prompts prompts.jsonl --samples-per-prompt 4         # a prompt file (below)
 
 Two stages, loaded one after the other: the AR model writes bits (parallel bitwise prediction with classifier-free
 guidance), is released, then the diffusion decoder turns the bits into pixels. So the released model runs on one
