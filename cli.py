@@ -381,7 +381,9 @@ def save_run_state(run_dir: Path, meta: dict, tensors: dict) -> Path:
     path = atomic_write(run_dir / STATE_FILE,
                         lambda tmp: save_file(tensors, str(tmp), metadata={_STATE_KEY: json.dumps(meta)}))
     for name in (_LEGACY_STATE, _LEGACY_STATE + ".old", _LEGACY_STATE + ".tmp"):  # superseded by the new file
-        shutil.rmtree(run_dir / name, ignore_errors=True)
+        legacy = run_dir / name
+        if legacy.is_dir() and {f.name for f in legacy.iterdir()} <= {"state.json", "state.safetensors"}:
+            shutil.rmtree(legacy)  # only a folder of the earlier layout, nothing a user put there
     return path
 
 

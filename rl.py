@@ -371,7 +371,10 @@ def policy_state(net, opt) -> dict:
 
 
 def load_policy_state(tensors: dict, net, opt) -> None:
-    net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")}, strict=False)
+    """The inverse of policy_state; the frozen tower keeps the starting checkpoint's weights."""
+    state = {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}
+    tower = {k: v for k, v in net.state_dict().items() if k.startswith("model.visual.")}
+    net.load_state_dict({**state, **tower})  # strict: a state of another model is an error, not a partial load
     cli.load_optimizer(opt, tensors)
 
 

@@ -178,3 +178,22 @@ def test_concurrent_runs_with_the_same_out_never_mix(tmp_path):
     assert (out / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache.safetensors", "out"]
     assert load_file(str(tmp_path / "cache.safetensors"))["prompt_embeds"].tolist() == [[24.0, 24.0]]
+
+
+def test_state_of_the_earlier_layout_resumes_and_is_replaced(tmp_path):
+    """A run folder from before the one-file state (state/state.json + state/state.safetensors) still resumes; the
+    first new save supersedes it and removes it, but never a `state` folder holding anything else."""
+    from safetensors.torch import save_file
+
+    run = tmp_path / "run"
+    (run / "state").mkdir(parents=True)
+    (run / "state" / "state.json").write_text('{"stage": 2, "step": 5}')
+    save_file({"w": torch.full((2,), 7.0)}, str(run / "state" / "state.safetensors"))
+    meta, tensors = cli.load_run_state(run)
+    assert meta == {"stage": 2, "step": 5} and tensors["w"].tolist() == [7.0, 7.0]
+    cli.save_run_state(run, {"stage": 2, "step": 6}, {"w": torch.zeros(2)})
+    assert sorted(p.name for p in run.iterdir()) == [cli.STATE_FILE] and cli.run_state_meta(run)["step"] == 6
+    (run / "state").mkdir()
+    (run / "state" / "notes.txt").write_text("mine")
+    cli.save_run_state(run, {"stage": 2, "step": 7}, {"w": torch.zeros(2)})
+    assert (run / "state" / "notes.txt").read_text() == "mine"
