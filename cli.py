@@ -259,9 +259,10 @@ def folder_lock(root: Path, timeout: float = 60.0):
         except FileExistsError:
             try:
                 owner = int(path.read_text() or 0)
+                age = time.time() - path.stat().st_mtime
             except (FileNotFoundError, ValueError):
-                owner = 0  # being written or removed right now: look again
-            if owner and not _alive(owner, path):
+                owner, age = 0, 0.0  # being written or removed right now: look again
+            if (owner and not _alive(owner, path)) or (not owner and age > 5.0):  # killed, or killed mid-creation
                 path.unlink(missing_ok=True)
             elif time.monotonic() > deadline:
                 raise UsageError(f"{root} is being written by another run (process {owner}, {path}); wait for it, or "

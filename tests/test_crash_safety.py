@@ -197,3 +197,22 @@ def test_state_of_the_earlier_layout_resumes_and_is_replaced(tmp_path):
     (run / "state" / "notes.txt").write_text("mine")
     cli.save_run_state(run, {"stage": 2, "step": 7}, {"w": torch.zeros(2)})
     assert (run / "state" / "notes.txt").read_text() == "mine"
+
+
+def test_folder_lock_waits_for_a_live_writer_and_takes_over_a_dead_one(tmp_path):
+    """A lock held by a running process is waited for (then one line naming it); one left by a killed process, or
+    left empty by a process killed while creating it, is taken over."""
+    lock = tmp_path / cli.LOCK
+    lock.write_text(str(os.getpid()))  # a live owner
+    with pytest.raises(cli.UsageError, match=f"being written by another run \\(process {os.getpid()}"):
+        with cli.folder_lock(tmp_path, timeout=0.2):
+            pass
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(dead.stdout.strip())  # its owner has exited
+    with cli.folder_lock(tmp_path, timeout=0.2):
+        assert lock.read_text() == str(os.getpid())
+    assert not lock.exists()
+    lock.write_text("")  # created, never written: its owner died in between
+    os.utime(lock, (lock.stat().st_atime - 10, lock.stat().st_mtime - 10))
+    with cli.folder_lock(tmp_path, timeout=0.5):
+        assert lock.read_text() == str(os.getpid())
