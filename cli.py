@@ -480,6 +480,17 @@ def new_run_id() -> str:
     return secrets.token_hex(8)
 
 
+def report_interrupted(e: "Interrupted", run_dir: Path | None, what: str = "training") -> int:
+    """The one line after Ctrl-C / SIGTERM: where the saved state is and how to continue -> the exit code."""
+    meta = None if run_dir is None else run_state_meta(run_dir)
+    if meta is None:
+        print(f"interrupted by {e.name} before any {what} state was saved", file=sys.stderr)
+    else:
+        print(f"interrupted by {e.name}: {what} state saved in {Path(run_dir) / STATE_FILE} "
+              f"({meta.get('where', 'saved')}); continue with the same flags and --resume", file=sys.stderr)
+    return e.exit_code
+
+
 def clean_run_dir(run_dir: Path) -> None:
     """Remove the temporary state files that a process killed while saving left behind."""
     remove_temp_files(run_dir, Path(STATE_FILE).stem, Path(STATE_FILE).suffix)

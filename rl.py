@@ -387,13 +387,7 @@ def main(argv=None) -> int:
         except cli.UsageError as e:
             return cli.fail(e)
         except cli.Interrupted as e:
-            meta = None if guard.run_dir is None else cli.run_state_meta(guard.run_dir)
-            if meta is None:
-                print(f"interrupted by {e.name} before any GRPO state was saved", file=sys.stderr)
-            else:
-                print(f"interrupted by {e.name}: GRPO state saved in {guard.run_dir / cli.STATE_FILE} "
-                      f"({meta['where']}); continue with the same flags and --resume", file=sys.stderr)
-            return e.exit_code
+            return cli.report_interrupted(e, guard.run_dir, "GRPO")
 
 
 def _main(argv, guard: cli.SignalGuard) -> int:

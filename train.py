@@ -712,7 +712,7 @@ def main(argv=None) -> int:
         except cli.UsageError as e:
             return cli.fail(e)
         except cli.Interrupted as e:
-            return interrupted(e, getattr(guard, "run_dir", None))
+            return cli.report_interrupted(e, getattr(guard, "run_dir", None))
 
 
 def stage1_report(vision, dec, settings: dict, meta: dict, run_dir: Path, size: int) -> None:
@@ -723,16 +723,6 @@ def stage1_report(vision, dec, settings: dict, meta: dict, run_dir: Path, size: 
     save_grid(np.concatenate([np.stack(ex), reconstruct(vision, dec, np.stack(ex), settings)]),
               run_dir / "stage1_reconstructions.png")
     print(f"stage 1: held-out images decoded back to their scene: {rec:.1%}", file=sys.stderr)
-
-
-def interrupted(e: cli.Interrupted, run_dir) -> int:
-    meta = None if run_dir is None else cli.run_state_meta(run_dir)
-    if meta is not None:
-        print(f"interrupted by {e.name}: training state saved in {run_dir / cli.STATE_FILE} ({where(meta)}); "
-              "continue with the same flags and --resume", file=sys.stderr)
-    else:
-        print(f"interrupted by {e.name} before any training state was saved", file=sys.stderr)
-    return e.exit_code
 
 
 BOOKKEEPING = ("save_every", "eval_n")  # settings a resumed run may change: they do not change the weights
