@@ -10,12 +10,18 @@ Each benchmark is a function `bench_<name>(args)`; `main()` dispatches on the fi
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 import bsq
 import model as M
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "tests"))
+from reference import Recorder, generate_image_recompute  # noqa: E402  (the official loop lives with the tests)
 
 
 def mid_config(vd_depth: int = 4) -> M.UniARConfig:
@@ -54,9 +60,12 @@ def bench_rollout(args) -> dict:
     ids, mask = ids.to(args.device), mask.to(args.device)
 
     def run(vd_cache: bool, size: int = args.size):
-        return M.generate_image(m, ids, mask, size, size, cfg=args.cfg, temperature=1.0,
-                                visual_decoder_cache=vd_cache, generator=torch.Generator().manual_seed(args.seed),
-                                return_step_logits=True)
+        rec = Recorder(M.MultinomialSampler(args.cfg, 1.0, torch.Generator().manual_seed(args.seed)))
+        if vd_cache:
+            bits = M.generate_image(m, ids, mask, size, size, rec).bits
+        else:
+            bits = generate_image_recompute(m, ids, mask, size, size, rec)[:B]
+        return SimpleNamespace(bits=bits, step_logits=rec.step_logits)
 
     ds = cfg.downsample
     run(True, 2 * ds), run(False, 2 * ds)  # warm-up (allocator, kernels) on a 2 x 2 token image
@@ -122,8 +131,8 @@ def bench_step(args) -> dict:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         t0 = time.perf_counter()
-        M.generate_image(m, ids, mask, ds, ds * n_tok, cfg=args.cfg, temperature=1.0,
-                         generator=torch.Generator(device=dev).manual_seed(0))
+        M.generate_image(m, ids, mask, ds, ds * n_tok,
+                         M.MultinomialSampler(args.cfg, 1.0, torch.Generator(device=dev).manual_seed(0)))
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         return time.perf_counter() - t0
@@ -168,15 +177,16 @@ def bench_throughput(args) -> dict:
 
     def toy_run(b):
         for i in range(0, 16, b):
-            bits = M.generate_bits(net, tok, prompts[i:i + b], ar_height=64, ar_width=64, cfg=1.5, seed=seeds[i:i + b])
+            bits = M.generate_bits(net, tok, prompts[i:i + b], ar_height=64, ar_width=64, cfg_scale=1.5, seed=seeds[i:i + b])
             dec.decode(bits, 64, 64, upsampling_ratio=1.0, steps=10, guidance=1.5, seed=seeds[i:i + b])
 
     def mid_run(b):
         for i in range(0, 16, b):
             rows = torch.cat([ids[i:i + b], torch.zeros_like(ids[i:i + b])]).to(args.device)  # [cond; uncond]
             rows[b:, -1] = mid.cfg.vision_start_token_id
-            M.generate_image(mid, rows, torch.ones_like(rows), args.size, args.size, cfg=args.cfg,
-                             generator=[torch.Generator(args.device).manual_seed(s) for s in seeds[i:i + b]])
+            gens = [torch.Generator(args.device).manual_seed(s) for s in seeds[i:i + b]]
+            M.generate_image(mid, rows, torch.ones_like(rows), args.size, args.size,
+                             M.MultinomialSampler(args.cfg, 1.0, gens))
 
     out = {}
     for name, fn in (("toy checkpoint, AR + decoder", toy_run), (f"mid-size AR, {args.size} px", mid_run)):

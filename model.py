@@ -50,6 +50,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import bsq
 from kernels.attention import attention as kernel_attention
@@ -404,56 +405,60 @@ class TextModel(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def image_positions(start: int, t: int, gh: int, gw: int) -> torch.Tensor:
+    """MRoPE ids (3, t * gh * gw) of an image's token grid placed at `start`: (start + t_i, start + row, start + col)."""
+    ti = torch.arange(t).view(-1, 1, 1).expand(t, gh, gw).flatten()
+    hi = torch.arange(gh).view(1, -1, 1).expand(t, gh, gw).flatten()
+    wi = torch.arange(gw).view(1, 1, -1).expand(t, gh, gw).flatten()
+    return torch.stack([ti, hi, wi]) + start
+
+
+def row_positions(toks: list, grids, start: int, cfg: UniARConfig) -> tuple[torch.Tensor, int]:
+    """MRoPE ids (3, T) of one unpadded row of tokens whose first token sits at `start`; its images take their patch
+    grids (t, h, w) from the iterator `grids` in order. -> (ids, the next free position).
+
+    Text continues at (previous max + 1) on all three axes; an image becomes a (t, h/2, w/2) block of tokens with
+    ids (s + t_i, s + r, s + c), s = the id right after the preceding text."""
+    ms = cfg.vision.spatial_merge_size
+    chunks, st, nxt = [], 0, start
+    while cfg.image_token_id in toks[st:]:
+        ed = toks.index(cfg.image_token_id, st)
+        if ed == 0 or toks[ed - 1] != cfg.vision_start_token_id:
+            raise ValueError(f"image token at {ed} is not announced by <|vision_start|>")
+        grid = next(grids, None)
+        if grid is None:
+            raise ValueError("more images in input_ids than rows in image_grid_thw")
+        t, h, w = grid
+        n = t * (h // ms) * (w // ms)
+        if toks[ed:ed + n] != [cfg.image_token_id] * n:
+            raise ValueError(f"image with grid {(t, h, w)} needs {n} consecutive image tokens")
+        chunks.append((torch.arange(ed - st) + nxt).expand(3, -1))
+        img = image_positions(nxt + ed - st, t, h // ms, w // ms)
+        chunks.append(img)
+        nxt, st = int(img.max()) + 1, ed + n
+    chunks.append((torch.arange(len(toks) - st) + nxt).expand(3, -1))
+    return torch.cat(chunks, dim=1), nxt + len(toks) - st
+
+
 def get_rope_index(input_ids: torch.Tensor, image_grid_thw: Optional[torch.Tensor], attention_mask: torch.Tensor,
                    cfg: UniARConfig) -> torch.Tensor:
     """MRoPE position ids (3, B, T) for text and images, left padding (padding positions get 1).
-
-    Text continues at (previous max + 1) on all three axes; an image with patch grid (t, h, w) becomes a
-    (t, h/2, w/2) block of tokens with ids (s + t_i, s + r, s + c), s = the id right after the preceding text.
-    image_grid_thw (n_images, 3) is consumed in order over the rows (edit mode: [input, output] per row).
-    """
+    image_grid_thw (n_images, 3) is consumed in order over the rows (edit mode: [input, output] per row)."""
     B, T = input_ids.shape
-    ms = cfg.vision.spatial_merge_size
     pos = torch.ones(3, B, T, dtype=torch.int64, device=input_ids.device)
     grids = [] if image_grid_thw is None else [tuple(int(v) for v in g) for g in image_grid_thw.tolist()]
-    gi = 0
+    it = iter(grids)
     for b in range(B):
         keep = attention_mask[b].bool()
         toks = input_ids[b][keep].tolist()
         if cfg.video_token_id in toks:
             raise ValueError(f"row {b}: video tokens (id {cfg.video_token_id}) are not supported")
-        chunks, st, nxt = [], 0, 0
-        while True:
-            try:
-                ed = toks.index(cfg.image_token_id, st)
-            except ValueError:
-                break
-            if ed == 0 or toks[ed - 1] != cfg.vision_start_token_id:
-                raise ValueError(f"row {b}: image token at {ed} is not announced by <|vision_start|>")
-            if gi >= len(grids):
-                raise ValueError(f"row {b}: more images in input_ids than rows in image_grid_thw ({len(grids)})")
-            t, h, w = grids[gi]
-            gi += 1
-            gh, gw = h // ms, w // ms
-            n = t * gh * gw
-            if toks[ed:ed + n] != [cfg.image_token_id] * n:
-                raise ValueError(f"row {b}: image {gi - 1} with grid {(t, h, w)} needs {n} consecutive image tokens")
-            text = torch.arange(ed - st) + nxt
-            chunks.append(text.expand(3, -1))
-            s = nxt + ed - st
-            ti = torch.arange(t).view(-1, 1, 1).expand(t, gh, gw).flatten()
-            hi = torch.arange(gh).view(1, -1, 1).expand(t, gh, gw).flatten()
-            wi = torch.arange(gw).view(1, 1, -1).expand(t, gh, gw).flatten()
-            img = torch.stack([ti, hi, wi]) + s
-            chunks.append(img)
-            nxt = int(img.max()) + 1
-            st = ed + n
-        if st < len(toks):
-            chunks.append((torch.arange(len(toks) - st) + nxt).expand(3, -1))
-        if chunks:
-            pos[:, b, keep] = torch.cat(chunks, dim=1).to(pos.device)
-    if gi != len(grids):
-        raise ValueError(f"image_grid_thw has {len(grids)} rows but input_ids contain {gi} images")
+        try:
+            pos[:, b, keep] = row_positions(toks, it, 0, cfg)[0].to(pos.device)
+        except ValueError as e:
+            raise ValueError(f"row {b}: {e}") from None
+    if next(it, None) is not None:
+        raise ValueError(f"image_grid_thw has {len(grids)} rows but input_ids contain fewer images")
     return pos
 
 
@@ -511,18 +516,29 @@ class UniAR(nn.Module):
 
     # ----- building blocks -----
     def embed_prefix(self, input_ids, pixel_values=None, image_grid_thw=None):
-        """Token embeddings with input images spliced in at the image placeholders.
+        """Token embeddings with input images spliced in at the image placeholders: an image enters as its BSQ bits,
+        re-embedded (`embed_bits`), the same path as a generated image.
 
         Returns (x (B, T, D), visual_mask (B, T) bool or None, deepstack list or None).
         """
+        self.check_prefix_images(input_ids, pixel_values, image_grid_thw)
+        bits = None if pixel_values is None else self.visual.encode_bits(
+            pixel_values.to(self.language_model.embed_tokens.weight.dtype), image_grid_thw)
+        return self.embed_bits(input_ids, bits)
+
+    def embed_bits(self, input_ids, bits=None):
+        """Token embeddings with images given as bits (M, L, U, d) (every image of the batch, in order of their
+        placeholders, row by row) spliced in: the shared context reads every image, input or generated, this way.
+
+        Returns (x (B, T, D), visual_mask (B, T) bool or None, deepstack list of L - 1 (M, D) or None).
+        """
         x = self.language_model.embed_tokens(input_ids)
-        img = input_ids == self.cfg.image_token_id
-        n_img_tokens = self.check_prefix_images(input_ids, pixel_values, image_grid_thw)
-        if pixel_values is None:
+        if bits is None:
             return x, None, None
-        main, deep = self.visual(pixel_values.to(x.dtype), image_grid_thw)  # (M, D), (L-1) x (M, D)
-        if main.shape[0] != n_img_tokens:
-            raise ValueError(f"the images give {main.shape[0]} tokens but input_ids hold {n_img_tokens} image "
+        img = input_ids == self.cfg.image_token_id
+        main, deep = self.visual.bits_to_llm_features(bits)  # (M, D), (L-1) x (M, D)
+        if main.shape[0] != int(img.sum()):
+            raise ValueError(f"the images give {main.shape[0]} tokens but input_ids hold {int(img.sum())} image "
                              "placeholders (an image where none is expected, or a wrong grid)")
         x = x.masked_scatter(img[..., None].expand_as(x), main.to(x.dtype))
         return x, img, deep
@@ -610,16 +626,16 @@ class UniAR(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Generation
+# Generation: prefill, one decode step, the loop (gpt-fast's shape); the sampler is passed in
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def cfg_guide(logits: torch.Tensor, cfg: float) -> torch.Tensor:
+def cfg_guide(logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
     """Classifier-free guidance on logits: rows [cond; uncond] -> guided logits for both halves."""
-    if cfg <= 1.0:
+    if cfg_scale <= 1.0:
         return logits
     c, u = logits.chunk(2, dim=0)
-    g = u + cfg * (c - u)
+    g = u + cfg_scale * (c - u)
     return torch.cat([g, g], dim=0)
 
 
@@ -640,21 +656,94 @@ def sample_bits(logits: torch.Tensor, temperature: float, generator=None) -> tor
 
 
 @dataclass
+class MultinomialSampler:
+    """Guidance, then one multinomial draw per bit (`sample_bits`): the official sampler, seeded runs bit-identical."""
+    cfg_scale: float = 1.0
+    temperature: float = 1.0
+    generator: object = None  # None, a torch.Generator, or one per image
+
+    def __post_init__(self):
+        check_sampling(self.cfg_scale, self.temperature)
+
+    def __call__(self, logits: torch.Tensor, step: int) -> torch.Tensor:
+        """Bit logits (B_all, L, U, d, 2) of AR step `step`, rows [cond; uncond] -> bits (B_all, L, U, d)."""
+        return sample_bits(cfg_guide(logits, self.cfg_scale), self.temperature, self.generator)
+
+
+@dataclass
+class KernelSampler:
+    """The one-launch bitwise kernel (kernels/bitwise.py: Triton on CUDA, its PyTorch reference elsewhere): guidance,
+    temperature and a counter-based draw per bit in one pass; another random stream than the official one."""
+    cfg_scale: float = 1.0
+    temperature: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        check_sampling(self.cfg_scale, self.temperature)
+
+    def __call__(self, logits: torch.Tensor, step: int) -> torch.Tensor:
+        B_all = logits.shape[0]
+        bits = bitwise.sample_bits(logits.reshape(B_all, -1, 2), self.cfg_scale, self.temperature, seed=self.seed,
+                                   step=step)[0]
+        return bits.view(logits.shape[:-1])
+
+
+def bit_logits_step(model: "UniAR", vd_cache: KVCache, h: torch.Tensor, pos: torch.Tensor,
+                    valid: torch.Tensor) -> torch.Tensor:
+    """Parallel bitwise prediction of one token: the visual-decoder stack reads the newest pre-norm states h (B, T, D)
+    (at the first step the whole context, then the one new token) at positions pos (3, B, T), and the bit head maps
+    the last state to the logits of all L x U x d bits of the next token: (B, L, U, d, 2)."""
+    cos, sin = model.language_model.rope(pos, h.dtype)
+    out = run_stack(model.visual_decoder, h, cos, sin, valid, vd_cache)
+    return model.vistok_logits(out[:, -1])
+
+
+def read_image_token(model: "UniAR", cache: KVCache, bits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Shared context: sampled bits (B, L, U, d) re-enter the text model through the tokenizer's output projections
+    and mergers, exactly as an input image's bits do. pos (3, B, 1). -> the token's pre-norm state (B, 1, D)."""
+    main, deep = model.visual.bits_to_llm_features(bits)  # (B, D), (L-1) x (B, D)
+    B, dev = bits.shape[0], bits.device
+    ones = torch.ones(B, 1, dtype=torch.bool, device=dev)
+    return model.language_model(main.to(cache.k.dtype)[:, None], pos, ones, cache, ones, deep)
+
+
+def image_rollout(model: "UniAR", cache: KVCache, vd_cache: KVCache, h, h_pos, h_valid, img_pos: torch.Tensor,
+                  sampler, *, feed_last: bool = False, progress: bool = False) -> tuple[torch.Tensor, list]:
+    """The AR loop of parallel bitwise prediction over N tokens: bit logits from the newest states, the sampler
+    draws all bits of the token, the bits are read back as the next input. The caches hold the context so far;
+    h / h_pos / h_valid are its states the visual-decoder cache has not seen yet, img_pos (3, B, N) the positions of
+    the image tokens. feed_last: also read the last token (a conversation keeps the whole image in its context).
+    Returns bits (B, N, L, U, d) and the pre-norm states of the tokens read."""
+    N = img_pos.shape[2]
+    steps, states = [], []
+    bar = tqdm(total=N, desc="AR steps", unit="tok") if progress else None
+    for i in range(N):
+        bits = sampler(bit_logits_step(model, vd_cache, h, h_pos, h_valid), i)  # (B, L, U, d)
+        steps.append(bits)
+        if bar is not None:
+            bar.update()
+        if i < N - 1 or feed_last:
+            h_pos = img_pos[:, :, i:i + 1]
+            h = read_image_token(model, cache, bits, h_pos)
+            h_valid = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
+            states.append(h)
+    if bar is not None:
+        bar.close()
+    return torch.stack(steps, dim=1), states
+
+
+@dataclass
 class ImageGeneration:
     bits: torch.Tensor  # (B, N, L, U, d) int64, the conditional rows
     indices: torch.Tensor  # (B, N, L, U) int64
-    step_logits: Optional[torch.Tensor] = None  # (B_all, N, O) before guidance, every row
 
 
-def check_generation_args(model: UniAR, prefix_len: int, ar_height: int, ar_width: int, cfg: float,
+def check_generation_args(model: UniAR, prefix_len: int, ar_height: int, ar_width: int, cfg_scale: float,
                           temperature: float) -> tuple[int, int]:
     ds = model.cfg.downsample
     if ar_height <= 0 or ar_width <= 0 or ar_height % ds or ar_width % ds:
         raise ValueError(f"AR size {ar_height}x{ar_width} must be positive multiples of {ds} px")
-    if cfg < 1.0 or not math.isfinite(cfg):
-        raise ValueError(f"cfg must be >= 1 (1 = no guidance), got {cfg}")
-    if not temperature > 0 or not math.isfinite(temperature):
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_sampling(cfg_scale, temperature)
     gh, gw = ar_height // ds, ar_width // ds
     budget = model.cfg.text.max_position_embeddings
     if prefix_len + gh * gw > budget:
@@ -663,98 +752,73 @@ def check_generation_args(model: UniAR, prefix_len: int, ar_height: int, ar_widt
     return gh, gw
 
 
+def rows_per_image(sampler, batch_rows: int) -> int:
+    """2 when the sampler guides ([cond; uncond] rows), else 1."""
+    rows = 2 if getattr(sampler, "cfg_scale", 1.0) > 1.0 else 1
+    if batch_rows % rows:
+        raise ValueError(f"with cfg > 1 the batch must be [cond; uncond] rows, got an odd {batch_rows} rows")
+    return rows
+
+
+def check_sampling(cfg_scale: float, temperature: float) -> None:
+    if cfg_scale < 1.0 or not math.isfinite(cfg_scale):
+        raise ValueError(f"cfg must be >= 1 (1 = no guidance), got {cfg_scale}")
+    if not temperature > 0 or not math.isfinite(temperature):
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def prefill(model: UniAR, ids, mask, pos, cache: KVCache, pixel_values=None, image_grid_thw=None) -> torch.Tensor:
+    """Prefill: the prompt (B, T) (its input images as bits) into the KV cache in one forward -> pre-norm states
+    (B, T, D)."""
+    x, vmask, deep = model.embed_prefix(ids, pixel_values, image_grid_thw)
+    return model.language_model(x, pos, mask.bool(), cache, vmask, deep)
+
+
 @torch.no_grad()
 def generate_image(model: UniAR, prefix_ids: torch.Tensor, attention_mask: torch.Tensor, ar_height: int,
-                   ar_width: int, *, cfg: float = 1.0, temperature: float = 1.0, pixel_values=None,
-                   image_grid_thw=None, visual_decoder_cache: bool = True, generator=None,
-                   return_step_logits: bool = False, progress: bool = False,
-                   sampler: str = "multinomial") -> ImageGeneration:
-    """Parallel bitwise text-to-image (and editing) rollout: one AR step per 32-px token, all its bits at once.
+                   ar_width: int, sampler, *, pixel_values=None, image_grid_thw=None,
+                   progress: bool = False) -> ImageGeneration:
+    """Parallel bitwise text-to-image (and editing): prefill the prompts, then one AR step per 32-px token, all its
+    bits at once, drawn by `sampler` (`MultinomialSampler`, `KernelSampler`, or any fn(logits, step) -> bits).
 
-    prefix_ids / attention_mask (B_all, Lp), left padded, each row ending in <|vision_start|>; with cfg > 1 the rows
+    prefix_ids / attention_mask (B_all, Lp), left padded, each row ending in <|vision_start|>; with guidance the rows
     are [cond x B; uncond x B]. Edit mode: pixel_values / image_grid_thw of the input image of every row (in row
-    order) whose placeholders are in the prefix. `visual_decoder_cache=False` re-runs the visual-decoder stack over
-    the whole sequence at every step, like the official loop. `sampler="multinomial"` draws like the official
-    loop (seeded outputs bit-identical to it); `sampler="kernel"` uses the one-launch bitwise kernel
-    (kernels/bitwise.py: Triton on CUDA, its PyTorch reference elsewhere), a different random stream.
+    order) whose placeholders are in the prefix.
     """
     B_all, Lp = prefix_ids.shape
     if attention_mask.shape != prefix_ids.shape:
         raise ValueError(f"attention_mask {tuple(attention_mask.shape)} != prefix_ids {tuple(prefix_ids.shape)}")
-    gh, gw = check_generation_args(model, Lp, ar_height, ar_width, cfg, temperature)
-    if cfg > 1.0 and B_all % 2:
-        raise ValueError(f"with cfg > 1 the batch must be [cond; uncond] rows, got an odd {B_all} rows")
-    N = gh * gw
-    if sampler not in ("multinomial", "kernel"):
-        raise ValueError(f"sampler must be 'multinomial' or 'kernel', got {sampler!r}")
-    if sampler == "kernel" and isinstance(generator, (list, tuple)):
-        raise ValueError("per-image generators need sampler='multinomial' (the kernel draws one counter stream)")
-    kernel_seed = int(torch.randint(2**31 - 1, (1,), generator=generator)) if sampler == "kernel" else 0
+    gh, gw = check_generation_args(model, Lp, ar_height, ar_width, 1.0, 1.0)
+    rows = rows_per_image(sampler, B_all)
     model.check_prefix_images(prefix_ids, pixel_values, image_grid_thw)
-    lm, dev = model.language_model, prefix_ids.device
+    N, lm, dev = gh * gw, model.language_model, prefix_ids.device
     dtype = lm.embed_tokens.weight.dtype
-
     ids_all, mask_all, grids = model.append_image_placeholders(prefix_ids, attention_mask, N, gh, gw, image_grid_thw)
     pos_all = get_rope_index(ids_all, grids, mask_all, model.cfg)  # (3, B_all, Lp + N)
-    valid_all = mask_all.bool()
-
-    x, vmask, deep = model.embed_prefix(prefix_ids, pixel_values, image_grid_thw)
+    valid = mask_all.bool()[:, :Lp]
     cache = KVCache.for_layers(len(lm.layers), model.cfg.text, B_all, Lp + N, dev, dtype)
-    h = lm(x, pos_all[:, :, :Lp], valid_all[:, :Lp], cache, vmask, deep)  # (B_all, Lp, D), pre-norm
-    vd_cache = KVCache.for_layers(len(model.visual_decoder), model.cfg.text, B_all, Lp + N, dev, dtype) \
-        if visual_decoder_cache else None
-    seq = h  # the pre-norm states the visual decoder reads (recompute mode keeps all of them)
-    bits_steps, logit_steps = [], []
-    bar = None
-    if progress:  # updated after each sampled token, so it reaches N/N (the loop leaves before its last increment)
-        from tqdm import tqdm
+    vd_cache = KVCache.for_layers(len(model.visual_decoder), model.cfg.text, B_all, Lp + N, dev, dtype)
+    h = prefill(model, prefix_ids, attention_mask, pos_all[:, :, :Lp], cache, pixel_values, image_grid_thw)
+    bits, _ = image_rollout(model, cache, vd_cache, h, pos_all[:, :, :Lp], valid, pos_all[:, :, Lp:], sampler,
+                            progress=progress)
+    bits = bits[: B_all // rows]
+    return ImageGeneration(bits=bits, indices=bsq.bits_to_indexes(bits))
 
-        bar = tqdm(total=N, desc="AR steps", unit="tok")
-    for i in range(N):
-        if visual_decoder_cache:
-            start = vd_cache.length
-            cos, sin = lm.rope(pos_all[:, :, start:start + h.shape[1]], dtype)
-            out = run_stack(model.visual_decoder, h, cos, sin, valid_all[:, start:start + h.shape[1]], vd_cache)
-        else:
-            L = seq.shape[1]
-            cos, sin = lm.rope(pos_all[:, :, :L], dtype)
-            out = run_stack(model.visual_decoder, seq, cos, sin, valid_all[:, :L])
-        logits = model.output_layer_vistok(out[:, -1])  # (B_all, O)
-        if return_step_logits:
-            logit_steps.append(logits)
-        if sampler == "kernel":
-            bits = bitwise.sample_bits(logits.view(B_all, -1, 2), cfg, temperature, seed=kernel_seed, step=i)[0]
-            bits = bits.view(B_all, *model.bits_shape)
-        else:
-            bits = sample_bits(cfg_guide(logits, cfg).view(B_all, *model.bits_shape, 2), temperature, generator)
-        bits_steps.append(bits)  # (B_all, L, U, d)
-        if bar is not None:
-            bar.update()
-        if i == N - 1:
-            break
-        # shared context: the sampled bits re-enter through the tokenizer's output projections + mergers
-        main, ds = model.visual.bits_to_llm_features(bits)  # (B_all, D), (L-1) x (B_all, D)
-        p = Lp + i
-        h = lm(main.to(dtype)[:, None], pos_all[:, :, p:p + 1], valid_all[:, p:p + 1], cache,
-               torch.ones(B_all, 1, dtype=torch.bool, device=dev), ds)
-        if not visual_decoder_cache:
-            seq = torch.cat([seq, h], dim=1)
-    if bar is not None:
-        bar.close()
-    bits = torch.stack(bits_steps, dim=1)  # (B_all, N, L, U, d)
-    if cfg > 1.0:
-        bits = bits[: B_all // 2]
-    step_logits = torch.stack(logit_steps, dim=1) if return_step_logits else None
-    return ImageGeneration(bits=bits, indices=bsq.bits_to_indexes(bits), step_logits=step_logits)
+
+def text_step(model: UniAR, h: torch.Tensor, temperature: float, generator=None) -> torch.Tensor:
+    """The next token of every row from its last pre-norm state h (B, T, D): greedy at temperature 0, else drawn."""
+    logits = model.lm_head(model.language_model.norm(h[:, -1])).float()  # (B, V)
+    if temperature == 0:
+        return logits.argmax(-1)
+    return torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator)[:, 0]
 
 
 @torch.no_grad()
 def generate_text(model: UniAR, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                   pixel_values=None, image_grid_thw=None, *, max_new_tokens: int = 64, stop_ids: Sequence[int] = (),
-                  temperature: float = 0.0, generator=None, use_cache: bool = True) -> list[list[int]]:
-    """Understanding: greedy (temperature 0) or sampled text decoding with a KV cache, each row stopping at one of
-    `stop_ids` (kept in its output). `use_cache=False` recomputes the whole sequence every step (the reference).
-    Returns the new token ids of each row."""
+                  temperature: float = 0.0, generator=None) -> list[list[int]]:
+    """Understanding: prefill the prompt, then greedy (temperature 0) or sampled decoding with a KV cache, each row
+    stopping at one of `stop_ids` (kept in its output). Returns the new token ids of each row."""
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     B, Lp = input_ids.shape
@@ -765,23 +829,17 @@ def generate_text(model: UniAR, input_ids: torch.Tensor, attention_mask: Optiona
         raise ValueError(f"prompt of {Lp} tokens + {max_new_tokens} new tokens exceeds the position budget "
                          f"max_position_embeddings={budget}")
     lm, dev = model.language_model, input_ids.device
-    dtype = lm.embed_tokens.weight.dtype
     pos = get_rope_index(input_ids, image_grid_thw, attention_mask, model.cfg)
     next_pos = pos.amax(dim=(0, 2)) + 1  # (B,) text after the prompt continues on all three axes
-    x, vmask, deep = model.embed_prefix(input_ids, pixel_values, image_grid_thw)
-    cache = KVCache.for_layers(len(lm.layers), model.cfg.text, B, Lp + max_new_tokens, dev, dtype) \
-        if use_cache else None
-    valid = attention_mask.bool()
-    h = lm(x, pos, valid, cache, vmask, deep)
+    cache = KVCache.for_layers(len(lm.layers), model.cfg.text, B, Lp + max_new_tokens, dev,
+                               lm.embed_tokens.weight.dtype)
+    h = prefill(model, input_ids, attention_mask, pos, cache, pixel_values, image_grid_thw)
     out = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     stop = torch.tensor(list(stop_ids), dtype=torch.int64, device=dev)
+    ones = torch.ones(B, 1, dtype=torch.bool, device=dev)
     for step in range(max_new_tokens):
-        logits = model.lm_head(lm.norm(h[:, -1])).float()  # (B, V)
-        if temperature == 0:
-            tok = logits.argmax(-1)
-        else:
-            tok = torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator)[:, 0]
+        tok = text_step(model, h, temperature, generator)
         for b in range(B):
             if not done[b]:
                 out[b].append(int(tok[b]))
@@ -789,15 +847,7 @@ def generate_text(model: UniAR, input_ids: torch.Tensor, attention_mask: Optiona
         if bool(done.all()) or step == max_new_tokens - 1:
             break
         p = (next_pos + step).view(1, B, 1).expand(3, B, 1)
-        e = lm.embed_tokens(tok[:, None])
-        if use_cache:
-            h = lm(e, p, torch.ones(B, 1, dtype=torch.bool, device=dev), cache)
-        else:
-            x = torch.cat([x, e], dim=1)
-            pos = torch.cat([pos, p], dim=2)
-            valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool, device=dev)], dim=1)
-            h = lm(x, pos, valid, None, None if vmask is None else F.pad(vmask, (0, x.shape[1] - vmask.shape[1])),
-                   deep)
+        h = lm(lm.embed_tokens(tok[:, None]), p, ones, cache)  # one decode step
     return out
 
 
@@ -974,14 +1024,14 @@ def _generator(seed, device):
 
 
 def build_generation_batch(model: UniAR, tokenizer: Tokenizer, prompts: Sequence[str], ar_height: int, ar_width: int,
-                           cfg: float, input_images=None):
-    """Render + tokenize [cond prompts; empty prompts (if cfg > 1)], left padded. With input images (edit), every row
-    carries its image (resized to the AR size), CFG guides over the text only.
+                           cfg_scale: float, input_images=None):
+    """Render + tokenize [cond prompts; empty prompts (if cfg_scale > 1)], left padded. With input images (edit),
+    every row carries its image (resized to the AR size), guidance drops the text only.
     Returns ids, mask, pixel_values or None, image_grid_thw or None."""
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
-    gh, gw = check_generation_args(model, 0, ar_height, ar_width, cfg, 1.0)
-    rows = list(prompts) + ([""] * len(prompts) if cfg > 1.0 else [])
+    gh, gw = check_generation_args(model, 0, ar_height, ar_width, cfg_scale, 1.0)
+    rows = list(prompts) + ([""] * len(prompts) if cfg_scale > 1.0 else [])
     if input_images is None:
         texts = [render_generation_prompt(p, gh, gw) for p in rows]
         ids, mask = tokenizer.batch(texts)
@@ -992,16 +1042,27 @@ def build_generation_batch(model: UniAR, tokenizer: Tokenizer, prompts: Sequence
     pre = [bsq.preprocess_image(im, size=(ar_height, ar_width), patch_size=v.patch_size,
                                 merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size)
            for im in input_images]
-    pre = pre + (pre if cfg > 1.0 else [])
+    pre = pre + (pre if cfg_scale > 1.0 else [])
     texts = [render_generation_prompt(p, gh, gw, int(g[0].prod()) // v.merge_unit) for p, (_, g) in zip(rows, pre)]
     ids, mask = tokenizer.batch(texts)
     return ids, mask, torch.cat([pv for pv, _ in pre]), torch.cat([g for _, g in pre])
 
 
+def make_sampler(sampler: str, cfg_scale: float, temperature: float, seed, device):
+    """"multinomial" (the official draw; seed: None, an int, or one per image) or "kernel" (one counter stream)."""
+    if sampler == "multinomial":
+        return MultinomialSampler(cfg_scale, temperature, _generator(seed, device))
+    if sampler == "kernel":
+        if isinstance(seed, (list, tuple)):
+            raise ValueError("per-image seeds need sampler='multinomial' (the kernel draws one counter stream)")
+        return KernelSampler(cfg_scale, temperature, int(torch.randint(2**31 - 1, (1,),
+                                                                       generator=_generator(seed, device))))
+    raise ValueError(f"sampler must be 'multinomial' or 'kernel', got {sampler!r}")
+
+
 def generate_bits(model: UniAR, tokenizer: Tokenizer, prompts, *, ar_height: int = 512, ar_width: int = 512,
-                  cfg: float = 1.5, temperature: float = 1.0, seed: Optional[int] = None, input_images=None,
-                  visual_decoder_cache: bool = True, progress: bool = False,
-                  sampler: str = "multinomial") -> torch.Tensor:
+                  cfg_scale: float = 1.5, temperature: float = 1.0, seed=None, input_images=None,
+                  progress: bool = False, sampler: str = "multinomial") -> torch.Tensor:
     """Prompts (strings, or a (ids, mask) pair already in [cond; uncond] layout) -> bits (B, N, L, U, d) int64.
     seed: one int for the batch, or a list of B ints (one stream per image: the same image in any batch)."""
     dev = next(model.parameters()).device
@@ -1011,12 +1072,11 @@ def generate_bits(model: UniAR, tokenizer: Tokenizer, prompts, *, ar_height: int
         ids, mask = prompts
         pv = grid = None
     else:
-        ids, mask, pv, grid = build_generation_batch(model, tokenizer, prompts, ar_height, ar_width, cfg,
+        ids, mask, pv, grid = build_generation_batch(model, tokenizer, prompts, ar_height, ar_width, cfg_scale,
                                                      input_images)
-    out = generate_image(model, ids.to(dev), mask.to(dev), ar_height, ar_width, cfg=cfg, temperature=temperature,
-                         pixel_values=None if pv is None else pv.to(dev), image_grid_thw=grid,
-                         visual_decoder_cache=visual_decoder_cache, generator=_generator(seed, dev),
-                         progress=progress, sampler=sampler)
+    out = generate_image(model, ids.to(dev), mask.to(dev), ar_height, ar_width,
+                         make_sampler(sampler, cfg_scale, temperature, seed, dev),
+                         pixel_values=None if pv is None else pv.to(dev), image_grid_thw=grid, progress=progress)
     return out.bits
 
 

@@ -266,8 +266,7 @@ def rollout(net, tok, dec, prompts: list, rc: RLConfig, settings: dict, generato
     S = settings["ar_size"][0]
     dev = net.lm_head.weight.device
     ids, mask, _, _ = M.build_generation_batch(net, tok, prompts, S, S, rc.cfg)
-    out = M.generate_image(net, ids.to(dev), mask.to(dev), S, S, cfg=rc.cfg, temperature=rc.temperature,
-                           generator=generator)
+    out = M.generate_image(net, ids.to(dev), mask.to(dev), S, S, M.MultinomialSampler(rc.cfg, rc.temperature, generator))
     images = dec.decode(out.bits, S, S, upsampling_ratio=settings["upsample"],
                         steps=rc.decode_steps or settings["steps"], guidance=settings["decoder_cfg"],
                         seed=int(torch.randint(2**31 - 1, (1,), generator=generator)))

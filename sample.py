@@ -239,7 +239,7 @@ def _main(argv: list) -> int:
             return 0
         prompts = [args.prompt] * args.num_images
         images_in = None if args.image is None else [args.image] * args.num_images
-        bits = M.generate_bits(net, tok, prompts, ar_height=ar_h, ar_width=ar_w, cfg=args.cfg,
+        bits = M.generate_bits(net, tok, prompts, ar_height=ar_h, ar_width=ar_w, cfg_scale=args.cfg,
                                temperature=args.temperature, seed=args.seed, input_images=images_in, progress=True,
                                sampler=args.sampler)
     except ValueError as e:
@@ -582,7 +582,7 @@ def run_prompts(args, ckpt: Path, defaults: dict) -> int:
         seeds = [M.sample_seed(args.seed, r["idx"], k) for r, k in batch]
         inputs = [images[r["idx"]] for r, _ in batch] if editing else None
         bits = M.generate_bits(net, tok, [r["prompt"] for r, _ in batch], ar_height=ar_h, ar_width=ar_w,
-                               cfg=args.cfg, temperature=args.temperature, seed=seeds, input_images=inputs)
+                               cfg_scale=args.cfg, temperature=args.temperature, seed=seeds, input_images=inputs)
         out = dec.decode(bits, ar_h, ar_w, upsampling_ratio=upsample, steps=args.steps, guidance=args.decoder_cfg,
                          seed=seeds).cpu()
         for (r, k), im in zip(batch, out):

@@ -510,7 +510,7 @@ def generate(net, tok, dec, prompts, settings: dict, *, input_images=None, seed:
     image `sample.py --prompts` writes for that prompt index, whatever the batch."""
     S = settings["ar_size"][0]
     seeds = [M.sample_seed(seed, first + i) for i in range(len(prompts))]
-    bits = M.generate_bits(net, tok, list(prompts), ar_height=S, ar_width=S, cfg=settings["cfg"],
+    bits = M.generate_bits(net, tok, list(prompts), ar_height=S, ar_width=S, cfg_scale=settings["cfg"],
                            temperature=settings["temperature"], seed=seeds, input_images=input_images)
     imgs = dec.decode(bits, S, S, upsampling_ratio=settings["upsample"], steps=settings["steps"],
                       guidance=settings["decoder_cfg"], seed=seeds)

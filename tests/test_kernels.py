@@ -10,6 +10,7 @@ import torch
 
 from kernels import attention as A
 from kernels import bitwise as BW
+from reference import Recorder
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 BLOCK_N = inspect.signature(A.attention_triton).parameters["block_n"].default  # the kernel's key tile
@@ -296,7 +297,7 @@ def test_golden_rollout_with_the_attention_kernel(golden, golden_ar, monkeypatch
     monkeypatch.setenv("UNIAR_KERNELS", "triton")
     net, tok = golden_ar
     s = golden.scenario("e2e")
-    bits = model.generate_bits(net, tok, s["prompt"], ar_height=s["ar_height"], ar_width=s["ar_width"], cfg=s["cfg"],
+    bits = model.generate_bits(net, tok, s["prompt"], ar_height=s["ar_height"], ar_width=s["ar_width"], cfg_scale=s["cfg"],
                                temperature=s["temperature"], seed=s["seed"])
     assert torch.equal(bsq.bits_to_indexes(bits), golden["e2e.indices"])
 
@@ -311,7 +312,7 @@ def _kernel_sampler_only(monkeypatch, backend):
 
 @needs_triton
 def test_model_kernel_sampler_matches_its_reference(golden, golden_ar, monkeypatch):
-    """Exact, step by step: generate_image(sampler="kernel") on the Triton sampler gives, for every row (cond and
+    """Exact, step by step: generate_image with the KernelSampler on the Triton sampler gives, for every row (cond and
     uncond) at every AR step i, the bits of the PyTorch reference `sample_bits_reference` on that step's logits with
     the rollout's cfg and temperature and the counter uniforms of (seed, step = i): guidance is applied, the counter
     moves every step, one seed per rollout. The same generator seed repeats; another seed differs."""
@@ -334,8 +335,10 @@ def test_model_kernel_sampler_matches_its_reference(golden, golden_ar, monkeypat
 
     def rollout(seed):
         calls.clear()
-        return model.generate_image(net, ids, mask, H, W, cfg=cfg, temperature=T, sampler="kernel",
-                                    generator=model._generator(seed, dev), return_step_logits=True)
+        rec = Recorder(model.make_sampler("kernel", cfg, T, seed, dev))
+        out = model.generate_image(net, ids, mask, H, W, rec)
+        out.step_logits = rec.step_logits
+        return out
 
     out = rollout(1)
     R, N = ids.shape[0], out.step_logits.shape[1]
@@ -373,7 +376,7 @@ def test_model_kernel_sampler_new_numbers_every_step_and_guided(golden_ar, monke
             return d.repeat_interleave(h.shape[0] // 2, 0).reshape(h.shape[0], -1).to(h)
 
     monkeypatch.setattr(net, "output_layer_vistok", SameEveryStep())
-    bits = model.generate_bits(net, tok, "a red cube", ar_height=ds, ar_width=3 * ds, cfg=3.0, temperature=1.0,
+    bits = model.generate_bits(net, tok, "a red cube", ar_height=ds, ar_width=3 * ds, cfg_scale=3.0, temperature=1.0,
                                seed=0, sampler="kernel").reshape(3, K)  # 3 steps, one cond row
     assert abs(bits.double().mean().item() - 0.5) <= 5 * math.sqrt(0.25 / bits.numel())
     for i, j in [(0, 1), (1, 2), (0, 2)]:

@@ -408,7 +408,7 @@ def test_e2e_indices_through_load_hf_and_generate_bits(golden):
     s = golden.scenario("e2e")
     ids, mask = tok.batch(s["rendered"])
     assert torch.equal(ids, golden["e2e.prefix_ids"]) and torch.equal(mask, golden["e2e.attention_mask"])
-    bits = model.generate_bits(net, tok, s["prompt"], ar_height=s["ar_height"], ar_width=s["ar_width"], cfg=s["cfg"],
+    bits = model.generate_bits(net, tok, s["prompt"], ar_height=s["ar_height"], ar_width=s["ar_width"], cfg_scale=s["cfg"],
                                temperature=s["temperature"], seed=s["seed"])
     assert torch.equal(bsq.bits_to_indexes(bits), golden["e2e.indices"])
 
@@ -467,7 +467,7 @@ def test_project_checkpoint_round_trip(tmp_path):
         assert torch.equal(a, b), k
     dec2 = load_hf.load_decoder(root)
     assert dec2.vae is None  # pixel space
-    bits = model.generate_bits(net2, tok2, "a red square at the top left", ar_height=64, ar_width=64, cfg=2.0,
+    bits = model.generate_bits(net2, tok2, "a red square at the top left", ar_height=64, ar_width=64, cfg_scale=2.0,
                                seed=0)
     kw = dict(upsampling_ratio=1.0, steps=2, guidance=1.5, seed=0)
     with torch.no_grad():

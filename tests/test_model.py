@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 import bsq
 import model as M
 from conftest import assert_close_rel, load_manifest, read_json
+from reference import generate_image_recompute, sampler
 
 TOL = 1e-4  # absolute, float32
 
@@ -145,23 +146,21 @@ def reference_decode(ar, ids, mask, pv, grid, n, temperature=0.0, generator=None
     return torch.stack(toks, 1), torch.stack(steps)
 
 
-@pytest.mark.parametrize("use_cache", [True, False])
-def test_greedy_text_exact(golden, ar, use_cache):
-    """The official greedy continuation of the image prompt (end-of-text disabled), cached and recompute paths;
+def test_greedy_text_exact(golden, ar):
+    """The official greedy continuation of the image prompt (end-of-text disabled);
     with a stop id the row ends at its first occurrence, the stop token kept."""
     want = golden["und.greedy_ids"]
-    got = M.generate_text(ar, *und_args(golden), max_new_tokens=want.shape[1], use_cache=use_cache)
+    got = M.generate_text(ar, *und_args(golden), max_new_tokens=want.shape[1])
     assert torch.equal(torch.tensor(got), want)
     stop = int(want[0, want.shape[1] // 2])
     first = want[0].tolist().index(stop)
-    got = M.generate_text(ar, *und_args(golden), max_new_tokens=want.shape[1], stop_ids=[stop], use_cache=use_cache)
+    got = M.generate_text(ar, *und_args(golden), max_new_tokens=want.shape[1], stop_ids=[stop])
     assert got == [want[0, :first + 1].tolist()]
 
 
-@pytest.mark.parametrize("use_cache", [True, False])
-def test_batch_greedy_exact(golden, ar, use_cache):
+def test_batch_greedy_exact(golden, ar):
     """A batch left padded with 0 (row 0 the image prompt with the image, row 1 text only) decodes greedily to the
-    official ids, cached and recompute paths."""
+    official ids."""
     ids, mask, pv, grid = und_batch_args(golden)
     rows = [ids[b][mask[b].bool()] for b in range(ids.shape[0])]
     assert torch.equal(rows[0], golden["und.input_ids"][0])
@@ -169,7 +168,7 @@ def test_batch_greedy_exact(golden, ar, use_cache):
     assert torch.equal(built[0], ids) and torch.equal(built[1], mask)
     want = golden["und.batch_greedy_ids"]
     n = want.shape[1]
-    got = M.generate_text(ar, ids, mask, pv, grid, max_new_tokens=n, use_cache=use_cache)
+    got = M.generate_text(ar, ids, mask, pv, grid, max_new_tokens=n)
     assert torch.equal(torch.tensor(got), want)
 
 
@@ -192,14 +191,13 @@ def test_text_step_logits_equal_full_forward(golden, ar):
     assert abs_err(seen[0][0], golden["und.logits"][0, -1]) <= TOL
 
 
-@pytest.mark.parametrize("use_cache", [True, False])
-def test_sampled_text_matches_reference(golden, ar, use_cache):
+def test_sampled_text_matches_reference(golden, ar):
     """Sampling at temperature 0.7 with a seeded generator draws the same tokens as a reference sampler over full
     forwards (softmax(logits / T), one torch.multinomial per step)."""
     ids, mask, pv, grid = und_batch_args(golden)
     n = golden["und.batch_greedy_ids"].shape[1]
     got = M.generate_text(ar, ids, mask, pv, grid, max_new_tokens=n, temperature=0.7,
-                          generator=torch.Generator().manual_seed(3), use_cache=use_cache)
+                          generator=torch.Generator().manual_seed(3))
     want, _ = reference_decode(ar, ids, mask, pv, grid, n, 0.7, torch.Generator().manual_seed(3))
     assert torch.equal(torch.tensor(got), want)
 
@@ -317,26 +315,32 @@ def test_rope_index(golden, ar, cfg, scenario):
 
 # ----- text-to-image -----
 
-@pytest.mark.parametrize("vd_cache", [True, False])
-def test_t2i_exact(golden, ar, vd_cache):
+def test_t2i_exact(golden, ar):
+    """The cached rollout draws the official bits with the seed set right before the call; the official loop
+    (visual-decoder stack re-run over the whole sequence, tests/reference.py) draws the same."""
     sc = golden.scenario("t2i")
     torch.manual_seed(seed_of(golden, "t2i.codes", "t2i"))
+    s = sampler(sc["cfg"], sc["temperature"])
     out = M.generate_image(ar, golden["t2i.prefix_ids"], golden["t2i.attention_mask"], sc["ar_height"],
-                           sc["ar_width"], cfg=sc["cfg"], temperature=sc["temperature"],
-                           visual_decoder_cache=vd_cache, return_step_logits=True)
+                           sc["ar_width"], s)
     assert torch.equal(out.bits, golden["t2i.codes"])
     assert torch.equal(out.indices, golden["t2i.indices"])
-    assert abs_err(out.step_logits, golden["t2i.step_logits"]) <= TOL
+    assert abs_err(s.step_logits, golden["t2i.step_logits"]) <= TOL
+    torch.manual_seed(seed_of(golden, "t2i.codes", "t2i"))
+    s = sampler(sc["cfg"], sc["temperature"])
+    bits = generate_image_recompute(ar, golden["t2i.prefix_ids"], golden["t2i.attention_mask"], sc["ar_height"],
+                                    sc["ar_width"], s)
+    assert torch.equal(bits[:out.bits.shape[0]], golden["t2i.codes"])
+    assert abs_err(s.step_logits, golden["t2i.step_logits"]) <= TOL
 
 
-@pytest.mark.parametrize("vd_cache", [True, False])
-def test_t2i_temperature_and_guidance_exact(golden, ar, vd_cache):
+def test_t2i_temperature_and_guidance_exact(golden, ar):
     """The t2i prompt and grid sampled at another temperature and guidance scale (golden.json "t2i_temp") with the
-    seed set right before the call: the official bits, with and without the visual-decoder cache."""
+    seed set right before the call: the official bits."""
     sc, st = golden.scenario("t2i"), golden.scenario("t2i_temp")
     torch.manual_seed(seed_of(golden, "t2i_temp.codes", "t2i_temp"))
     out = M.generate_image(ar, golden["t2i.prefix_ids"], golden["t2i.attention_mask"], sc["ar_height"],
-                           sc["ar_width"], cfg=st["cfg"], temperature=st["temperature"], visual_decoder_cache=vd_cache)
+                           sc["ar_width"], M.MultinomialSampler(st["cfg"], st["temperature"]))
     assert torch.equal(out.bits, golden["t2i_temp.codes"])
     assert torch.equal(out.indices, bsq.bits_to_indexes(golden["t2i_temp.codes"]))
 
@@ -344,14 +348,14 @@ def test_t2i_temperature_and_guidance_exact(golden, ar, vd_cache):
 def test_visual_decoder_cache_equals_recompute(golden, ar):
     """Same logits with and without the visual-decoder KV cache, here on a fresh seed and without guidance."""
     sc = golden.scenario("t2i")
-    outs = []
-    for vd_cache in (True, False):
-        out = M.generate_image(ar, golden["t2i.prefix_ids"], golden["t2i.attention_mask"], sc["ar_height"],
-                               sc["ar_width"], cfg=1.0, temperature=sc["temperature"], visual_decoder_cache=vd_cache,
-                               generator=torch.Generator().manual_seed(123), return_step_logits=True)
-        outs.append(out)
-    assert torch.equal(outs[0].bits, outs[1].bits)
-    assert abs_err(outs[0].step_logits, outs[1].step_logits) <= 1e-5
+    a = sampler(1.0, sc["temperature"], torch.Generator().manual_seed(123))
+    out = M.generate_image(ar, golden["t2i.prefix_ids"], golden["t2i.attention_mask"], sc["ar_height"],
+                           sc["ar_width"], a)
+    b = sampler(1.0, sc["temperature"], torch.Generator().manual_seed(123))
+    bits = generate_image_recompute(ar, golden["t2i.prefix_ids"], golden["t2i.attention_mask"], sc["ar_height"],
+                                    sc["ar_width"], b)
+    assert torch.equal(out.bits, bits)
+    assert abs_err(a.step_logits, b.step_logits) <= 1e-5
 
 
 def test_teacher_forced_logits(golden, ar):
@@ -376,15 +380,15 @@ def test_edit_exact(golden, ar):
     pv = torch.cat([golden["vision.patches"]] * ids.shape[0])
     grid = torch.cat([golden["vision.grid_thw"]] * ids.shape[0])
     torch.manual_seed(seed_of(golden, "edit.codes", "edit"))
-    out = M.generate_image(ar, ids, mask, gh * ds, gw * ds, cfg=sc["cfg"], temperature=sc["temperature"],
-                           pixel_values=pv, image_grid_thw=grid, return_step_logits=True)
+    s = sampler(sc["cfg"], sc["temperature"])
+    out = M.generate_image(ar, ids, mask, gh * ds, gw * ds, s, pixel_values=pv, image_grid_thw=grid)
     assert torch.equal(out.bits, codes)
     # teacher forcing with the input image in the prefix gives the conditional row's generation logits
     n_rows = codes.shape[0]
     n_patches = golden["vision.patches"].shape[0]
     tf = ar.teacher_forced_logits(ids[:n_rows], mask[:n_rows], codes, (gh, gw), pv[: n_rows * n_patches],
                                   grid[:n_rows])
-    assert abs_err(tf, out.step_logits[:n_rows].view(tf.shape)) <= TOL
+    assert abs_err(tf, s.step_logits[:n_rows].view(tf.shape)) <= TOL
 
 
 # ----- from text -----
@@ -400,7 +404,7 @@ def test_e2e_prompt_to_indices(golden, ar, tok):
     assert torch.equal(mask, golden["e2e.attention_mask"])
     assert (ids[mask == 0] == tok.pad_id).all()
     bits = M.generate_bits(ar, tok, [sc["prompt"]], ar_height=sc["ar_height"], ar_width=sc["ar_width"],
-                           cfg=sc["cfg"], temperature=sc["temperature"], seed=seed_of(golden, "e2e.indices", "e2e"))
+                           cfg_scale=sc["cfg"], temperature=sc["temperature"], seed=seed_of(golden, "e2e.indices", "e2e"))
     assert torch.equal(bsq.bits_to_indexes(bits), golden["e2e.indices"])
 
 
@@ -416,12 +420,12 @@ def test_edit_from_prompt_and_image(golden, ar, tok):
     one, g1 = bsq.preprocess_image(img, size=(sc["ar_height"], sc["ar_width"]), patch_size=v.patch_size,
                                    merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size)
     assert torch.equal(pv, torch.cat([one] * ids.shape[0])) and torch.equal(grid, torch.cat([g1] * ids.shape[0]))
-    kw = dict(ar_height=sc["ar_height"], ar_width=sc["ar_width"], cfg=sc["cfg"], temperature=sc["temperature"],
+    kw = dict(ar_height=sc["ar_height"], ar_width=sc["ar_width"], cfg_scale=sc["cfg"], temperature=sc["temperature"],
               seed=0, input_images=[img])
     a = M.generate_bits(ar, tok, [sc["prompt"]], **kw)
     torch.manual_seed(0)
-    b = M.generate_image(ar, ids, mask, sc["ar_height"], sc["ar_width"], cfg=sc["cfg"], temperature=sc["temperature"],
-                         pixel_values=pv, image_grid_thw=grid).bits
+    b = M.generate_image(ar, ids, mask, sc["ar_height"], sc["ar_width"],
+                         M.MultinomialSampler(sc["cfg"], sc["temperature"]), pixel_values=pv, image_grid_thw=grid).bits
     assert torch.equal(a, b)
 
 
@@ -435,21 +439,21 @@ def test_bad_inputs(golden, ar, tok):
     budget = ar.cfg.text.max_position_embeddings
     long = torch.zeros(2, budget, dtype=torch.int64)
     with pytest.raises(ValueError, match="position budget"):
-        M.generate_image(ar, long, torch.ones_like(long), H, W, cfg=sc["cfg"])
+        M.generate_image(ar, long, torch.ones_like(long), H, W, M.MultinomialSampler(sc["cfg"]))
     with pytest.raises(ValueError, match=f"multiples of {ds}"):
-        M.generate_image(ar, ids, mask, H + ds // 2, W, cfg=sc["cfg"])
+        M.generate_image(ar, ids, mask, H + ds // 2, W, M.MultinomialSampler(sc["cfg"]))
     with pytest.raises(ValueError, match=f"multiples of {ds}"):
         M.generate_bits(ar, tok, ["x"], ar_height=H, ar_width=W - 1)
     with pytest.raises(ValueError, match="cfg must be >= 1"):
-        M.generate_image(ar, ids, mask, H, W, cfg=0.5)
+        M.generate_image(ar, ids, mask, H, W, M.MultinomialSampler(0.5))
     with pytest.raises(ValueError, match="temperature must be > 0"):
-        M.generate_image(ar, ids, mask, H, W, cfg=sc["cfg"], temperature=0.0)
+        M.generate_image(ar, ids, mask, H, W, M.MultinomialSampler(sc["cfg"], 0.0))
     # an image where none is expected: pixels for a prompt without placeholders, placeholders without pixels
     with pytest.raises(ValueError, match="none is expected"):
-        M.generate_image(ar, ids, mask, H, W, cfg=sc["cfg"], pixel_values=golden["vision.patches"],
+        M.generate_image(ar, ids, mask, H, W, M.MultinomialSampler(sc["cfg"]), pixel_values=golden["vision.patches"],
                          image_grid_thw=golden["vision.grid_thw"])
     with pytest.raises(ValueError, match="no pixel_values"):
-        M.generate_image(ar, golden["edit.prefix_ids"], golden["edit.attention_mask"], H, W, cfg=sc["cfg"])
+        M.generate_image(ar, golden["edit.prefix_ids"], golden["edit.attention_mask"], H, W, M.MultinomialSampler(sc["cfg"]))
     with pytest.raises(ValueError, match="prompts must be"):
         M.generate_bits(ar, tok, [], ar_height=H, ar_width=W)
     with pytest.raises(ValueError, match="bits must be"):
@@ -464,13 +468,13 @@ def test_head_variants_generation_matches_teacher_forcing(golden, cfg, variant):
     m = M.UniAR(cfg.with_head_variant(variant)).eval()
     sc = golden.scenario("t2i")
     ids, mask = golden["t2i.prefix_ids"], golden["t2i.attention_mask"]
-    outs = [M.generate_image(m, ids, mask, sc["ar_height"], sc["ar_width"], cfg=1.0, visual_decoder_cache=c,
-                             generator=torch.Generator().manual_seed(1), return_step_logits=True) for c in (True, False)]
-    assert torch.equal(outs[0].bits, outs[1].bits)
-    assert abs_err(outs[0].step_logits, outs[1].step_logits) <= 1e-5
-    gh, gw = out_grid(golden["t2i.pos_ids_all"], outs[0].bits.shape[1])
-    tf = m.teacher_forced_logits(ids, mask, outs[0].bits, (gh, gw))
-    assert abs_err(tf, outs[0].step_logits.view(tf.shape)) <= TOL
+    a, b = (sampler(1.0, 1.0, torch.Generator().manual_seed(1)) for _ in range(2))
+    bits = M.generate_image(m, ids, mask, sc["ar_height"], sc["ar_width"], a).bits
+    assert torch.equal(bits, generate_image_recompute(m, ids, mask, sc["ar_height"], sc["ar_width"], b))
+    assert abs_err(a.step_logits, b.step_logits) <= 1e-5
+    gh, gw = out_grid(golden["t2i.pos_ids_all"], bits.shape[1])
+    tf = m.teacher_forced_logits(ids, mask, bits, (gh, gw))
+    assert abs_err(tf, a.step_logits.view(tf.shape)) <= TOL
 
 
 def plain_bit_head(variant: str, sd: dict, h: torch.Tensor, eps: float) -> torch.Tensor:
@@ -527,8 +531,8 @@ def test_bit_head_variants_against_plain_torch(golden, ar, cfg, variant):
                                  out_grid(golden["t2i.pos_ids_all"], codes.shape[1]))
     assert_close_rel(tf.flatten(-4), plain_bit_head(variant, sd, states, eps), 1e-5, variant)
     sc = golden.scenario("t2i")
+    s = sampler(sc["cfg"], 1.0, torch.Generator().manual_seed(1))
     out = M.generate_image(m, golden["t2i.prefix_ids"], golden["t2i.attention_mask"], sc["ar_height"],
-                           sc["ar_width"], cfg=sc["cfg"], generator=torch.Generator().manual_seed(1),
-                           return_step_logits=True)
+                           sc["ar_width"], s)
     want = plain_bit_head(variant, sd, bit_head_inputs(ar, out.bits, golden), eps)
-    assert_close_rel(out.step_logits[:1], want, 1e-5, variant)
+    assert_close_rel(s.step_logits[:1], want, 1e-5, variant)

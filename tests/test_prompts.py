@@ -139,7 +139,7 @@ def test_editing_records_find_their_input_image(tmp_path):
     s = train.read_sample_defaults(TOY)
     for rec in recs:
         seed = [M.sample_seed(3, rec["idx"], 0)]
-        bits = M.generate_bits(net, tok, [rec["prompt"]], ar_height=64, ar_width=64, cfg=s["cfg"],
+        bits = M.generate_bits(net, tok, [rec["prompt"]], ar_height=64, ar_width=64, cfg_scale=s["cfg"],
                                temperature=s["temperature"], seed=seed, input_images=[tmp_path / "imgs" / "a.png"])
         want = dec.decode(bits, 64, 64, upsampling_ratio=s["upsample"], steps=s["steps"], guidance=s["decoder_cfg"],
                           seed=seed)[0].numpy()

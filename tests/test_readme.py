@@ -72,15 +72,15 @@ def test_readme_python_api_example_runs(golden, golden_ckpt, tmp_path, monkeypat
         assert scope["ids"].tolist() == [row.tolist()] and scope["mask"].bool().all()
     # bits: the generate_bits call the block makes, a call that reproduces the official seeded e2e indices
     net, tok = load_hf.load_ar(golden_ckpt)
-    official = M.generate_bits(net, tok, s["prompt"], ar_height=H, ar_width=W, cfg=s["cfg"],
+    official = M.generate_bits(net, tok, s["prompt"], ar_height=H, ar_width=W, cfg_scale=s["cfg"],
                                temperature=s["temperature"], seed=s["seed"])
     assert torch.equal(bsq.bits_to_indexes(official), golden["e2e.indices"])
     N = (H // net.cfg.downsample) * (W // net.cfg.downsample)
     assert scope["bits"].shape == (1, N, *net.bits_shape)
-    assert torch.equal(scope["bits"], M.generate_bits(net, tok, prompt, ar_height=H, ar_width=W, cfg=1.5,
+    assert torch.equal(scope["bits"], M.generate_bits(net, tok, prompt, ar_height=H, ar_width=W, cfg_scale=1.5,
                                                       temperature=1.0, seed=0))
     photo = Image.open(tmp_path / "photo.png")
-    assert torch.equal(scope["edited"], M.generate_bits(net, tok, edit, ar_height=H, ar_width=W, cfg=1.5, seed=0,
+    assert torch.equal(scope["edited"], M.generate_bits(net, tok, edit, ar_height=H, ar_width=W, cfg_scale=1.5, seed=0,
                                                         input_images=[photo]))
     assert not torch.equal(scope["bits"], scope["edited"])
     # understanding: the printed line is model.answer's greedy answer

@@ -75,9 +75,9 @@ def test_question_cannot_add_control_tokens(ar, seen):
 def test_prompt_cannot_add_control_tokens(ar, seen):
     net, tok = ar
     side = 2 * net.cfg.downsample
-    M.generate_bits(net, tok, ["a red circle"], ar_height=side, ar_width=side, cfg=1.5)
+    M.generate_bits(net, tok, ["a red circle"], ar_height=side, ar_width=side, cfg_scale=1.5)
     plain = rows(seen)
-    M.generate_bits(net, tok, [injection(tok)], ar_height=side, ar_width=side, cfg=1.5)
+    M.generate_bits(net, tok, [injection(tok)], ar_height=side, ar_width=side, cfg_scale=1.5)
     injected = rows(seen)
     assert len(injected) == 2  # the prompt's row and the unconditional row
     for p, i in zip(plain, injected):
@@ -92,7 +92,7 @@ def test_ordinary_text_keeps_the_official_ids(ar, seen, text):
     tokenizer (as the official processor does): the template's text around it is tokenized together with it."""
     net, tok = ar
     side = 2 * net.cfg.downsample
-    M.generate_bits(net, tok, [text], ar_height=side, ar_width=side, cfg=1.0)
+    M.generate_bits(net, tok, [text], ar_height=side, ar_width=side, cfg_scale=1.0)
     grid = (side // net.cfg.downsample,) * 2
     assert rows(seen) == [tok.tk.encode(str(M.render_generation_prompt(text, *grid)), add_special_tokens=False).ids]
     M.answer(net, tok, None, text)
