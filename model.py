@@ -570,8 +570,26 @@ class UniAR(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         x, vmask, deep = self.embed_prefix(input_ids, pixel_values, image_grid_thw)
         pos = get_rope_index(input_ids, image_grid_thw, attention_mask, self.cfg)
-        h = self.language_model(x, pos, attention_mask.bool(), None, vmask, deep)
+        return self.text_logits_of(self.language_model(x, pos, attention_mask.bool(), None, vmask, deep))
+
+    def context_states(self, input_ids, attention_mask, bits=None, grids=None):
+        """One forward over whole contexts (B, T), left padded, every image given as its bits (M, L, U, d) in the
+        order of its placeholders, row by row, with its patch grid (one row of `grids` (n_images, 3) per image).
+        -> pre-norm states (B, T, D) and MRoPE ids (3, B, T). Training and the exactness tests read contexts so."""
+        pos = get_rope_index(input_ids, grids, attention_mask, self.cfg)
+        x, vmask, deep = self.embed_bits(input_ids, bits)
+        return self.language_model(x, pos, attention_mask.bool(), None, vmask, deep), pos
+
+    def text_logits_of(self, h: torch.Tensor) -> torch.Tensor:
+        """Pre-norm states (..., D) -> next-token logits (..., V)."""
         return self.lm_head(self.language_model.norm(h))
+
+    def bit_logits_of(self, h, pos, attention_mask, where) -> torch.Tensor:
+        """Pre-norm states (B, T, D) -> logits of the bits of the token after each position picked by `where` (an
+        index of the (B, T) states: a slice tuple or a bool mask): the visual-decoder stack reads the whole sequence,
+        the bit head the picked states. -> (*picked, L, U, d, 2)."""
+        cos, sin = self.language_model.rope(pos, h.dtype)
+        return self.vistok_logits(run_stack(self.visual_decoder, h, cos, sin, attention_mask.bool())[where])
 
     def teacher_forced_logits(self, prefix_ids, attention_mask, bits, grid_hw, pixel_values=None,
                               image_grid_thw=None):
@@ -587,23 +605,14 @@ class UniAR(nn.Module):
         self.check_prefix_images(prefix_ids, pixel_values, image_grid_thw)
         if tuple(bits.shape) != (B, N, *self.bits_shape):
             raise ValueError(f"bits must be (B={B}, N={N}, {self.bits_shape}), got {tuple(bits.shape)}")
-        x, vmask, deep = self.embed_prefix(prefix_ids, pixel_values, image_grid_thw)
-        gen_main, gen_deep = self.visual.bits_to_llm_features(bits)  # (B * N, D)
-        x = torch.cat([x, gen_main.to(x.dtype).view(B, N, -1)], dim=1)
-        ids_all, mask_all, grids = self.append_image_placeholders(prefix_ids, attention_mask, N, gh, gw, image_grid_thw)
-        pos = get_rope_index(ids_all, grids, mask_all, self.cfg)
-        vm = torch.zeros(B, Lp + N, dtype=torch.bool, device=x.device)
-        if vmask is not None:
-            vm[:, :Lp] = vmask
-        vm[:, Lp:] = True
-        # DeepStack features in order of the visual positions: per row, its input image(s) then its image
-        counts = vm[:, :Lp].sum(1).tolist()
-        deep_all = [torch.cat([t for b, inp in enumerate(d_in.split(counts)) for t in (inp, d_gen.view(B, N, -1)[b])])
-                    for d_in, d_gen in zip(deep or [g[:0] for g in gen_deep], gen_deep)]
-        h = self.language_model(x, pos, mask_all.bool(), None, vm, deep_all)
-        cos, sin = self.language_model.rope(pos, h.dtype)
-        h = run_stack(self.visual_decoder, h, cos, sin, mask_all.bool())
-        return self.vistok_logits(h[:, Lp - 1:Lp - 1 + N])
+        ids, mask, grids = self.append_image_placeholders(prefix_ids, attention_mask, N, gh, gw, image_grid_thw)
+        if pixel_values is not None:  # per row: its input image(s), then the image being generated
+            counts = (prefix_ids == self.cfg.image_token_id).sum(1).tolist()
+            inputs = self.visual.encode_bits(pixel_values.to(self.language_model.embed_tokens.weight.dtype),
+                                             image_grid_thw).split(counts)
+            bits = torch.cat([t for b in range(B) for t in (inputs[b], bits[b])])
+        h, pos = self.context_states(ids, mask, bits.reshape(-1, *self.bits_shape), grids)
+        return self.bit_logits_of(h, pos, mask, (slice(None), slice(Lp - 1, Lp - 1 + N)))
 
     def append_image_placeholders(self, prefix_ids, attention_mask, N, gh, gw, input_grids=None):
         """prefix ⊕ N image placeholders, its mask, and the grid list for get_rope_index."""
@@ -813,6 +822,116 @@ def text_step(model: UniAR, h: torch.Tensor, temperature: float, generator=None)
     return torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator)[:, 0]
 
 
+class Context:
+    """One growing shared context (one conversation, one row): the text model's KV cache, the MRoPE position the next
+    token takes, and every token read so far with its ids, positions and pre-norm states (the visual-decoder stack
+    reads those states when an image is drawn). Images of every kind are read as bits: a user's picture through
+    the tokenizer, a drawn image as it was sampled, so the model reads its own images without re-encoding."""
+
+    def __init__(self, model: UniAR, capacity: int = 256):
+        lm = model.language_model
+        self.model, self.dev, self.dtype = model, lm.embed_tokens.weight.device, lm.embed_tokens.weight.dtype
+        self.cache = KVCache.for_layers(len(lm.layers), model.cfg.text, 1, capacity, self.dev, self.dtype)
+        self.ids: list = []  # every token id read
+        self.images: list = []  # (bits (M, L, U, d), patch grid (t, h, w)) of every image read, in order
+        self.pos = torch.zeros(3, 0, dtype=torch.int64)  # (3, T) MRoPE ids of every token
+        self.states = torch.zeros(1, 0, lm.embed_tokens.weight.shape[1], device=self.dev, dtype=self.dtype)
+        self.next_pos = 0
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
+
+    def reserve(self, n: int) -> None:
+        """Room for n more tokens: a full cache is copied into one of twice the size."""
+        cap = self.cache.k.shape[3]
+        if self.length + n <= cap:
+            return
+        old = self.cache
+        self.cache = KVCache.for_layers(old.k.shape[0], self.model.cfg.text, 1, max(2 * cap, self.length + n),
+                                        self.dev, self.dtype)
+        self.cache.k[:, :, :, :cap], self.cache.v[:, :, :, :cap] = old.k, old.v
+        self.cache.valid[:, :cap], self.cache.length = old.valid, old.length
+
+    def record(self, ids: list, pos: torch.Tensor, h: torch.Tensor) -> None:
+        self.ids += ids
+        self.pos = torch.cat([self.pos, pos.cpu()], dim=1)
+        self.states = torch.cat([self.states, h], dim=1)
+
+    @torch.no_grad()
+    def read(self, ids: list, images: Sequence = ()) -> torch.Tensor:
+        """Read tokens into the context, its images' placeholders filled from `images` ((bits, grid) in order).
+        -> their pre-norm states (1, T, D)."""
+        pos, nxt = row_positions(ids, iter([g for _, g in images]), self.next_pos, self.model.cfg)
+        budget = self.model.cfg.text.max_position_embeddings
+        if nxt > budget:
+            raise ValueError(f"the conversation needs position {nxt}, beyond max_position_embeddings={budget}")
+        self.reserve(len(ids))
+        bits = torch.cat([b for b, _ in images]).to(self.dev) if images else None
+        x, vmask, deep = self.model.embed_bits(torch.tensor([ids], device=self.dev), bits)
+        ones = torch.ones(1, len(ids), dtype=torch.bool, device=self.dev)
+        h = self.model.language_model(x, pos[:, None].to(self.dev), ones, self.cache, vmask, deep)
+        self.record(ids, pos, h)
+        self.images += list(images)
+        self.next_pos = nxt
+        return h
+
+    def fork(self, upto: int) -> "Context":
+        """A new context holding this one's first `upto` tokens (a copy: the two grow apart)."""
+        c = Context(self.model, max(upto, 1))
+        c.cache.k[:, :, :, :upto] = self.cache.k[:, :, :, :upto]
+        c.cache.v[:, :, :, :upto] = self.cache.v[:, :, :, :upto]
+        c.cache.valid[:, :upto], c.cache.length = True, upto
+        c.ids, c.pos, c.states = self.ids[:upto], self.pos[:, :upto], self.states[:, :upto]
+        n_img = sum(1 for i, t in enumerate(c.ids) if t == self.model.cfg.image_token_id
+                    and c.ids[i - 1] == self.model.cfg.vision_start_token_id)
+        c.images = self.images[:n_img]
+        c.next_pos = int(c.pos.max()) + 1 if upto else 0
+        return c
+
+
+def stack_contexts(contexts: Sequence[Context], extra: int) -> tuple:
+    """Contexts as the rows of one batch for a rollout, left padded (every row's newest token last): a KV cache of
+    length max(lengths) + extra, the rows' pre-norm states, positions and validity (B, S)."""
+    model, B = contexts[0].model, len(contexts)
+    S = max(c.length for c in contexts)
+    cache = KVCache.for_layers(contexts[0].cache.k.shape[0], model.cfg.text, B, S + extra, contexts[0].dev,
+                               contexts[0].dtype)
+    h = torch.zeros(B, S, contexts[0].states.shape[2], device=cache.k.device, dtype=cache.k.dtype)
+    pos = torch.ones(3, B, S, dtype=torch.int64, device=cache.k.device)
+    for r, c in enumerate(contexts):
+        n = c.length
+        cache.k[:, r, :, S - n:S], cache.v[:, r, :, S - n:S] = c.cache.k[:, 0, :, :n], c.cache.v[:, 0, :, :n]
+        cache.valid[r, S - n:S] = True
+        h[r, S - n:], pos[:, r, S - n:] = c.states[0], c.pos
+    cache.length = S
+    return cache, h, pos, cache.valid[:, :S].clone()
+
+
+@torch.no_grad()
+def draw(contexts: Sequence[Context], gh: int, gw: int, sampler, progress: bool = False) -> torch.Tensor:
+    """A model image turn: parallel bitwise rollout of a gh x gw token image in the contexts [cond] or, with
+    guidance, [cond, uncond], each ending in <|vision_start|>. The drawn bits stay in the first context, every token
+    read back as it was sampled; the other context is left as it was. -> bits (N, L, U, d)."""
+    model, N = contexts[0].model, gh * gw
+    cache, h, pos, valid = stack_contexts(contexts, N)
+    vd_cache = KVCache.for_layers(len(model.visual_decoder), model.cfg.text, len(contexts), cache.k.shape[3],
+                                  cache.k.device, cache.k.dtype)
+    img_pos = torch.stack([image_positions(c.next_pos, 1, gh, gw) for c in contexts], dim=1).to(cache.k.device)
+    bits, states = image_rollout(model, cache, vd_cache, h, pos, valid, img_pos, sampler, feed_last=True,
+                                 progress=progress)
+    cond, S = contexts[0], h.shape[1]
+    cond.reserve(N)
+    at = cond.length
+    cond.cache.k[:, :, :, at:at + N] = cache.k[:, :1, :, S:S + N]
+    cond.cache.v[:, :, :, at:at + N] = cache.v[:, :1, :, S:S + N]
+    cond.cache.valid[:, at:at + N], cond.cache.length = True, at + N
+    cond.record([model.cfg.image_token_id] * N, img_pos[:, 0].cpu(), torch.cat(states, dim=1)[:1])
+    cond.images.append((bits[0], (1, gh * model.cfg.vision.spatial_merge_size, gw * model.cfg.vision.spatial_merge_size)))
+    cond.next_pos = int(img_pos[:, 0].max()) + 1
+    return bits[0]
+
+
 @torch.no_grad()
 def generate_text(model: UniAR, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                   pixel_values=None, image_grid_thw=None, *, max_new_tokens: int = 64, stop_ids: Sequence[int] = (),
@@ -987,20 +1106,47 @@ def image_placeholder(n_tokens: int) -> str:
     return VISION_START + IMAGE_PAD * n_tokens + VISION_END
 
 
+def join(*parts) -> Prompt:
+    """Prompts and template strings one after the other, as one Prompt (user texts stay user text)."""
+    assert not any("{}" in p for p in parts if not isinstance(p, Prompt))
+    return Prompt("".join(p.template if isinstance(p, Prompt) else p for p in parts),
+                  *(u for p in parts if isinstance(p, Prompt) for u in p.user))
+
+
+def render_user_turn(text: str, image_tokens: Optional[int] = None, draw: Optional[tuple] = None) -> Prompt:
+    """A user turn of the chat format (Qwen's <|im_start|>user ... <|im_end|>). Before a drawing (draw = the token
+    grid (h, w) to generate) it is UniAR's generation turn: the text, the picture, then '<image_gen> generate image
+    h w' (no separators); before an answer, Qwen's understanding turn: the picture, then the text."""
+    image = "" if image_tokens is None else image_placeholder(image_tokens)
+    if draw is None:
+        return Prompt(f"{IM_START}user\n{image}{{}}{IM_END}\n", text)
+    return Prompt(f"{IM_START}user\n{{}}{image}<image_gen> generate image {draw[0]} {draw[1]}{IM_END}\n", text)
+
+
+MODEL_TURN = f"{IM_START}assistant\n"  # opens the model's turn: an answer follows, or <|vision_start|> and an image
+
+
+def render_model_text(text: str) -> Prompt:
+    """A model answer turn, closed."""
+    return Prompt(f"{MODEL_TURN}{{}}{IM_END}\n", text)
+
+
+def render_model_image(image_tokens: int) -> str:
+    """A model turn holding a drawn image, as the chat template writes an image: <|vision_start|> pads <|vision_end|>."""
+    return f"{MODEL_TURN}{image_placeholder(image_tokens)}{IM_END}\n"
+
+
 def render_generation_prompt(prompt: str, grid_h: int, grid_w: int, input_image_tokens: Optional[int] = None) -> Prompt:
-    """UniAR's generation template: user turn = prompt [+ input image] + '<image_gen> generate image {h} {w}' (no
-    separator), the assistant turn opened, then <|vision_start|> announces the image to generate."""
-    image = "" if input_image_tokens is None else image_placeholder(input_image_tokens)
-    return Prompt(f"{IM_START}user\n{{}}{image}<image_gen> generate image {grid_h} {grid_w}{IM_END}\n"
-                  f"{IM_START}assistant\n{VISION_START}", prompt)
+    """UniAR's generation template: the user's generation turn, the model's turn opened, then <|vision_start|>
+    announces the image to generate."""
+    return join(render_user_turn(prompt, input_image_tokens, (grid_h, grid_w)), MODEL_TURN + VISION_START)
 
 
 def render_chat_prompt(question: str, image_tokens: Optional[int] = None, answer: Optional[str] = None) -> Prompt:
-    """Understanding: one user turn with the image first, then the question; the assistant turn opened. `answer`
-    (training): the assistant's reply and the <|im_end|> that closes it follow."""
-    image = "" if image_tokens is None else image_placeholder(image_tokens)
-    template = f"{IM_START}user\n{image}{{}}{IM_END}\n{IM_START}assistant\n"
-    return Prompt(template, question) if answer is None else Prompt(template + "{}" + IM_END, question, answer)
+    """Understanding: one user turn with the image first, then the question; the model's turn opened. `answer`
+    (training): the model's reply and the <|im_end|> that closes it follow."""
+    turn = join(render_user_turn(question, image_tokens), MODEL_TURN)
+    return turn if answer is None else join(turn, Prompt(f"{{}}{IM_END}", answer))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1118,3 +1264,69 @@ def answer(model: UniAR, tokenizer: Tokenizer, image, question: str, *, max_new_
                         stop_ids=tokenizer.end_ids, temperature=temperature,
                         generator=_generator(seed, dev))
     return tokenizer.decode(new[0])
+
+
+class Conversation:
+    """A chat with the model in one shared context (`Context`): user text and pictures in, answers and drawn images
+    out. Every image stays in the context as bits, so a later turn reads the model's own drawing as it was sampled,
+    without decoding it to pixels and encoding it again. Turns use the released chat format (render_user_turn,
+    render_model_text, render_model_image): a drawing is the generation template's turn, an answer Qwen's.
+
+    Guidance of a drawing reads an unconditional context: the conversation up to the start of the user's turn
+    (every earlier turn and image), then that turn with its text removed and its picture kept, as the editing
+    template's unconditional row. It is a copy of the context made for the drawing and dropped after it."""
+
+    def __init__(self, model: UniAR, tokenizer: Tokenizer):
+        self.model, self.tok = model, tokenizer
+        self.ctx = Context(model)
+
+    def picture(self, image, size=None) -> tuple:
+        """A user's picture -> (bits (M, L, U, d), patch grid, tokens): resized by the checkpoint's image processor
+        for a question, to the AR size for an edit (`size`), as the single-turn paths do."""
+        v, dev = self.model.cfg.vision, self.ctx.dev
+        if size is None:
+            pv, grid, (n,) = understanding_inputs(self.model, [image])
+        else:
+            pv, grid = bsq.preprocess_image(image, size=size, patch_size=v.patch_size, merge_size=v.spatial_merge_size,
+                                            temporal_patch_size=v.temporal_patch_size)
+            n = int(grid[0].prod()) // v.merge_unit
+        with torch.no_grad():
+            bits = self.model.visual.encode_bits(pv.to(dev, self.ctx.dtype), grid)
+        return bits, tuple(int(x) for x in grid[0]), n
+
+    def ask(self, text: str, image=None, *, max_new_tokens: int = 256, temperature: float = 0.0,
+            seed: Optional[int] = None) -> str:
+        """A user turn (text, and a picture if given), then the model's answer, read into the context as it is
+        written. -> the answer text."""
+        pic = [] if image is None else [self.picture(image)]
+        ids = self.tok.encode(join(render_user_turn(text, pic[0][2] if pic else None), MODEL_TURN))
+        h = self.ctx.read(ids, [(b, g) for b, g, _ in pic])
+        gen, end = _generator(seed, self.ctx.dev), self.tok.token_id(IM_END)
+        out = []
+        for _ in range(max_new_tokens):
+            out.append(int(text_step(self.model, h, temperature, gen)[0]))
+            h = self.ctx.read(out[-1:])
+            if out[-1] in self.tok.end_ids:
+                break
+        self.ctx.read(([] if out and out[-1] == end else [end]) + self.tok.encode("\n"))  # the turn closed
+        return self.tok.decode(out)
+
+    def draw(self, text: str, image=None, *, ar_height: int = 512, ar_width: int = 512, cfg_scale: float = 1.5,
+             temperature: float = 1.0, seed=None, progress: bool = False, sampler=None) -> torch.Tensor:
+        """A user turn asking for an image (a prompt, or an instruction about the images before it and the picture
+        if given), then the model draws it into the context. `sampler`: another sampler than the official
+        multinomial draw with cfg_scale / temperature / seed. -> bits (1, N, L, U, d)."""
+        gh, gw = check_generation_args(self.model, self.ctx.length, ar_height, ar_width, cfg_scale, temperature)
+        pic = [] if image is None else [self.picture(image, (ar_height, ar_width))]
+        images, n = [(b, g) for b, g, _ in pic], pic[0][2] if pic else None
+        opened = MODEL_TURN + VISION_START
+        contexts = [self.ctx]
+        if cfg_scale > 1.0:
+            contexts.append(self.ctx.fork(self.ctx.length))
+            contexts[1].read(self.tok.encode(join(render_user_turn("", n, (gh, gw)), opened)), images)
+        self.ctx.read(self.tok.encode(join(render_user_turn(text, n, (gh, gw)), opened)), images)
+        if sampler is None:
+            sampler = MultinomialSampler(cfg_scale, temperature, _generator(seed, self.ctx.dev))
+        bits = draw(contexts, gh, gw, sampler, progress)
+        self.ctx.read(self.tok.encode(VISION_END + IM_END + "\n"))  # the template's tokens: the turn closed
+        return bits[None]

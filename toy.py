@@ -189,7 +189,7 @@ def apply_edit(scene: Scene, instruction: str) -> Scene:
 # Samplers (deterministic by seed, split, index)
 # ---------------------------------------------------------------------------------------------------------------------
 
-_KIND = {"t2i": 1, "edit": 2, "qa": 3, "eval": 4}
+_KIND = {"t2i": 1, "edit": 2, "qa": 3, "eval": 4, "conv": 5, "convq": 6}
 
 
 def _rng(kind: str, split: str, index: int, seed: int) -> np.random.Generator:
@@ -214,11 +214,12 @@ def sample_scene(rng: np.random.Generator, split: str = "train", n_objects: Opti
             return s
 
 
-def sample_edit(rng: np.random.Generator, split: str = "train") -> tuple:
-    """-> (source scene, instruction, target scene); both scenes (and the text) respect the split."""
+def sample_edit(rng: np.random.Generator, split: str = "train", source: Optional[Scene] = None) -> tuple:
+    """-> (source scene, instruction, target scene); both scenes (and the text) respect the split. `source`: edit this
+    scene instead of a random one."""
     _check_split(split)
     while True:
-        src = _random_scene(rng)
+        src = _random_scene(rng) if source is None else source
         op = ("recolor", "move", "remove", "add")[rng.integers(4)]
         o = src[rng.integers(len(src))]
         name = f"{o.color} {o.shape}"
@@ -267,6 +268,42 @@ def sample_question(rng: np.random.Generator, scene: Scene, split: str = "train"
         if any((x.color, x.shape) == (c, s) for x in scene):
             continue
         return f"is there a {c} {s}?", "no"
+
+
+def empty_scene_question(scene: Scene, rng: np.random.Generator, split: str) -> tuple:
+    """sample_question, and for an empty scene (an image the evaluator reads no object in) the count question."""
+    return sample_question(rng, scene, split) if scene else ("how many objects?", "zero")
+
+
+class Turn(NamedTuple):
+    """One turn of a toy conversation. A user turn has text and maybe a picture; a model turn is an answer (text) or
+    a drawn image (image + the scene it shows)."""
+    role: str  # "user" or "model"
+    text: str = ""
+    image: Optional[np.ndarray] = None  # (S, S, 3) uint8
+    scene: Optional[Scene] = None
+
+
+def conversation_example(index: int, split: str = "train", seed: int = 0, size: int = 64) -> list:
+    """A conversation in one shared context: it opens with a drawing (caption -> image) or an edit of the user's
+    picture (picture + instruction -> image), then one or two turns about the latest image: a question and its
+    answer, or an instruction and the edited image (so draw -> ask -> edit occurs). -> list of Turn."""
+    rng = _rng("conv", split, index, seed)
+    if rng.integers(2):
+        scene = sample_scene(rng, split)
+        turns = [Turn("user", caption(scene))]
+    else:
+        src, instruction, scene = sample_edit(rng, split)
+        turns = [Turn("user", instruction, render(src, size), src)]
+    turns.append(Turn("model", image=render(scene, size), scene=scene))
+    for _ in range(int(rng.integers(1, 3))):
+        if rng.integers(2):
+            question, answer = sample_question(rng, scene, split)
+            turns += [Turn("user", question), Turn("model", answer)]
+        else:
+            _, instruction, scene = sample_edit(rng, split, source=scene)
+            turns += [Turn("user", instruction), Turn("model", image=render(scene, size), scene=scene)]
+    return turns
 
 
 class T2I(NamedTuple):
@@ -340,6 +377,12 @@ def heldout_prompts(n: int = 64, seed: int = EVAL_SEED) -> list:
         if c not in out:
             out.append(c)
     return out
+
+
+def conversation_question(index: int, scene: Scene, seed: int = EVAL_SEED) -> tuple:
+    """The evaluation's question about the scene the model drew for held-out prompt `index` (read back from its
+    decoded image): -> (question, answer)."""
+    return empty_scene_question(scene, _rng("convq", "heldout", index, seed), "heldout")
 
 
 def heldout_edits(n: int = 64, seed: int = EVAL_SEED, size: int = 64) -> list:

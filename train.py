@@ -46,9 +46,10 @@ import math
 import os
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import NamedTuple
 
 # Apple's GPU: an operation the installed torch lacks on MPS runs on the CPU instead of stopping the run (read when
 # torch is imported; a value the user set is kept).
@@ -236,28 +237,72 @@ def bit_metrics(logits: torch.Tensor, bits: torch.Tensor) -> dict:
             **{f"code_acc_l{i}": a for i, a in enumerate(tok_acc)}}
 
 
-@contextmanager
-def noisy_reading(vision: bsq.VisionModel, p: float, g: torch.Generator):
-    """Within the block, every bit the LLM reads back (input images' and teacher-forced tokens') is flipped with
-    probability p; the targets (computed by encode_bits) stay clean."""
+def read_flips(bits: torch.Tensor, p: float, g: torch.Generator) -> torch.Tensor:
+    """What the AR model reads: each bit flipped with probability p (the targets stay the clean bits)."""
     if p <= 0:
-        yield
-        return
-    clean = vision.bits_to_llm_features
+        return bits
+    flip = (torch.rand(bits.shape, generator=g) < p).to(bits.device)
+    return torch.where(flip, 1 - bits, bits)
 
-    def flipped(bits):
-        flip = (torch.rand(bits.shape, generator=g) < p).to(bits.device)
-        return clean(torch.where(flip, 1 - bits, bits))
 
-    vision.bits_to_llm_features = flipped
-    try:
-        yield
-    finally:
-        del vision.bits_to_llm_features
+class Context(NamedTuple):
+    """A batch of toy conversations as one left-padded context, ready for one teacher-forced forward."""
+    ids: torch.Tensor  # (B, T)
+    mask: torch.Tensor  # (B, T)
+    images: np.ndarray  # (n_images, S, S, 3): every picture and drawn image, in order of appearance, row by row
+    drawn: list  # per image: True if the model draws it (its bits are targets), False for a user's picture
+    answers: torch.Tensor  # (B, T) bool: tokens of the model's answers (and the <|im_end|> closing each)
+
+
+def encode_turns(tok: M.Tokenizer, turns: list, gh: int, gw: int, n_picture: int) -> tuple:
+    """One conversation (toy.Turn list) in the chat format -> (ids, images, drawn flags, answer-token flags)."""
+    ids, images, drawn, answer = [], [], [], []
+    head, tail = len(tok.encode(M.MODEL_TURN)), len(tok.encode_text("\n"))
+    for i, t in enumerate(turns):
+        if t.role == "user":
+            draws = i + 1 < len(turns) and turns[i + 1].image is not None
+            piece = tok.encode(M.render_user_turn(t.text, None if t.image is None else n_picture,
+                                                  (gh, gw) if draws else None))
+            flags = [False] * len(piece)
+        elif t.image is not None:
+            piece = tok.encode(M.render_model_image(gh * gw))
+            flags = [False] * len(piece)
+        else:
+            piece = tok.encode(M.render_model_text(t.text))
+            flags = [False] * head + [True] * (len(piece) - head - tail) + [False] * tail
+        if t.image is not None:
+            images.append(t.image)
+            drawn.append(t.role == "model")
+        ids += piece
+        answer += flags
+    return ids, images, drawn, answer
+
+
+def drop_instructions(turns: list, p: float, g: torch.Generator) -> list:
+    """Classifier-free guidance: the text of each user turn that asks for an image is dropped with probability p."""
+    out = list(turns)
+    for i, t in enumerate(turns[:-1]):
+        if t.role == "user" and turns[i + 1].image is not None and float(torch.rand(1, generator=g)) < p:
+            out[i] = t._replace(text="")
+    return out
+
+
+def build_context(tok: M.Tokenizer, conversations: list, gh: int, gw: int, n_picture: int) -> Context:
+    rows = [encode_turns(tok, c, gh, gw, n_picture) for c in conversations]
+    T = max(len(r[0]) for r in rows)
+    ids = torch.full((len(rows), T), tok.pad_id, dtype=torch.int64)
+    mask = torch.zeros_like(ids)
+    answers = torch.zeros(len(rows), T, dtype=torch.bool)
+    for b, (r, _, _, a) in enumerate(rows):
+        ids[b, T - len(r):], mask[b, T - len(r):] = torch.tensor(r), 1
+        answers[b, T - len(r):] = torch.tensor(a)
+    images = np.stack([im for r in rows for im in r[1]])
+    return Context(ids, mask, images, [d for r in rows for d in r[2]], answers)
 
 
 class ARLoss(nn.Module):
-    """Stage 2: text-to-image + editing (per-bit cross-entropy) + understanding (next-token on answers)."""
+    """Stage 2: text-to-image, editing, understanding and conversations, all as teacher-forced contexts: per-bit
+    cross-entropy on the images the model draws (parallel bitwise prediction), next-token loss on its answers."""
 
     def __init__(self, net: M.UniAR, tok: M.Tokenizer, tc: TrainConfig):
         super().__init__()
@@ -274,53 +319,68 @@ class ARLoss(nn.Module):
     def device(self):
         return self.net.lm_head.weight.device
 
-    def bits_loss(self, prompts, images_in, targets):
+    def context_loss(self, conversations: list, g: torch.Generator) -> tuple:
+        """One teacher-forced forward over a batch of conversations. -> (bit loss or None, answer loss or None,
+        bit logits (n_drawn_tokens, L, U, d, 2), their clean bits, answer metrics)."""
         net, S = self.net, self.tc.size
         gh = S // net.cfg.downsample
-        bits = self.image_bits(targets)
-        ids, mask, pv, grid = M.build_generation_batch(net, self.tok, prompts, S, S, 1.0, input_images=images_in)
-        logits = net.teacher_forced_logits(ids.to(self.device), mask.to(self.device), bits, (gh, gh),
-                                           None if pv is None else pv.to(self.device), grid)
-        loss = F.cross_entropy(logits.flatten(0, -2).float(), bits.flatten())  # mean over all bits of all steps
-        return loss, bit_metrics(logits, bits)
-
-    def answer_loss(self, images, questions, answers):
-        net, tok = self.net, self.tok
-        pv, grid = to_pixels(images, net.cfg.vision)
-        n_img = int(grid[0].prod()) // net.cfg.vision.merge_unit
-        prompts = [M.render_chat_prompt(q, n_img, answer=a) for q, a in zip(questions, answers)]
-        n_target = [len(tok.encode(a + M.IM_END)) for a in answers]
-        ids, mask = tok.batch(prompts)
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        logits = net.text_logits(ids, mask, pv.to(self.device), grid)[:, :-1]  # position t predicts t + 1
-        T = ids.shape[1] - 1
-        target_mask = torch.arange(T, device=self.device)[None] >= torch.tensor([T - n for n in n_target],
-                                                                                 device=self.device)[:, None]
-        ce = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")
-        loss = (ce * target_mask).sum() / target_mask.sum()
-        hit = (logits.argmax(-1) == ids[:, 1:]) | ~target_mask
-        return loss, {"token_acc": (((logits.argmax(-1) == ids[:, 1:]) & target_mask).sum() / target_mask.sum()
-                                    ).detach(), "answer_acc": hit.all(1).float().mean().detach()}
+        ctx = build_context(self.tok, conversations, gh, gh, gh * gh)
+        bits = self.image_bits(ctx.images)  # (n_images, N, L, U, d), clean
+        _, grid = to_pixels(ctx.images[:1], net.cfg.vision)
+        ids, mask = ctx.ids.to(self.device), ctx.mask.to(self.device)
+        read = read_flips(bits, self.tc.read_flip_prob, g)
+        h, pos = net.context_states(ids, mask, read.flatten(0, 1), grid.expand(len(ctx.images), 3))
+        drawn = torch.zeros_like(ids, dtype=torch.bool)  # the image tokens the model draws
+        img = (ids == net.cfg.image_token_id).nonzero().tolist()
+        per_image = bits.shape[1]
+        for k, flag in enumerate(ctx.drawn):
+            if flag:
+                for b, t in img[k * per_image:(k + 1) * per_image]:
+                    drawn[b, t] = True
+        out = {}
+        bit_loss = text_loss = h.sum() * 0  # a batch without drawn images or answers adds nothing
+        logits = target = None
+        if drawn.any():  # position t predicts token t + 1
+            logits = net.bit_logits_of(h, pos, mask, F.pad(drawn[:, 1:], (0, 1)))
+            target = bits[torch.tensor(ctx.drawn)].flatten(0, 1)
+            bit_loss = F.cross_entropy(logits.flatten(0, -2).float(), target.flatten())
+        answers = ctx.answers.to(self.device)
+        if answers.any():
+            t_logits = net.text_logits_of(h[:, :-1][answers[:, 1:]]).float()
+            t_target = ids[:, 1:][answers[:, 1:]]
+            text_loss = F.cross_entropy(t_logits, t_target)
+            hit = torch.zeros_like(answers[:, 1:])
+            hit[answers[:, 1:]] = t_logits.argmax(-1) == t_target
+            out = {"token_acc": (t_logits.argmax(-1) == t_target).float().mean().detach(),
+                   "answer_acc": (hit | ~answers[:, 1:]).all(1).float().mean().detach()}
+        return bit_loss, text_loss, logits, target, out
 
     def forward(self, step: int, rank: int, world: int, g: torch.Generator):
-        with noisy_reading(self.net.visual, self.tc.read_flip_prob, g):
-            return self._forward(step, rank, world, g)
-
-    def _forward(self, step: int, rank: int, world: int, g: torch.Generator):
         tc, B = self.tc, self.tc.stage2_batch
         idx = [example_index(step, i, B, rank, world) for i in range(B)]
         t2i = [toy.t2i_example(i, "train", tc.seed, tc.size) for i in idx]
         ed = [toy.edit_example(i, "train", tc.seed, tc.size) for i in idx]
         qa = [toy.qa_example(i, "train", tc.seed, tc.size) for i in idx]
-        l_gen, m_gen = self.bits_loss(drop_text([e.caption for e in t2i], tc.cfg_drop, g), None,
-                                      np.stack([e.image for e in t2i]))
-        l_edit, m_edit = self.bits_loss(drop_text([e.instruction for e in ed], tc.cfg_drop, g),
-                                        [e.source for e in ed], np.stack([e.target for e in ed]))
-        l_und, m_und = self.answer_loss(np.stack([e.image for e in qa]), [e.question for e in qa],
-                                        [e.answer for e in qa])
-        metrics = {"t2i": l_gen.detach(), "edit": l_edit.detach(), "understanding": l_und.detach(), **m_gen,
-                   **{f"edit_{k}": v for k, v in m_edit.items()}, **m_und}
-        return l_gen + l_edit + l_und, metrics
+        nc = max(1, B // 2)
+        conv = [toy.conversation_example(i, "train", tc.seed, tc.size)
+                for i in (example_index(step, j, nc, rank, world) for j in range(nc))]
+        T = toy.Turn
+        l_gen, _, lg, bg, _ = self.context_loss([[T("user", c), T("model", image=e.image)] for c, e in
+                                                 zip(drop_text([e.caption for e in t2i], tc.cfg_drop, g), t2i)], g)
+        l_edit, _, le, be, _ = self.context_loss(
+            [[T("user", c, e.source), T("model", image=e.target)]
+             for c, e in zip(drop_text([e.instruction for e in ed], tc.cfg_drop, g), ed)], g)
+        _, l_und, _, _, m_und = self.context_loss([[T("user", e.question, e.image), T("model", e.answer)]
+                                                  for e in qa], g)
+        l_cb, l_ct, _, _, m_conv = self.context_loss([drop_instructions(c, tc.cfg_drop, g) for c in conv], g)
+        n = len(idx)
+        metrics = {"t2i": l_gen.detach(), "edit": l_edit.detach(), "understanding": l_und.detach(),
+                   "conversation": (l_cb + l_ct).detach(), **bit_metrics(lg.view(n, -1, *lg.shape[1:]),
+                                                                         bg.view(n, -1, *bg.shape[1:])),
+                   **{f"edit_{k}": v for k, v in bit_metrics(le.view(n, -1, *le.shape[1:]),
+                                                             be.view(n, -1, *be.shape[1:])).items()},
+                   **m_und, **{f"conversation_{k}": v for k, v in m_conv.items()}}
+        return l_gen + l_edit + l_und + l_cb + l_ct, metrics
 
 
 # ---------------------------------------------------------------------------------------------------------------------

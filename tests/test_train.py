@@ -246,28 +246,14 @@ def test_prompt_dropout_empties_a_text_with_probability_p():
     assert train.drop_text(texts, 0.0, torch.Generator().manual_seed(0)) == texts
 
 
-def test_noisy_reading_flips_what_the_llm_reads_and_nothing_else():
-    vision = bsq.VisionModel(bsq.VisionConfig.tiny()).eval()
-    L, U, d = vision.cfg.levels, vision.cfg.merge_unit, vision.cfg.bsq_dim
-    bits = torch.randint(0, 2, (6, L, U, d), generator=torch.Generator().manual_seed(0))
-    clean_main, clean_deep = vision.bits_to_llm_features(bits)
-    g = torch.Generator().manual_seed(1)
-    with train.noisy_reading(vision, 0.1, g):
-        noisy_main, noisy_deep = vision.bits_to_llm_features(bits)
-    # the same draw, done by hand: each bit flipped with probability 0.1
-    flip = torch.rand(bits.shape, generator=torch.Generator().manual_seed(1)) < 0.1
-    assert 0.05 < flip.float().mean() < 0.15
-    want_main, want_deep = vision.bits_to_llm_features(torch.where(flip, 1 - bits, bits))
-    torch.testing.assert_close(noisy_main, want_main, rtol=0, atol=0)
-    for a, b in zip(noisy_deep, want_deep):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert not torch.equal(noisy_main, clean_main)
-    # outside the block (and with p = 0) the reading is clean again; encode_bits (the targets) is never touched
-    after_main, _ = vision.bits_to_llm_features(bits)
-    torch.testing.assert_close(after_main, clean_main, rtol=0, atol=0)
-    with train.noisy_reading(vision, 0.0, g):
-        torch.testing.assert_close(vision.bits_to_llm_features(bits)[0], clean_main, rtol=0, atol=0)
-    assert "bits_to_llm_features" not in vars(vision)
+def test_read_flips_flip_each_bit_with_probability_p():
+    bits = torch.randint(0, 2, (64, 4, 4, 64), generator=torch.Generator().manual_seed(0))
+    out = train.read_flips(bits, 0.1, torch.Generator().manual_seed(1))
+    frac = (out != bits).float().mean().item()
+    assert abs(frac - 0.1) <= 5 * (0.1 * 0.9 / bits.numel()) ** 0.5, frac
+    assert torch.equal(out, train.read_flips(bits, 0.1, torch.Generator().manual_seed(1)))  # seeded
+    assert set(out.unique().tolist()) <= {0, 1}
+    assert train.read_flips(bits, 0.0, torch.Generator().manual_seed(1)) is bits
 
 
 @pytest.fixture(scope="module")
@@ -282,77 +268,68 @@ def smoke_net(tmp_path_factory):
 
 
 def test_stage2_flips_what_the_model_reads_and_trains_on_clean_targets(smoke_net, monkeypatch):
-    """One stage-2 forward (ARLoss) with read flips: the teacher-forced forward gets the tokenizer's clean bits of
-    the target images and the t2i / edit losses are the cross-entropy against exactly those bits, while what the model
-    reads is flipped (its logits differ from a clean reading of the same inputs)."""
+    """One stage-2 forward (ARLoss) with read flips: the bits the model reads are the tokenizer's bits with about
+    read_flip_prob of them flipped, and the t2i / edit losses are the cross-entropy against the clean bits of the
+    images it draws."""
     net, tok, tc = smoke_net
     tc = dataclasses.replace(tc, stage2_batch=2, read_flip_prob=0.3)
-    calls = []
-    tf = net.teacher_forced_logits
-
-    def spy(*args):
-        out = tf(*args)
-        calls.append((args, out.detach()))
-        return out
-
-    monkeypatch.setattr(net, "teacher_forced_logits", spy)
+    read, logits = [], []
+    states, bit_logits = net.context_states, net.bit_logits_of
+    monkeypatch.setattr(net, "context_states", lambda ids, mask, bits, grids: read.append(bits) or
+                        states(ids, mask, bits, grids))
+    monkeypatch.setattr(net, "bit_logits_of", lambda *a: logits.append(bit_logits(*a)) or logits[-1])
     B = tc.stage2_batch
     idx = [train.example_index(0, i, B, 0, 1) for i in range(B)]
-    targets = {"t2i": np.stack([toy.t2i_example(i, "train", tc.seed, tc.size).image for i in idx]),
-               "edit": np.stack([toy.edit_example(i, "train", tc.seed, tc.size).target for i in idx])}
+    t2i = [toy.t2i_example(i, "train", tc.seed, tc.size) for i in idx]
+    ed = [toy.edit_example(i, "train", tc.seed, tc.size) for i in idx]
     loss_mod = train.ARLoss(net, tok, tc)
-    clean = {k: loss_mod.image_bits(v) for k, v in targets.items()}
+    clean_t2i = loss_mod.image_bits(np.stack([e.image for e in t2i]))
+    clean_edit = loss_mod.image_bits(np.stack([x for e in ed for x in (e.source, e.target)]))
     with torch.no_grad():
         _, m = loss_mod(0, 0, 1, torch.Generator().manual_seed(0))
-    assert len(calls) == 2  # t2i, then edit
-    for (args, logits), k in zip(calls, ("t2i", "edit")):
-        assert torch.equal(args[2], clean[k]), k  # the targets handed to the forward are clean
-        want = torch.nn.functional.cross_entropy(logits.flatten(0, -2).float(), clean[k].flatten())
-        assert m[k].item() == pytest.approx(want.item(), rel=1e-6), k  # and the loss is against them
-        with torch.no_grad():
-            assert (tf(*args) - logits).abs().max().item() > 1e-3, k  # a clean reading of the same inputs differs
+    assert len(read) == 4  # t2i, edit, understanding, conversations
+    for got, clean in ((read[0], clean_t2i), (read[1], clean_edit)):
+        frac = (got != clean.flatten(0, 1)).float().mean().item()
+        assert 0.25 < frac < 0.35, frac
+    for k, lg, target in (("t2i", logits[0], clean_t2i), ("edit", logits[1], clean_edit[1::2])):
+        want = torch.nn.functional.cross_entropy(lg.flatten(0, -2).float(), target.flatten())
+        assert m[k].item() == pytest.approx(want.item(), rel=1e-6), k
 
 
-def test_answer_loss_supervises_every_answer_token_and_the_end_of_turn(smoke_net, monkeypatch):
-    """ARLoss.answer_loss on a left-padded batch with answers of different lengths: the positions whose logits get a
-    gradient are exactly those predicting the answer's tokens and the <|im_end|> after them (nothing of the prompt,
-    no padding), and the loss is the mean cross-entropy over exactly those positions."""
+def test_answer_tokens_are_the_answers_and_the_end_of_turn(smoke_net):
+    """In a stage-2 context the supervised text positions are exactly the answer's tokens and the <|im_end|> after
+    each (nothing of the prompt, no padding, not the newline after the turn), in single-turn questions and in
+    conversations, and the understanding loss is the mean cross-entropy over exactly those tokens."""
     import model as M
 
     net, tok, tc = smoke_net
     qa = [toy.qa_example(i, "train", tc.seed, tc.size) for i in range(2)]
-    questions = [e.question for e in qa]
     answers = ["red", "a red circle and a blue square"]
-    V = net.lm_head.weight.shape[0]
-    seen = {}
-
-    def fake_text_logits(ids, mask, pv, grid):
-        seen["ids"], seen["mask"] = ids, mask
-        seen["x"] = torch.randn(*ids.shape, V, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
-        return seen["x"]
-
-    monkeypatch.setattr(net, "text_logits", fake_text_logits)
-    loss, _ = train.ARLoss(net, tok, tc).answer_loss(np.stack([e.image for e in qa]), questions, answers)
-    loss.backward()
-    ids, x = seen["ids"], seen["x"]
-    T = ids.shape[1]
-    n_img = (ids[0] == net.cfg.image_token_id).sum().item()
+    T = toy.Turn
+    convs = [[T("user", e.question, e.image), T("model", a)] for e, a in zip(qa, answers)]
+    ctx = train.build_context(tok, convs, 2, 2, 4)
     end = tok.token_id(M.IM_END)
-    logp = torch.log_softmax(x.detach().double(), -1)
-    want_pos, ce = [], []
-    for b, (q, a) in enumerate(zip(questions, answers)):
-        prompt = tok.encode(M.render_chat_prompt(q, n_img))
-        answer = tok.encode(a)
-        assert len(answer) == len(a.split())  # the toy tokenizer: one token per word
-        row = ids[b][seen["mask"][b].bool()].tolist()
-        assert row == prompt + answer + [end]  # the sequence: prompt, answer, end of turn
-        first = T - len(answer) - 1  # index (in ids) of the first answer token
-        pos = list(range(first - 1, T - 1))  # logits at t predict ids[t + 1]: every answer token and <|im_end|>
-        want_pos += [(b, p) for p in pos]
-        ce += [-logp[b, p, ids[b, p + 1]].item() for p in pos]
-    got_pos = [tuple(i) for i in torch.nonzero(x.grad.abs().sum(-1) > 0).tolist()]
-    assert sorted(got_pos) == sorted(want_pos)
-    assert loss.item() == pytest.approx(float(np.mean(ce)), rel=1e-6)
+    for b, a in enumerate(answers):
+        row = ctx.ids[b][ctx.mask[b].bool()].tolist()
+        flags = ctx.answers[b][ctx.mask[b].bool()].tolist()
+        want = tok.encode(M.render_chat_prompt(qa[b].question, 4)) + tok.encode(a) + [end]
+        assert row[:len(want)] == want
+        assert [t for t, f in zip(row, flags) if f] == tok.encode(a) + [end]
+        assert flags == [False] * (len(want) - len(tok.encode(a)) - 1) + [True] * (len(tok.encode(a)) + 1) + \
+            [False] * (len(row) - len(want))
+    conv = toy.conversation_example(3, "train", tc.seed, tc.size)
+    ctx = train.build_context(tok, [conv], 2, 2, 4)
+    picked = [t for t, f in zip(ctx.ids[0].tolist(), ctx.answers[0].tolist()) if f]
+    assert picked == [i for t in conv if t.role == "model" and t.image is None for i in tok.encode(t.text) + [end]]
+    loss_mod = train.ARLoss(net, tok, dataclasses.replace(tc, read_flip_prob=0.0))
+    with torch.no_grad():
+        _, loss, _, _, _ = loss_mod.context_loss(convs, torch.Generator().manual_seed(0))
+        ctx = train.build_context(tok, convs, 2, 2, 4)
+        h, _ = net.context_states(ctx.ids, ctx.mask, loss_mod.image_bits(ctx.images).flatten(0, 1),
+                                  torch.tensor([[1, 4, 4]] * 2))
+        logp = torch.log_softmax(net.text_logits_of(h).double(), -1)
+    ce = [-logp[b, t - 1, ctx.ids[b, t]].item() for b, t in ctx.answers.nonzero().tolist()]
+    assert loss.item() == pytest.approx(float(np.mean(ce)), rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
