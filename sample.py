@@ -151,6 +151,11 @@ def build_parser(d: dict, ckpt: Path, has_json: bool) -> argparse.ArgumentParser
     ap.add_argument("--out", type=Path, default=Path("out"), help="output folder")
     ap.add_argument("--save-bits", action="store_true", help="also save the generated bits (safetensors)")
     ap.add_argument("--cache-dir", type=Path, default=None, help="where the decoder prompt embeddings are cached")
+    c = ap.add_argument_group("conversations (one shared context: the model reads its own drawings as bits)")
+    c.add_argument("--chat", action="store_true", help="chat on stdin: '/image PATH' attaches a picture to your next "
+                   "line, '/draw TEXT' asks for an image (a prompt, or an edit of what came before), '/reset' starts "
+                   "over, anything else is a question or an instruction answered in text; drawn images go to --out")
+    c.add_argument("--chat-file", type=Path, default=None, help="the same, scripted: one line per turn")
     g = ap.add_argument_group("prompt files (the official batch launcher's format and output layout)")
     g.add_argument("--prompts", type=Path, default=None, help="a .jsonl of {\"idx\", \"prompt\", \"meta\"} records, "
                    "or a text file with one prompt per line; writes <out>/<run-name>/<idx:05d>/samples/<k:04d>.png "
@@ -199,6 +204,8 @@ def _main(argv: list) -> int:
             setattr(args, name, defaults[name])
     if args.prompts is not None:
         return run_prompts(args, ckpt, defaults)
+    if args.chat or args.chat_file is not None:
+        return run_chat(args, ckpt, defaults)
     default_prompt = False
     if args.question is None and args.prompt is None and args.image is None and defaults.get("prompt"):
         args.prompt = defaults["prompt"]  # `python sample.py` alone: the checkpoint's example prompt
@@ -376,14 +383,14 @@ def warn_unknown_words(tok, text: str, flag: str, root: Path) -> None:
               file=sys.stderr)
 
 
-def check_image(path) -> None:
-    """--image: a readable image file, within PIL's decompression-bomb limit (ValueError naming the flag)."""
+def check_image(path, flag: str = "--image") -> None:
+    """A readable image file, within PIL's decompression-bomb limit (ValueError naming the flag)."""
     import bsq
 
     try:
         bsq.load_image(path)
     except ValueError as e:
-        raise ValueError(f"--image: {e}") from None
+        raise ValueError(f"{flag}: {e}") from None
 
 
 def check_generation_plan(ckpt: Path, args, ar_h: int, ar_w: int, upsample: float, prompts=None,
@@ -601,6 +608,99 @@ def run_prompts(args, ckpt: Path, defaults: dict) -> int:
         import torch.distributed as dist
 
         dist.destroy_process_group()
+    return 0
+
+
+
+CHAT_HELP = "/image PATH (a picture for your next line), /draw TEXT (an image), /reset, /quit; other lines are questions"
+
+
+def chat_lines(args):
+    """(line number or None, text) of the scripted file, or of stdin as it is typed."""
+    if args.chat_file is not None:
+        try:
+            text = args.chat_file.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise cli.UsageError(f"--chat-file {args.chat_file}: cannot read it ({e})") from None
+        yield from ((n, line) for n, line in enumerate(text.splitlines(), 1))
+        return
+    print(f"chat: {CHAT_HELP}", file=sys.stderr)
+    for line in sys.stdin:
+        yield None, line.rstrip("\n")
+
+
+def next_free(out: Path, stem: str) -> Path:
+    """out/stem_NN.png with the first NN no file has: a chat never replaces a file."""
+    k = 0
+    while (out / f"{stem}_{k:02d}.png").exists():
+        k += 1
+    return out / f"{stem}_{k:02d}.png"
+
+
+def run_chat(args, ckpt: Path, defaults: dict) -> int:
+    """A conversation in one shared context (model.Conversation): each '/draw' is drawn into the context and decoded
+    to a PNG in --out (its path printed), each other line answered from the context, which holds every earlier turn
+    and image. A mistake in a scripted file is one error line naming the file and line (exit 2); typed, it is said
+    and the chat goes on."""
+    import load_hf
+    import model as M
+    from PIL import Image
+
+    if args.chat and args.chat_file is not None:
+        raise cli.UsageError("give --chat (typed) or --chat-file FILE (scripted), not both")
+    ar_h, ar_w = args.ar_size or defaults["ar_size"]
+    upsample = args.upsample if args.upsample is not None else defaults["upsample"]
+    device, dtype = check_flags(args, upsample)
+    try:
+        check_generation_plan(ckpt, args, ar_h, ar_w, upsample, prompts=[""], editing=False)
+        net, tok = load_hf.load_ar(ckpt, dtype=dtype, device=device)
+        M.image_processor(net)  # questions about pictures need the checkpoint's preprocessor_config.json
+        dec = load_hf.load_decoder(ckpt, dtype=dtype, device=device, cache_dir=args.cache_dir)
+    except (load_hf.CheckpointError, ValueError) as e:
+        return cli.fail(str(e))
+    args.out.mkdir(parents=True, exist_ok=True)
+    conv, picture, drawn = M.Conversation(net, tok), None, 0
+    for n, line in chat_lines(args):
+        where = f"--chat-file {args.chat_file}, line {n}: " if n is not None else ""
+        line = line.strip()
+        if n is not None and line:
+            print(f"user: {line}")
+        try:
+            if not line:
+                continue
+            if line in ("/quit", "/exit"):
+                break
+            if line == "/reset":
+                conv, picture = M.Conversation(net, tok), None
+                continue
+            if line.startswith("/image"):
+                path = line[len("/image"):].strip()
+                check_image(path, "/image")
+                picture = path
+                continue
+            if line.startswith("/draw"):
+                text = line[len("/draw"):].strip()
+                warn_unknown_words(tok, text, "/draw", ckpt)
+                seed = M.sample_seed(args.seed, drawn)
+                bits = conv.draw(text, picture, ar_height=ar_h, ar_width=ar_w, cfg_scale=args.cfg,
+                                 temperature=args.temperature, seed=seed)
+                image = dec.decode(bits, ar_h, ar_w, upsampling_ratio=upsample, steps=args.steps,
+                                   guidance=args.decoder_cfg, seed=[seed])[0].cpu().numpy()
+                path = next_free(args.out, "chat")
+                cli.atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
+                drawn += 1
+                print(f"model: {path}")
+            elif line.startswith("/"):
+                raise ValueError(f"unknown command {line.split()[0]!r}; the commands: {CHAT_HELP}")
+            else:
+                warn_unknown_words(tok, line, "question", ckpt)
+                print(f"model: {conv.ask(line, picture, max_new_tokens=args.max_new_tokens or 256, temperature=args.answer_temperature, seed=args.seed)}")
+            picture = None
+        except ValueError as e:
+            if n is not None:
+                return cli.fail(f"{where}{e}")
+            print(f"error: {e}", file=sys.stderr)
+        sys.stdout.flush()
     return 0
 
 

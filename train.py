@@ -372,14 +372,14 @@ class ARLoss(nn.Module):
              for c, e in zip(drop_text([e.instruction for e in ed], tc.cfg_drop, g), ed)], g)
         _, l_und, _, _, m_und = self.context_loss([[T("user", e.question, e.image), T("model", e.answer)]
                                                   for e in qa], g)
-        l_cb, l_ct, _, _, m_conv = self.context_loss([drop_instructions(c, tc.cfg_drop, g) for c in conv], g)
+        l_cb, l_ct, _, _, _ = self.context_loss([drop_instructions(c, tc.cfg_drop, g) for c in conv], g)
         n = len(idx)
         metrics = {"t2i": l_gen.detach(), "edit": l_edit.detach(), "understanding": l_und.detach(),
                    "conversation": (l_cb + l_ct).detach(), **bit_metrics(lg.view(n, -1, *lg.shape[1:]),
                                                                          bg.view(n, -1, *bg.shape[1:])),
                    **{f"edit_{k}": v for k, v in bit_metrics(le.view(n, -1, *le.shape[1:]),
                                                              be.view(n, -1, *be.shape[1:])).items()},
-                   **m_und, **{f"conversation_{k}": v for k, v in m_conv.items()}}
+                   **m_und}  # the same keys on every rank and step (averaged across ranks)
         return l_gen + l_edit + l_und + l_cb + l_ct, metrics
 
 
@@ -590,14 +590,15 @@ def answers(net, tok, images, questions: list) -> list:
 
 def evaluate(net, tok, dec, *, settings: dict, n: int = 64, batch: int = 32, seed: int = 0) -> dict:
     """Held-out scores in [0, 1]: generation (images fully correct), understanding (exact answers), editing (edited
-    image shows exactly the target scene), plus the per-attribute generation scores."""
+    image shows exactly the target scene), conversation (questions about the model's own drawing answered from the
+    shared context, and after re-encoding it: `conversation_scores`), plus the per-attribute generation scores."""
     from tqdm import tqdm
 
     if n < 1:
         raise ValueError(f"evaluation needs n >= 1 examples per task, got {n}")
     was = net.training, dec.training
     net.eval(), dec.eval()
-    bar = tqdm(total=3 * n, desc="evaluation", unit="ex", dynamic_ncols=True)  # stderr: stdout keeps the JSON line
+    bar = tqdm(total=4 * n, desc="evaluation", unit="ex", dynamic_ncols=True)  # stderr: stdout keeps the JSON line
     prompts = toy.heldout_prompts(n)
     gen = []
     bar.set_postfix(task="generation")
@@ -622,12 +623,46 @@ def evaluate(net, tok, dec, *, settings: dict, n: int = 64, batch: int = 32, see
                         input_images=[e.source for e in chunk], seed=seed, first=i)
         ed += [toy.score_edit(im, e.target_scene)["correct"] for im, e in zip(imgs, chunk)]
         bar.update(len(chunk))
+    bar.set_postfix(task="conversation")
+    conv = conversation_scores(net, tok, dec, settings, prompts, seed, bar)
     bar.close()
     net.train(was[0]), dec.train(was[1])
     out = {"generation": float(np.mean([s["correct"] for s in gen])), "understanding": float(np.mean(und)),
-           "editing": float(np.mean(ed)), "n": n}
+           "editing": float(np.mean(ed)), **conv, "n": n}
     out.update({f"generation_{k}": float(np.mean([s[k] for s in gen])) for k in gen[0] if k != "correct"})
     return out
+
+
+@torch.no_grad()
+def conversation_scores(net, tok, dec, settings: dict, prompts: list, seed: int, bar) -> dict:
+    """Shared context: the model draws each held-out prompt in a conversation (the generation task's image: same
+    seed), then answers a question about what it drew (the scene the evaluator reads from the decoded image) from
+    the context, where the drawing sits as its sampled bits. The same question is also answered the way a model
+    without a shared context must: the drawing decoded to pixels and read again through the tokenizer. -> both
+    accuracies and the seconds each path spent on all questions (decoding included for the second)."""
+    S = settings["ar_size"][0]
+    hits, clock = {"context": [], "reencoded": []}, {"context": 0.0, "reencoded": 0.0}
+    for i, prompt in enumerate(prompts):
+        s = M.sample_seed(seed, i)
+        chat = M.Conversation(net, tok)
+        bits = chat.draw(prompt, ar_height=S, ar_width=S, cfg_scale=settings["cfg"],
+                         temperature=settings["temperature"], seed=s)
+        t0 = time.perf_counter()
+        image = dec.decode(bits, S, S, upsampling_ratio=settings["upsample"], steps=settings["steps"],
+                           guidance=settings["decoder_cfg"], seed=[s]).cpu().numpy()
+        t_decode = time.perf_counter() - t0
+        question, truth = toy.conversation_question(i, toy.read_scene(image[0]))
+        t0 = time.perf_counter()
+        hits["context"].append(toy.score_answer(chat.ask(question, max_new_tokens=8), truth))
+        clock["context"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        hits["reencoded"].append(toy.score_answer(answers(net, tok, image, [question])[0], truth))
+        clock["reencoded"] += time.perf_counter() - t0 + t_decode
+        bar.update(1)
+    return {"conversation": float(np.mean(hits["context"])),
+            "conversation_reencoded": float(np.mean(hits["reencoded"])),
+            "conversation_context_s": round(clock["context"], 2),
+            "conversation_reencoded_s": round(clock["reencoded"], 2)}
 
 
 @torch.no_grad()
