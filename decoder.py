@@ -210,7 +210,7 @@ class PatchEmbed(nn.Module):
         self.patch_size, self.max_size = cfg.patch_size, cfg.pos_embed_max_size
         self.proj = nn.Conv2d(cfg.in_channels, cfg.inner_dim, cfg.patch_size, stride=cfg.patch_size)
         if self.proj.weight.is_meta:  # built to be loaded: the table is in the checkpoint (and computing it on the
-            # meta device would import torch._dynamo, ~1 s of start-up)
+            # meta device would import torch._dynamo, which slows the start)
             table = torch.empty(cfg.pos_embed_max_size ** 2, cfg.inner_dim)
         else:
             table = sincos_2d_table(cfg.inner_dim, cfg.pos_embed_max_size, cfg.sample_size / cfg.patch_size)

@@ -379,7 +379,7 @@ def _assign(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
     """factory() on the meta device, without random initialisation: the weights come from the files, and
-    nn.init.normal_ on a meta tensor imports torch._dynamo (~1 s of start-up)."""
+    nn.init.normal_ on a meta tensor imports torch._dynamo, which slows the start."""
     normal = nn.init.normal_
     nn.init.normal_ = lambda t, *a, **k: t if t.is_meta else normal(t, *a, **k)
     try:

@@ -376,7 +376,8 @@ def check_removed(given: dict, before: str = "", after: str = "") -> None:
             raise cli.UsageError(f"{before}--{k.replace('_', '-')} {v}: rl.py computes only {keep} ({why}){after}")
 
 
-def _main(argv, guard: cli.SignalGuard) -> int:
+def parse_args(argv) -> tuple[argparse.Namespace, RLConfig]:
+    """The command line -> (flags, RLConfig), every value checked (cli.UsageError naming the flag)."""
     ap = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", type=Path, default=ROOT / "checkpoints" / "toy", help="starting checkpoint")
     ap.add_argument("--run-dir", type=Path, default=ROOT / "runs" / "rl",
@@ -406,23 +407,33 @@ def _main(argv, guard: cli.SignalGuard) -> int:
     cli.check_int_range(args.save_every, "--save-every", 1)
     cli.check_float_range(rc.temperature, "--temperature", *cli.TEMPERATURE_RANGE)
     cli.check_float_range(rc.cfg, "--cfg", *cli.CFG_RANGE)
-    device = cli.resolve_device(args.device)
-    run_dir = cli.check_out_folder(args.run_dir, "--run-dir")
+    return args, rc
+
+
+def run_record(args, rc: RLConfig, run_dir: Path) -> dict:
+    """The run's record: a new one, or with --resume the saved one, whose settings must be these flags'."""
     meta = cli.check_run_start(run_dir, args.resume, args.overwrite)
     start = str(Path(args.ckpt).resolve())
-    if meta is not None:
-        check_removed({k: v for k, v in meta["config"].items() if k in REMOVED},
-                      f"--resume: the state in {run_dir / cli.STATE_FILE} was written with ", "; start over with "
-                      "--overwrite")
-        differ = [k for k in asdict(rc) if meta["config"].get(k) != asdict(rc)[k]]
-        differ += ["--ckpt"] if meta["start"] != start else []
-        differ += ["--no-eval"] if meta["eval"] != (not args.no_eval) else []
-        if differ:
-            raise cli.UsageError(f"--resume: the state in {run_dir / cli.STATE_FILE} was written with other settings "
-                                 f"(different: {', '.join(differ)}); pass the same flags")
-    else:
-        meta = {"config": asdict(rc), "start": start, "eval": not args.no_eval, "step": 0, "history": [],
+    if meta is None:
+        return {"config": asdict(rc), "start": start, "eval": not args.no_eval, "step": 0, "history": [],
                 "run_id": cli.new_run_id()}
+    check_removed({k: v for k, v in meta["config"].items() if k in REMOVED},
+                  f"--resume: the state in {run_dir / cli.STATE_FILE} was written with ",
+                  "; start over with --overwrite")
+    differ = [k for k in asdict(rc) if meta["config"].get(k) != asdict(rc)[k]]
+    differ += ["--ckpt"] if meta["start"] != start else []
+    differ += ["--no-eval"] if meta["eval"] != (not args.no_eval) else []
+    if differ:
+        raise cli.UsageError(f"--resume: the state in {run_dir / cli.STATE_FILE} was written with other settings "
+                             f"(different: {', '.join(differ)}); pass the same flags")
+    return meta
+
+
+def _main(argv, guard: cli.SignalGuard) -> int:
+    args, rc = parse_args(argv)
+    device = cli.resolve_device(args.device)
+    run_dir = cli.check_out_folder(args.run_dir, "--run-dir")
+    meta = run_record(args, rc, run_dir)
     out = cli.check_checkpoint_out(args.out or run_dir / "checkpoint", meta["run_id"], args.overwrite)
     try:
         net, tok = load_hf.load_ar(args.ckpt, device=device)

@@ -116,8 +116,8 @@ class BitPolicy(torch.nn.Module):
 
 def hand_grpo_step(z0, zref, bits, adv, *, T, beta, eps_low, eps_high, lr, passes, mb):
     """grpo_step written out: Bernoulli log-probs at temperature T, old log-probs frozen before the first update,
-    k3 KL to the reference, the mean over each image's bits then over images, plain SGD. -> final z, mean loss, mean KL, first KL,
-    whether any bit was clipped."""
+    k3 KL to the reference, the mean over each image's bits then over images, plain SGD. -> final z, mean loss,
+    mean KL, first KL, whether any bit was clipped."""
     s = (2 * bits - 1).double()
 
     def logp(z):  # log p(bit) = log sigmoid(+-(l1 - l0) / T)
