@@ -4,21 +4,30 @@
     python bench.py throughput --size 256   # images per second at batch 1, 4, 16 (toy checkpoint; mid-size AR)
     python bench.py step       # one full-size AR step (released config, random bf16 weights, batch 2) vs its
                                # physical limit, weight bytes / memory bandwidth (meant for a GPU)
+    python bench.py load-memory --gib 1   # peak resident memory while load_hf loads a synthetic checkpoint, and
+                                          # the cost of its finiteness check (Linux: reads /proc)
 
 Each benchmark is a function `bench_<name>(args)`; `main()` dispatches on the first argument.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+import torch.nn as nn
+from safetensors.torch import save_file
 
 import bsq
+import load_hf
 import model as M
+import toy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "tests"))
 from reference import Recorder, generate_image_recompute  # noqa: E402  (the official loop lives with the tests)
@@ -162,10 +171,6 @@ def bench_throughput(args) -> dict:
     """Images per second at batch 1, 4 and 16, 16 images each, as `sample.py --prompts` draws them (per-image
     seeds): the toy checkpoint end to end (AR rollout + decoder, the decoder one image at a time), and the mid-size
     model's AR rollout alone (random weights, `--size` px). Printed as ratios to batch 1."""
-    import load_hf
-    import toy
-    from pathlib import Path
-
     ckpt = Path(__file__).resolve().parent / "checkpoints" / "toy"
     net, tok = load_hf.load_ar(ckpt, device=args.device)
     dec = load_hf.load_decoder(ckpt, device=args.device)
@@ -197,13 +202,95 @@ def bench_throughput(args) -> dict:
     return out
 
 
-BENCHES = {"rollout": bench_rollout, "step": bench_step, "throughput": bench_throughput}
+def _proc_status_bytes(field: str) -> int:
+    """A memory line of /proc/self/status (VmRSS: resident now, VmHWM: the peak) in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class _Synthetic(nn.Module):
+    def __init__(self, n: int, width: int):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(n))
+
+
+def _load_memory_child(path: str, n: int, width: int, dtype: str, device: str) -> None:
+    """Runs in a fresh process: build on meta, load, report (baseline RSS, peak RSS) as JSON; then the load time
+    with and without the finiteness check onto `device` (alternating, best of 3 each; the file is in the page cache
+    by then)."""
+    base = _proc_status_bytes("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
+        f.write("5")
+    model = load_hf.build_on_meta(lambda: _Synthetic(n, width))
+    load_hf.load_weights(model, [Path(path)], dtype=getattr(torch, dtype))
+    peak = _proc_status_bytes("VmHWM")
+    s = sum(p.float().sum().item() for p in model.parameters())  # touch every weight
+    del model
+    times = {(check, touch): [] for check in (False, True) for touch in (False, True)}
+    for _ in range(3):
+        for check, touch in times:
+            model = load_hf.build_on_meta(lambda: _Synthetic(n, width))
+            t0 = time.perf_counter()
+            load_hf.load_weights(model, [Path(path)], dtype=getattr(torch, dtype), device=device, check_finite=check)
+            if touch:  # one pass over every weight, as a first forward makes: a kept float32 map is read only here
+                for p in model.parameters():
+                    p.sum()
+            if device != "cpu":
+                torch.cuda.synchronize()
+            times[check, touch].append(time.perf_counter() - t0)
+            del model
+    print(json.dumps({"base": base, "peak": peak, "checksum": s,
+                      **{f"{'checked' if c else 'plain'}_{'touched' if t else 'load'}": min(v)
+                         for (c, t), v in times.items()}}))
+
+
+def load_memory(gib: float = 1.0, dtype: str = "float32", folder: str | None = None, device: str = "cpu") -> float:
+    """Write a synthetic float32 checkpoint of about `gib` GiB, load it in a fresh process, print peak RSS / size
+    (loading to the CPU) and the load time onto `device` with and without the finiteness check."""
+    width = 4096
+    n = max(1, round(gib * 2**30 / (4 * (width * width + width))))
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        path = Path(tmp) / "model.safetensors"
+        save_file({f"layers.{i}.{k}": v for i in range(n)
+                   for k, v in (("weight", torch.randn(width, width)), ("bias", torch.randn(width)))}, str(path))
+        size = path.stat().st_size
+        out = subprocess.run([sys.executable, __file__, _CHILD, str(path), str(n), str(width), dtype, device],
+                             capture_output=True, text=True, check=True).stdout
+    r = json.loads(out.strip().splitlines()[-1])
+    ratio = (r["peak"] - r["base"]) / size
+    print(f"synthetic checkpoint {size / 2**30:.2f} GiB ({n} x Linear({width}, {width}), float32) loaded as {dtype}: "
+          f"peak RSS above baseline {(r['peak'] - r['base']) / 2**30:.2f} GiB = {ratio:.3f} x file size "
+          f"(baseline after imports {r['base'] / 2**30:.2f} GiB)")
+    for what, key in (("load", "load"), ("load + one pass over every weight", "touched")):
+        plain, checked = r[f"plain_{key}"], r[f"checked_{key}"]
+        print(f"  {what} onto {device} (best of 3): {plain:.3f} s without the finiteness check, {checked:.3f} s with "
+              f"it ({100 * (checked / plain - 1):+.0f}%)")
+    return ratio
+
+
+def bench_load_memory(args) -> dict:
+    """load_memory for `--dtype`, or for float32 and bfloat16 when it is float32 (the default)."""
+    dtypes = [args.dtype] if args.dtype != "float32" else ["float32", "bfloat16"]
+    return {dt: load_memory(args.gib, dt, device=args.device or "cpu") for dt in dtypes}
+
+
+_CHILD = "_load-memory-child"  # the first argument of the fresh process load_memory starts
+
+
+BENCHES = {"rollout": bench_rollout, "step": bench_step, "throughput": bench_throughput,
+           "load-memory": bench_load_memory}
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == [_CHILD]:
+        return _load_memory_child(argv[1], int(argv[2]), int(argv[3]), argv[4], argv[5])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bench", nargs="?", default="rollout", choices=sorted(BENCHES))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu (load-memory: cpu)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--size", type=int, default=512, help="AR image side in px (512 -> 256 tokens)")
     p.add_argument("--cfg", type=float, default=2.0)
@@ -214,7 +301,12 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=16, help="step: AR steps timed beyond the first")
     p.add_argument("--text-layers", type=int, default=0, help="step: override the 36 text layers (CPU smoke runs)")
     p.add_argument("--bandwidth", type=float, default=0.0, help="step: memory bandwidth in GB/s (default: by GPU name)")
+    p.add_argument("--gib", type=float, default=1.0, help="load-memory: size of the synthetic checkpoint")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="load-memory: the dtype loaded (float32: both float32 and bfloat16)")
     args = p.parse_args(argv)
+    if args.bench != "load-memory":
+        args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
     with torch.no_grad():

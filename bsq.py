@@ -30,13 +30,21 @@ Departures from the official code:
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from config_schema import known_fields
+from kernels import rotate_half
+from kernels.attention import attention as kernel_attention
+from kernels.attention import use_kernel
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Config
@@ -93,8 +101,7 @@ class VisionConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "VisionConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return cls(**known_fields(cls, d))
 
     @classmethod
     def tiny(cls) -> "VisionConfig":
@@ -160,12 +167,13 @@ def _entropy(p: torch.Tensor) -> torch.Tensor:
 
 def bsq_entropy_loss(z: torch.Tensor, gamma0: float = 1.0, gamma: float = 0.5, zeta: float = 1.0,
                      inv_temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The BSQ entropy penalty on unit-norm z (..., d): zeta * (gamma0 * H_sample - gamma * H_codebook).
+    """The BSQ entropy penalty on unit-norm z (..., d): zeta * (gamma0 * H_sample - gamma * H_codebook) * tau, with
+    the temperature tau = 1 / inv_temperature.
 
-    With codes +-1/sqrt(d) the softmax over a bit's two values is analytical: p(-1) = sigmoid(-4 z / sqrt(d) / tau).
-    H_sample (mean over samples of the summed per-bit entropies) is pushed down, so each bit is confident;
-    H_codebook (entropy of the batch-averaged per-bit distribution, summed over bits) is pushed up, so the bits
-    are used evenly. Returns (penalty, H_sample, H_codebook).
+    With codes +-1/sqrt(d) the softmax over a bit's two values, softmax_c(-(z - c)^2 / tau), is analytical:
+    p(-1) = sigmoid(-4 z / sqrt(d) / tau). H_sample (mean over samples of the summed per-bit entropies) is pushed
+    down, so each bit is confident; H_codebook (entropy of the batch-averaged per-bit distribution, summed over bits)
+    is pushed up, so the bits are used evenly. Returns (penalty, H_sample, H_codebook).
     """
     p = torch.sigmoid(-4 * z / math.sqrt(z.shape[-1]) * inv_temperature)
     prob = torch.stack([p, 1 - p], dim=-1)  # (..., d, 2)
@@ -189,8 +197,7 @@ class BSQ(nn.Module):
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """z (..., d) on the unit sphere -> (codes +-1/sqrt(d) with straight-through gradient, loss, info)."""
-        if z.shape[-1] != self.dim:
-            raise ValueError(f"BSQ expects last dim {self.dim}, got shape {tuple(z.shape)}")
+        assert z.shape[-1] == self.dim, (z.shape, self.dim)
         zq = bsq_sign(z)
         penalty, per_sample, codebook = bsq_entropy_loss(z, self.gamma0, self.gamma, self.zeta)
         commit = self.beta * ((zq.detach() - z) ** 2).sum(-1).mean()
@@ -249,20 +256,12 @@ class VisionMLP(nn.Module):
         return self.linear_fc2(F.gelu(self.linear_fc1(x), approximate="tanh"))
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def _segment_attention(q, k, v, cu_seqlens: list[int]) -> torch.Tensor:
     """Bidirectional attention restricted to each image / frame. q, k, v: (H, Np, hd) -> (Np, H * hd).
 
-    On CUDA without autograd (or UNIAR_KERNELS=triton) one variable-length flash kernel launch (kernels/attention.py) covers every
-    image; elsewhere one SDPA call per image.
+    On CUDA without autograd (or UNIAR_KERNELS=triton) one variable-length flash kernel launch (kernels/attention.py)
+    covers every image; elsewhere one SDPA call per image.
     """
-    from kernels.attention import attention as kernel_attention
-    from kernels.attention import use_kernel
-
     if use_kernel(q):
         cu = torch.tensor(cu_seqlens, device=q.device)
         o = kernel_attention(q[None], k[None], v[None], cu_seqlens=cu, backend="triton")[0]
@@ -285,8 +284,8 @@ class VisionAttention(nn.Module):
         q, k, v = self.qkv(x).reshape(n, 3, self.num_heads, -1).unbind(1)  # each (Np, H, hd)
         # 2-D RoPE in float32 (cos / sin: (Np, 1, hd))
         dt = q.dtype
-        q = (q.float() * cos + _rotate_half(q.float()) * sin).to(dt)
-        k = (k.float() * cos + _rotate_half(k.float()) * sin).to(dt)
+        q = (q.float() * cos + rotate_half(q.float()) * sin).to(dt)
+        k = (k.float() * cos + rotate_half(k.float()) * sin).to(dt)
         o = _segment_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), cu_seqlens)
         return self.proj(o)
 
@@ -304,14 +303,11 @@ class VisionBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-def _check_grid(grid_thw: torch.Tensor, n_rows: int, merge: int) -> list[tuple[int, int, int]]:
+def _grid_rows(grid_thw: torch.Tensor, n_rows: int, merge: int) -> list[tuple[int, int, int]]:
+    """grid_thw (images, 3) -> [(t, h, w), ...]: whole merge blocks, as many patch rows as pixel_values has."""
     grid = torch.as_tensor(grid_thw).reshape(-1, 3).tolist()
-    for t, h, w in grid:
-        if t < 1 or h < merge or w < merge or h % merge or w % merge:
-            raise ValueError(f"grid_thw row {(t, h, w)}: h and w must be positive multiples of {merge} patches")
-    total = sum(t * h * w for t, h, w in grid)
-    if total != n_rows:
-        raise ValueError(f"pixel_values has {n_rows} patch rows but grid_thw {grid} describes {total}")
+    assert all(t >= 1 and h >= merge and w >= merge and h % merge == w % merge == 0 for t, h, w in grid), grid
+    assert sum(t * h * w for t, h, w in grid) == n_rows, ("patch rows", n_rows, grid)
     return grid
 
 
@@ -389,11 +385,10 @@ class VisionModel(nn.Module):
     # ----- the tower -----
     def tower(self, pixel_values: torch.Tensor, grid_thw) -> list[torch.Tensor]:
         """Patch rows -> ViT states of every level, [last block, DeepStack taps...], each (Np, C)."""
-        if pixel_values.ndim != 2 or pixel_values.shape[1] != self.cfg.patch_dim:
-            raise ValueError(f"pixel_values must be (Np, {self.cfg.patch_dim}), got {tuple(pixel_values.shape)}")
-        if not torch.isfinite(pixel_values).all():
-            raise ValueError("pixel_values contain NaN or inf")
-        grid = _check_grid(grid_thw, pixel_values.shape[0], self.cfg.spatial_merge_size)
+        shape_ok = pixel_values.ndim == 2 and pixel_values.shape[1] == self.cfg.patch_dim
+        assert shape_ok, f"pixel_values must be (Np, {self.cfg.patch_dim}), got {tuple(pixel_values.shape)}"
+        assert torch.isfinite(pixel_values).all(), "pixel_values contain NaN or inf"
+        grid = _grid_rows(grid_thw, pixel_values.shape[0], self.cfg.spatial_merge_size)
         x = self.patch_embed(pixel_values) + self._pos_embed(grid)
         cos, sin = self._rope(grid)
         cu = np.cumsum([0] + [h * w for t, h, w in grid for _ in range(t)]).tolist()
@@ -405,18 +400,18 @@ class VisionModel(nn.Module):
         return [x] + taps
 
     def quantize_level(self, x: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """ViT states (Np, C) -> (bits (Np, d) int64, z on the unit sphere (Np, d)) for one level."""
+        """BSQ of one level, for inference and training alike: project the ViT states (Np, C) to d, L2-normalise onto
+        the unit sphere, take the sign. -> (bits (Np, d) int64, 1 where z > 0, so sign(0) is bit 0; z (Np, d) fp32)."""
         z = F.normalize(self.input_proj(level)(x).float(), dim=-1)
-        # the released eval path reads the bits back through the int64 index (see indexes_to_bits)
-        bits = indexes_to_bits(bits_to_indexes((z > 0).to(torch.int64)), z.shape[-1])
-        return bits, z
+        return (z > 0).to(torch.int64), z
 
     def encode_bits(self, pixel_values: torch.Tensor, grid_thw) -> torch.Tensor:
         """Patch rows -> bits (M, L, U, d) int64 in {0, 1}: the discrete tokens of every level."""
         U, d = self.cfg.merge_unit, self.cfg.bsq_dim
         bits = [self.quantize_level(x, lvl)[0].view(-1, U, d) for lvl, x in enumerate(self.tower(pixel_values,
                                                                                                 grid_thw))]
-        return torch.stack(bits, dim=1)  # (M, L, U, d)
+        # the released eval path reads the bits back through the int64 index (see indexes_to_bits)
+        return indexes_to_bits(bits_to_indexes(torch.stack(bits, dim=1)), d)  # (M, L, U, d)
 
     def _level_features(self, codes: torch.Tensor, level: int, with_merger: bool) -> torch.Tensor:
         """Codes (Np, d) -> output projection (Np, C) -> [merger for the LLM] (M, Co)."""
@@ -438,10 +433,8 @@ class VisionModel(nn.Module):
 
     def _codes(self, bits: torch.Tensor) -> torch.Tensor:
         L, U, d = self.cfg.levels, self.cfg.merge_unit, self.cfg.bsq_dim
-        if tuple(bits.shape[-3:]) != (L, U, d):
-            raise ValueError(f"bits must end in (levels={L}, merge_unit={U}, bsq_dim={d}), got {tuple(bits.shape)}")
-        if bits.dtype.is_floating_point and not torch.isfinite(bits).all():
-            raise ValueError("bits contain NaN or inf")
+        assert tuple(bits.shape[-3:]) == (L, U, d), ("bits must end in (levels, merge_unit, bsq_dim)", bits.shape)
+        assert not bits.dtype.is_floating_point or torch.isfinite(bits).all(), "bits contain NaN or inf"
         return bits_to_codes(bits.reshape(-1, L, U, d), self.bsq_output_proj.linear_fc1.weight.dtype)  # (M, L, U, d)
 
     def bits_to_llm_features(self, bits: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -460,29 +453,43 @@ class VisionModel(nn.Module):
         x = torch.stack(feats, dim=-1).flatten(-2)  # (M*U, C*L), interleaved
         return x.reshape(*bits.shape[:-3], self.cfg.merge_unit, -1)
 
-    def training_forward(self, pixel_values: torch.Tensor, grid_thw, flip_prob: float = 0.0, generator=None):
-        """Tokenizer training: straight-through codes on every level and the summed BSQ entropy loss.
+    def training_forward(self, pixel_values: torch.Tensor, grid_thw, flip_prob: float = 0.0,
+                         generator=None) -> "TokenizerOutput":
+        """Tokenizer training: quantize_level on every level, plus straight-through codes and the BSQ entropy loss.
 
         flip_prob: each code bit the decoder features read is flipped with this probability (the LLM features read
         the clean codes), so a decoder trained on them tolerates the bit errors of generated tokens (a project
         choice for toy training, in the spirit of bitwise self-correction; the released recipe is not published).
-        Returns (main (M, Co), DeepStack list, decoder features (M, U, C * L), loss, bits (M, L, U, d)).
         """
-        U, d = self.cfg.merge_unit, self.cfg.bsq_dim
+        U = self.cfg.merge_unit
         loss, llm, dec, bits = 0.0, [], [], []
         for lvl, x in enumerate(self.tower(pixel_values, grid_thw)):
-            z = F.normalize(self.input_proj(lvl)(x), dim=-1)
-            q, lvl_loss, info = self.bsq(z)
+            b, z = self.quantize_level(x, lvl)
+            q, lvl_loss, _ = self.bsq(z)  # codes +-1/sqrt(d), gradient straight through to z; entropy penalty
             loss = loss + lvl_loss
-            bits.append(info["bits"].view(-1, U, d))
-            qd = q
-            if flip_prob > 0:
-                flip = torch.rand(q.shape, generator=generator) < flip_prob
-                qd = torch.where(flip.to(q.device), -q, q)
-            dec.append(self.output_proj(lvl)(qd))
+            bits.append(b.view(-1, U, b.shape[-1]))
+            dec.append(self.output_proj(lvl)(flip_codes(q, flip_prob, generator)))
             llm.append(self._level_features(q, lvl, True))
         dec = torch.stack(dec, dim=-1).flatten(-2).reshape(-1, U, dec[0].shape[-1] * len(dec))
-        return llm[0], llm[1:], dec, loss, torch.stack(bits, dim=1)
+        return TokenizerOutput(llm[0], llm[1:], dec, loss, torch.stack(bits, dim=1))
+
+
+class TokenizerOutput(NamedTuple):
+    """VisionModel.training_forward's result."""
+
+    main: torch.Tensor  # (M, Co): the level-0 features the LLM reads
+    deepstack: list  # L - 1 x (M, Co)
+    decoder_features: torch.Tensor  # (M, U, C * L), levels interleaved per channel, from the flipped codes
+    loss: torch.Tensor  # the BSQ entropy penalty summed over levels
+    bits: torch.Tensor  # (M, L, U, d) int64, the clean bits
+
+
+def flip_codes(q: torch.Tensor, p: float, generator=None) -> torch.Tensor:
+    """Each code negated (its bit flipped) with probability p, drawn on the CPU from `generator`."""
+    if p <= 0:
+        return q
+    flip = torch.rand(q.shape, generator=generator) < p
+    return torch.where(flip.to(q.device), -q, q)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -513,24 +520,8 @@ def smart_resize(h: int, w: int, factor: int = 32, min_pixels: int = MIN_PIXELS,
 def load_image(image) -> np.ndarray:
     """A path, PIL image or array -> uint8 (H, W, 3) RGB. Grayscale and RGBA are converted (alpha over white),
     16-bit grayscale scaled to 8 bits; an image over PIL's decompression-bomb limit is refused (ValueError)."""
-    import warnings
-
-    from PIL import Image, UnidentifiedImageError
-
     if isinstance(image, (str, Path)):
-        try:
-            with warnings.catch_warnings():  # PIL only warns between MAX_IMAGE_PIXELS and twice that: refuse both
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(image) as im:
-                    im.load()
-                    image = im.copy()
-        except FileNotFoundError:
-            raise ValueError(f"image file not found: {image}") from None
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise ValueError(f"{image} is over PIL's decompression-bomb limit of Image.MAX_IMAGE_PIXELS = "
-                             f"{Image.MAX_IMAGE_PIXELS} pixels ({e}); downscale the image first") from None
-        except (UnidentifiedImageError, OSError) as e:
-            raise ValueError(f"{image} is not a readable image file ({e})") from None
+        image = _read_image_file(image)
     if isinstance(image, Image.Image) and image.mode.startswith("I"):
         # 16-bit grayscale (PNG: mode I;16, or I in older Pillow): scale 0..65535 to 0..255 (convert("RGB") clips)
         image = np.clip(np.round(np.asarray(image, np.float64) * (255 / 65535)), 0, 255).astype(np.uint8)
@@ -539,7 +530,28 @@ def load_image(image) -> np.ndarray:
             bg = Image.new("RGBA", image.size, (255, 255, 255, 255))
             image = Image.alpha_composite(bg, image.convert("RGBA"))
         image = np.asarray(image.convert("RGB"))
-    arr = np.asarray(image)
+    return _array_to_rgb_uint8(np.asarray(image))
+
+
+def _read_image_file(path) -> Image.Image:
+    """An image file, read whole; a missing, unreadable or oversized file is a ValueError naming it."""
+    try:
+        with warnings.catch_warnings():  # PIL only warns between MAX_IMAGE_PIXELS and twice that: refuse both
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+                return im.copy()
+    except FileNotFoundError:
+        raise ValueError(f"image file not found: {path}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ValueError(f"{path} is over PIL's decompression-bomb limit of Image.MAX_IMAGE_PIXELS = "
+                         f"{Image.MAX_IMAGE_PIXELS} pixels ({e}); downscale the image first") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{path} is not a readable image file ({e})") from None
+
+
+def _array_to_rgb_uint8(arr: np.ndarray) -> np.ndarray:
+    """(H, W), (H, W, 1 / 3 / 4) uint8 or float ([0, 1] or [0, 255]) -> uint8 (H, W, 3), alpha over white."""
     if arr.ndim == 2:
         arr = np.repeat(arr[..., None], 3, axis=-1)
     if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4):
@@ -572,8 +584,6 @@ def preprocess_image(image, *, size: tuple[int, int] | None = None, resize: bool
     the nearest multiple of 32 px within [min_pixels, max_pixels] (`resize=False` keeps it as it is, then its sides
     must already be multiples of 32). Resampling is PIL bicubic, then x / 255, then (x - 0.5) / 0.5.
     """
-    from PIL import Image
-
     arr = load_image(image)
     h, w = arr.shape[:2]
     factor = patch_size * merge_size
@@ -591,6 +601,14 @@ def preprocess_image(image, *, size: tuple[int, int] | None = None, resize: bool
         th, tw = h, w
     if (th, tw) != (h, w):
         arr = np.asarray(Image.fromarray(arr).resize((tw, th), resample=Image.BICUBIC))
+    return patch_rows(arr, patch_size, merge_size, temporal_patch_size)
+
+
+def patch_rows(arr: np.ndarray, patch_size: int = 16, merge_size: int = 2,
+               temporal_patch_size: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (H, W, 3), sides multiples of patch_size * merge_size -> (pixel_values (Np, 3 * T * P * P) float32 in
+    [-1, 1], grid_thw (1, 3) int64): one row per patch, the patches of each merge block consecutive."""
+    th, tw = arr.shape[:2]
     x = torch.from_numpy(arr.astype(np.float32) / np.float32(255.0))
     x = ((x - 0.5) / 0.5).permute(2, 0, 1)  # (3, H, W)
     gh, gw = th // patch_size, tw // patch_size
@@ -661,42 +679,52 @@ class ImageProcessorConfig:
         refused. ValueError naming `where` and the field."""
         if not isinstance(d, dict):
             raise ValueError(f"{where}: expected a JSON object, got {type(d).__name__}")
-
-        def integer(name, v):
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{where}: {name} must be a positive integer, got {v!r}")
-            return v
-
-        size = d.get("size")
-        lo, hi = _HF_MIN_PIXELS, _HF_MAX_PIXELS
-        if size is not None:
-            if not isinstance(size, dict) or "shortest_edge" not in size or "longest_edge" not in size:
-                raise ValueError(f"{where}: size must be an object with shortest_edge and longest_edge (pixels), got "
-                                 f"{size!r}")
-            lo = integer("size.shortest_edge", size["shortest_edge"])
-            hi = integer("size.longest_edge", size["longest_edge"])
-        if d.get("min_pixels") is not None:
-            lo = integer("min_pixels", d["min_pixels"])
-        if d.get("max_pixels") is not None:
-            hi = integer("max_pixels", d["max_pixels"])
-        if lo > hi:
-            raise ValueError(f"{where}: min_pixels / size.shortest_edge {lo} > max_pixels / size.longest_edge {hi}")
-        supported = {"do_resize": True, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True,
-                     "resample": 3}
-        for name, want in supported.items():
-            if name in d and d[name] is not None and d[name] != want:
-                raise ValueError(f"{where}: {name} {d[name]!r} is not supported (only {want!r})")
-        if d.get("rescale_factor") is not None and (isinstance(d["rescale_factor"], bool) or not isinstance(
-                d["rescale_factor"], (int, float)) or not math.isclose(d["rescale_factor"], 1 / 255)):
-            raise ValueError(f"{where}: rescale_factor {d['rescale_factor']!r} is not supported (only 1/255)")
-        for name in ("image_mean", "image_std"):
-            v = d.get(name)
-            if v is None:
-                raise ValueError(f"{where}: {name} is missing (the image processor's default is CLIP's); only "
-                                 "[0.5, 0.5, 0.5] is supported")
-            if not (v == 0.5 or (isinstance(v, list) and len(v) == 3 and all(x == 0.5 for x in v))):
-                raise ValueError(f"{where}: {name} {v!r} is not supported (only [0.5, 0.5, 0.5])")
+        lo, hi = _pixel_bounds(d, where)
+        _refuse_unsupported(d, where)
         return cls(min_pixels=lo, max_pixels=hi,
-                   patch_size=integer("patch_size", d.get("patch_size", _HF_PATCH_SIZE)),
-                   temporal_patch_size=integer("temporal_patch_size", d.get("temporal_patch_size", 2)),
-                   merge_size=integer("merge_size", d.get("merge_size", 2)))
+                   patch_size=_positive(where, "patch_size", d.get("patch_size", _HF_PATCH_SIZE)),
+                   temporal_patch_size=_positive(where, "temporal_patch_size", d.get("temporal_patch_size", 2)),
+                   merge_size=_positive(where, "merge_size", d.get("merge_size", 2)))
+
+
+def _positive(where, name: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ValueError(f"{where}: {name} must be a positive integer, got {v!r}")
+    return v
+
+
+def _pixel_bounds(d: dict, where) -> tuple[int, int]:
+    """(min_pixels, max_pixels) of a preprocessor_config.json: `size`, overridden by the top-level fields."""
+    size = d.get("size")
+    lo, hi = _HF_MIN_PIXELS, _HF_MAX_PIXELS
+    if size is not None:
+        if not isinstance(size, dict) or "shortest_edge" not in size or "longest_edge" not in size:
+            raise ValueError(f"{where}: size must be an object with shortest_edge and longest_edge (pixels), got "
+                             f"{size!r}")
+        lo = _positive(where, "size.shortest_edge", size["shortest_edge"])
+        hi = _positive(where, "size.longest_edge", size["longest_edge"])
+    if d.get("min_pixels") is not None:
+        lo = _positive(where, "min_pixels", d["min_pixels"])
+    if d.get("max_pixels") is not None:
+        hi = _positive(where, "max_pixels", d["max_pixels"])
+    if lo > hi:
+        raise ValueError(f"{where}: min_pixels / size.shortest_edge {lo} > max_pixels / size.longest_edge {hi}")
+    return lo, hi
+
+
+def _refuse_unsupported(d: dict, where) -> None:
+    """Resizing, rescaling and normalising other than the released processor's: ValueError naming the field."""
+    supported = {"do_resize": True, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True, "resample": 3}
+    for name, want in supported.items():
+        if name in d and d[name] is not None and d[name] != want:
+            raise ValueError(f"{where}: {name} {d[name]!r} is not supported (only {want!r})")
+    if d.get("rescale_factor") is not None and (isinstance(d["rescale_factor"], bool) or not isinstance(
+            d["rescale_factor"], (int, float)) or not math.isclose(d["rescale_factor"], 1 / 255)):
+        raise ValueError(f"{where}: rescale_factor {d['rescale_factor']!r} is not supported (only 1/255)")
+    for name in ("image_mean", "image_std"):
+        v = d.get(name)
+        if v is None:
+            raise ValueError(f"{where}: {name} is missing (the image processor's default is CLIP's); only "
+                             "[0.5, 0.5, 0.5] is supported")
+        if not (v == 0.5 or (isinstance(v, list) and len(v) == 3 and all(x == 0.5 for x in v))):
+            raise ValueError(f"{where}: {name} {v!r} is not supported (only [0.5, 0.5, 0.5])")

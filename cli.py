@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
 
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes [0, 2**64 - 1] (negative seeds wrap around)
 # Sampling ranges. Temperatures below 0.01 make logits / temperature overflow in half precision long before they
@@ -375,8 +377,6 @@ _LEGACY_STATE = "state"  # the earlier layout: a folder state/ with state.json +
 def save_run_state(run_dir: Path, meta: dict, tensors: dict) -> Path:
     """The whole state in one file, written completely and then renamed over the previous one: at every instant the
     run folder holds one complete state, the previous or the new."""
-    from safetensors.torch import save_file
-
     run_dir = Path(run_dir)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     path = atomic_write(run_dir / STATE_FILE,
@@ -420,9 +420,6 @@ def load_run_state(run_dir: Path) -> tuple[dict, dict]:
 
 
 def _read_run_state(run_dir: Path, tensors: bool):
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
-
     f = run_dir / STATE_FILE
     legacy = run_dir / _LEGACY_STATE
     try:

@@ -22,6 +22,7 @@ or hand-edited, and guessing its value draws wrong images with no error. A field
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -253,6 +254,13 @@ def check(d, where, fields: list[Field], rules: Callable[[dict], str | None] | N
     if message:
         raise ConfigError(f"{where}: {message}")
     return out
+
+
+def known_fields(cls, d: dict) -> dict:
+    """The entries of a config dict that name a field of the dataclass `cls`: a config.json also holds keys no
+    config class here reads (_class_name, model_type, architectures, ...), and they are left out."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in d.items() if k in names}
 
 
 def check_ar(d, where) -> dict:

@@ -27,15 +27,18 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import bsq
+from config_schema import known_fields
+from kernels import guide
 
 DECODER_PROMPT = "Please reconstruct this image and restore all the details."
 
@@ -44,8 +47,7 @@ class JsonConfig:
     @classmethod
     def from_dict(cls, d: dict):
         """A diffusers / transformers config.json dict; unknown keys (_class_name, model_type, ...) are ignored."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in known_fields(cls, d).items()})
 
 
 def read_json(path) -> dict:
@@ -188,6 +190,10 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 1000
 
 
 class RMSNorm(nn.Module):
+    """x / rms(x) * weight, the statistics in fp32, the product cast to the weight's dtype before the weight (the
+    diffusers and T5 order; model.RMSNorm casts back to the input's dtype instead, as Qwen3 does, so the two round
+    differently when activations and weights differ in dtype and each must follow its own reference)."""
+
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
@@ -204,7 +210,7 @@ class PatchEmbed(nn.Module):
         self.patch_size, self.max_size = cfg.patch_size, cfg.pos_embed_max_size
         self.proj = nn.Conv2d(cfg.in_channels, cfg.inner_dim, cfg.patch_size, stride=cfg.patch_size)
         if self.proj.weight.is_meta:  # built to be loaded: the table is in the checkpoint (and computing it on the
-            # meta device would import torch._dynamo, ~1 s of start-up)
+            # meta device would import torch._dynamo, which slows the start)
             table = torch.empty(cfg.pos_embed_max_size ** 2, cfg.inner_dim)
         else:
             table = sincos_2d_table(cfg.inner_dim, cfg.pos_embed_max_size, cfg.sample_size / cfg.patch_size)
@@ -212,8 +218,7 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
-        if h > self.max_size or w > self.max_size:
-            raise ValueError(f"token grid {h}x{w} exceeds pos_embed_max_size {self.max_size}")
+        assert h <= self.max_size and w <= self.max_size, ("token grid beyond pos_embed_max_size", h, w)
         top, left = (self.max_size - h) // 2, (self.max_size - w) // 2  # centre crop of the table
         pos = self.pos_embed.reshape(1, self.max_size, self.max_size, -1)[:, top:top + h, left:left + w]
         x = self.proj(x).flatten(2).transpose(1, 2)  # (B, h*w, D)
@@ -330,30 +335,31 @@ class JointBlock(nn.Module):
             self.ff_context = FeedForward(D)
 
     def forward(self, x, ctx, temb):
-        m = self.norm1(temb)  # shift, scale, gate (msa), shift, scale, gate (mlp) [, shift, scale, gate (msa2)]
+        # adaLN-Zero, chunks named as in DiT: shift / scale / gate of the attention (msa) and the MLP
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, *msa2 = self.norm1(temb)
         n = _ln(x)
-        cm = self.norm1_context(temb)
-        if self.last:  # AdaLayerNormContinuous: (scale, shift) order
-            nc = _modulate(_ln(ctx), cm[1], cm[0])
+        if self.last:  # context pre-only: AdaLayerNormContinuous, (scale, shift) order
+            c_scale, c_shift = self.norm1_context(temb)
+            a, _ = self.attn(_modulate(n, shift_msa, scale_msa), _modulate(_ln(ctx), c_shift, c_scale))
         else:
-            nc = _modulate(_ln(ctx), cm[0], cm[1])
-        a, ca = self.attn(_modulate(n, m[0], m[1]), nc)
-        x = x + m[2].unsqueeze(1) * a
-        if self.dual:
-            x = x + m[8].unsqueeze(1) * self.attn2(_modulate(n, m[6], m[7]))
-        x = x + m[5].unsqueeze(1) * self.ff(_modulate(_ln(x), m[3], m[4]))
+            c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(temb)
+            a, ca = self.attn(_modulate(n, shift_msa, scale_msa), _modulate(_ln(ctx), c_shift_msa, c_scale_msa))
+        x = x + gate_msa.unsqueeze(1) * a
+        if self.dual:  # SD3.5: a second self-attention on the image tokens, from the same normalised input
+            shift_msa2, scale_msa2, gate_msa2 = msa2
+            x = x + gate_msa2.unsqueeze(1) * self.attn2(_modulate(n, shift_msa2, scale_msa2))
+        x = x + gate_mlp.unsqueeze(1) * self.ff(_modulate(_ln(x), shift_mlp, scale_mlp))
         if self.last:
             return x, None
-        ctx = ctx + cm[2].unsqueeze(1) * ca
-        ctx = ctx + cm[5].unsqueeze(1) * self.ff_context(_modulate(_ln(ctx), cm[3], cm[4]))
+        ctx = ctx + c_gate_msa.unsqueeze(1) * ca
+        ctx = ctx + c_gate_mlp.unsqueeze(1) * self.ff_context(_modulate(_ln(ctx), c_shift_mlp, c_scale_mlp))
         return x, ctx
 
 
 def resample_condition(cond: torch.Tensor, src: tuple[int, int], dst: tuple[int, int]) -> torch.Tensor:
     """(B, gh*gw, Dc) on grid src -> (B, h*w, Dc) on grid dst: bicubic, align_corners False (any aspect ratio)."""
     B, S, C = cond.shape
-    if src[0] * src[1] != S:
-        raise ValueError(f"condition has {S} tokens, grid {src[0]}x{src[1]} needs {src[0] * src[1]}")
+    assert src[0] * src[1] == S, ("condition tokens", S, "grid", src)
     x = cond.reshape(B, src[0], src[1], C).permute(0, 3, 1, 2)  # (B, Dc, gh, gw)
     x = F.interpolate(x, size=tuple(dst), mode="bicubic", align_corners=False)
     return x.permute(0, 2, 3, 1).reshape(B, dst[0] * dst[1], C)
@@ -387,12 +393,10 @@ class MMDiT(nn.Module):
         if cond_grid is None:  # infer like the official code, but refuse instead of guessing a wrong grid
             side = math.isqrt(S)
             cond_grid = tuple(grid) if grid[0] * grid[1] == S else (side, side)
-            if cond_grid[0] * cond_grid[1] != S:
-                raise ValueError(f"cannot infer the grid of a {S}-token condition; pass cond_grid")
+            assert cond_grid[0] * cond_grid[1] == S, f"cannot infer the grid of a {S}-token condition; pass cond_grid"
+        assert cfg.super_resolution or tuple(cond_grid) == tuple(grid), ("condition grid", cond_grid, "grid", grid)
         if cfg.super_resolution:
             cond = resample_condition(cond, cond_grid, grid)
-        elif tuple(cond_grid) != tuple(grid):
-            raise ValueError(f"condition grid {tuple(cond_grid)} != token grid {tuple(grid)} and super_resolution off")
         return self.siglip_embed_add_latent(cond)
 
     def forward(self, x, prompt_embeds, pooled, timestep, cond=None, cond_grid=None):
@@ -400,8 +404,7 @@ class MMDiT(nn.Module):
         0..1000 scale, cond (B, gh*gw, Dc) or None. Returns the velocity (B, c_out, H', W')."""
         B, _, Hl, Wl = x.shape
         P = self.cfg.patch_size
-        if Hl % P or Wl % P:
-            raise ValueError(f"latent size {Hl}x{Wl} is not a multiple of the patch size {P}")
+        assert Hl % P == 0 and Wl % P == 0, ("latent size", Hl, Wl, "patch size", P)
         h, w = Hl // P, Wl // P
         hs = self.pos_embed(x)  # (B, h*w, D)
         temb = self.time_text_embed(timestep.expand(B) if timestep.dim() == 0 else timestep, pooled)
@@ -427,18 +430,23 @@ def bits_to_condition(vision: "bsq.VisionModel", bits: torch.Tensor, ar_height: 
     the AR token order are then unfolded to raster order at 16 px.
     """
     vc = vision.cfg
-    L, U, d, m = vc.levels, vc.merge_unit, vc.bsq_dim, vc.spatial_merge_size
-    unit = vc.patch_size * m
-    if ar_height % unit or ar_width % unit or ar_height <= 0 or ar_width <= 0:
-        raise ValueError(f"AR size {ar_height}x{ar_width} must be positive multiples of {unit}")
+    bits = as_bits(bits, vc)
+    assert tuple(bits.shape[1:]) == bits_shape(vc, ar_height, ar_width), (bits.shape, ar_height, ar_width)
     gh, gw = ar_height // vc.patch_size, ar_width // vc.patch_size
-    N = (gh // m) * (gw // m)
-    if bits.dim() == 4 and not bits.dtype.is_floating_point and tuple(bits.shape[2:]) == (L, U):
-        bits = bsq.indexes_to_bits(bits, d)  # int64 indices -> bits, the released conventions
-    if bits.dim() != 5 or tuple(bits.shape[1:]) != (N, L, U, d):
-        raise ValueError(f"bits must be (B, N={N}, levels={L}, merge_unit={U}, bsq_dim={d}) for a {ar_height}x"
-                         f"{ar_width} AR image (or int64 indices (B, N, L, U)), got {tuple(bits.shape)}")
-    return blocks_to_raster(vision.bits_to_decoder_features(bits), gh, gw, m)  # (B, N, U, Dc) -> (B, gh*gw, Dc)
+    return blocks_to_raster(vision.bits_to_decoder_features(bits), gh, gw, vc.spatial_merge_size)
+
+
+def as_bits(bits: torch.Tensor, vc: "bsq.VisionConfig") -> torch.Tensor:
+    """int64 indices (B, N, L, U) -> bits (B, N, L, U, d) by the released conventions; bits pass unchanged."""
+    if bits.dim() == 4 and not bits.dtype.is_floating_point and tuple(bits.shape[2:]) == (vc.levels, vc.merge_unit):
+        return bsq.indexes_to_bits(bits, vc.bsq_dim)
+    return bits
+
+
+def bits_shape(vc: "bsq.VisionConfig", ar_height: int, ar_width: int) -> tuple[int, int, int, int]:
+    """(N, L, U, d): the bits of one ar_height x ar_width image (sides multiples of the merged patch)."""
+    unit = vc.patch_size * vc.spatial_merge_size
+    return (ar_height // unit) * (ar_width // unit), vc.levels, vc.merge_unit, vc.bsq_dim
 
 
 def blocks_to_raster(feats: torch.Tensor, gh: int, gw: int, m: int) -> torch.Tensor:
@@ -457,8 +465,7 @@ def flow_sigmas(cfg: SchedulerConfig, steps: int) -> tuple[torch.Tensor, torch.T
     """(sigmas (steps+1,) float32 ending in 0, timesteps (steps,) = 1000 sigma) exactly as the scheduler's
     set_timesteps: linspace between the shifted train sigmas, then the shift applied again (as diffusers'
     FlowMatchEulerDiscreteScheduler does)."""
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    assert steps >= 1, steps
     T, s = cfg.num_train_timesteps, cfg.shift
     train = torch.linspace(1, T, T, dtype=torch.float32).flip(0) / T
     train = s * train / (1 + (s - 1) * train)  # float32, as the scheduler's __init__
@@ -470,12 +477,7 @@ def flow_sigmas(cfg: SchedulerConfig, steps: int) -> tuple[torch.Tensor, torch.T
 def euler_sample(velocity: Callable, x: torch.Tensor, sigmas: torch.Tensor, timesteps: torch.Tensor,
                  progress: bool = False) -> torch.Tensor:
     """Rectified-flow Euler: x <- x + (sigma_{i+1} - sigma_i) v(x, t_i), stepped in float32 (x_1 = noise)."""
-    steps = range(len(timesteps))
-    if progress:
-        from tqdm import tqdm
-
-        steps = tqdm(steps, desc="denoising", unit="step")
-    for i in steps:
+    for i in tqdm(range(len(timesteps)), desc="denoising", unit="step", disable=not progress):
         v = velocity(x, timesteps[i])
         x = (x.float() + (sigmas[i + 1] - sigmas[i]) * v).to(v.dtype)
     return x
@@ -669,7 +671,7 @@ class Decoder(nn.Module):
                 pe, pooled = self.text(2 * B)
                 u, c = self.transformer(torch.cat([x, x]), pe, pooled, t.expand(2 * B),
                                         torch.cat([torch.zeros_like(cond), cond]), cond_grid).chunk(2)
-                out = u + guidance * (c - u)
+                out = guide(c, u, guidance)
             if self.transformer.cfg.prediction_type == "sample":  # x0 -> velocity (guidance commutes: linear)
                 sigma = t.to(torch.float32) / self.scheduler.num_train_timesteps
                 out = ((x.float() - out.float()) / sigma).to(out.dtype)
@@ -689,8 +691,7 @@ class Decoder(nn.Module):
         elif noise is None:
             g = torch.Generator().manual_seed(seed) if seed is not None else None
             noise = torch.randn(shape, generator=g, dtype=dt)  # drawn on CPU in the model dtype, like diffusers
-        if tuple(noise.shape) != shape:
-            raise ValueError(f"noise must be {shape}, got {tuple(noise.shape)}")
+        assert tuple(noise.shape) == shape, ("noise", noise.shape, shape)
         sigmas, timesteps = flow_sigmas(self.scheduler, steps)
         return euler_sample(self.velocity_fn(cond.to(dt), cond_grid, guidance), noise.to(dev, dt), sigmas.to(dev),
                             timesteps.to(dev), progress)
@@ -713,18 +714,36 @@ class Decoder(nn.Module):
             return torch.cat([self.decode(bits[i:i + 1], ar_height, ar_width, upsampling_ratio=upsampling_ratio,
                                           steps=steps, guidance=guidance, seed=seed[i:i + 1], output=output,
                                           progress=progress) for i in range(len(seed))])
-        H, W = self.output_size(ar_height, ar_width, upsampling_ratio)
+        bits = as_bits(bits, self.vision.cfg)
+        H, W = self.check_decode_args(bits, ar_height, ar_width, upsampling_ratio, steps, noise, output)
         vdev = self.vision.bsq_output_proj.linear_fc1.weight.device  # the only part of the tower used here
         cond = bits_to_condition(self.vision, bits.to(vdev), ar_height, ar_width)
         cond = cond.to(self.transformer.proj_out.weight.device)
         grid = (ar_height // self.vision.cfg.patch_size, ar_width // self.vision.cfg.patch_size)
         img = self.latents_to_image(self.sample_latents(cond, grid, (H, W), steps=steps, guidance=guidance, seed=seed,
                                                         noise=noise, progress=progress))
-        if output == "float":
-            return img
-        if output != "uint8":
+        return img if output == "float" else (img * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+
+    def check_decode_args(self, bits: torch.Tensor, ar_height: int, ar_width: int, upsampling_ratio: float,
+                          steps: int, noise: torch.Tensor | None, output: str) -> tuple[int, int]:
+        """decode's arguments checked before any work -> the output size (H, W); a ValueError naming the argument."""
+        H, W = self.output_size(ar_height, ar_width, upsampling_ratio)
+        vc = self.vision.cfg
+        unit = vc.patch_size * vc.spatial_merge_size
+        if ar_height <= 0 or ar_width <= 0 or ar_height % unit or ar_width % unit:
+            raise ValueError(f"AR size {ar_height}x{ar_width} must be positive multiples of {unit}")
+        N, L, U, d = bits_shape(vc, ar_height, ar_width)
+        if bits.dim() != 5 or tuple(bits.shape[1:]) != (N, L, U, d):
+            raise ValueError(f"bits must be (B, N={N}, levels={L}, merge_unit={U}, bsq_dim={d}) for a {ar_height}x"
+                             f"{ar_width} AR image (or int64 indices (B, N, L, U)), got {tuple(bits.shape)}")
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        want = (bits.shape[0], self.transformer.cfg.in_channels, H // self.scale, W // self.scale)
+        if noise is not None and tuple(noise.shape) != want:
+            raise ValueError(f"noise must be {want}, got {tuple(noise.shape)}")
+        if output not in ("uint8", "float"):
             raise ValueError(f"output must be 'uint8' or 'float', got {output!r}")
-        return (img * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+        return H, W
 
     @classmethod
     def toy(cls, vision: "bsq.VisionModel", cfg: MMDiTConfig | None = None) -> "Decoder":

@@ -10,7 +10,7 @@ Released layout (one folder; each part may also be given by its own path):
 How a part is loaded: its config file is checked against its schema (`config_schema.py`: every field that sets a
 shape or a computation is required, each value's type and range are checked) and parsed into the project's
 dataclass, the module is built on the meta device (no memory), every tensor is read from memory-mapped safetensors
-through a declarative key map (renames, explicit drops), converted to the requested dtype one tensor at a time, and
+through a declarative key map (explicit drops, tied names), converted to the requested dtype one tensor at a time, and
 assigned in place. Missing, unexpected and mis-shaped keys, tensors of a dtype the module cannot take (an int8 or
 bool tensor where a float weight belongs) and weights holding NaN or inf are all reported in one error naming the
 file and the tensors; a shard index must agree with the shards' headers. Loading therefore never holds two copies
@@ -199,22 +199,15 @@ def tensor_index(files: Iterable[Path]) -> dict[str, TensorInfo]:
 
 @dataclass
 class KeyMap:
-    """File key -> module key. `rename` is a list of (file prefix, module prefix) applied first match wins; `drop`
-    lists regexes of file keys that are deliberately not loaded (each documented where the map is defined);
-    `alias` maps a module key to a file key it is tied to (e.g. T5's embed_tokens <- shared)."""
+    """How file keys meet module keys, which are the same names (the modules mirror the released keys): `drop` lists
+    regexes of file keys that are deliberately not loaded (each documented where the map is defined); `alias` maps a
+    module key to a file key it is tied to (e.g. T5's embed_tokens <- shared)."""
 
-    rename: list[tuple[str, str]] = field(default_factory=list)
     drop: list[str] = field(default_factory=list)
     alias: dict[str, str] = field(default_factory=dict)
 
     def dropped(self, key: str) -> bool:
         return any(re.fullmatch(p, key) for p in self.drop)
-
-    def to_module(self, key: str) -> str:
-        for src, dst in self.rename:
-            if key.startswith(src):
-                return dst + key[len(src):]
-        return key
 
 
 @dataclass
@@ -228,17 +221,16 @@ def plan_load(module_shapes: dict[str, list[int]], file_shapes: dict[str, list[i
     """Match file keys to module keys. Returns {module key: file key}; raises one CheckpointError listing every
     missing, unexpected and mis-shaped key."""
     plan, unexpected, mismatched, seen = {}, [], [], set()
-    for fk, shape in file_shapes.items():
-        if keymap.dropped(fk):
+    for k, shape in file_shapes.items():
+        if keymap.dropped(k):
             continue
-        mk = keymap.to_module(fk)
-        if mk not in module_shapes:
-            unexpected.append(fk)
-        elif list(module_shapes[mk]) != list(shape):
-            seen.add(mk)
-            mismatched.append(f"{fk}: file {list(shape)} vs model {list(module_shapes[mk])}")
+        if k not in module_shapes:
+            unexpected.append(k)
+        elif list(module_shapes[k]) != list(shape):
+            seen.add(k)
+            mismatched.append(f"{k}: file {list(shape)} vs model {list(module_shapes[k])}")
         else:
-            plan[mk] = fk
+            plan[k] = k
     for mk, fk in keymap.alias.items():
         if mk not in plan and fk in file_shapes and mk in module_shapes:
             plan[mk] = fk
@@ -311,8 +303,7 @@ def load_weights(module: nn.Module, files: list[Path], keymap: KeyMap | None = N
     shapes = module_shapes(module)
     if only is not None:
         shapes = {k: v for k, v in shapes.items() if only(k)}
-        keymap = KeyMap(keymap.rename, keymap.drop + [re.escape(fk) for fk in index
-                                                      if not only(keymap.to_module(fk))], keymap.alias)
+        keymap = KeyMap(drop=keymap.drop + [re.escape(k) for k in index if not only(k)], alias=keymap.alias)
     plan = plan_load(shapes, {k: info.shape for k, info in index.items()}, keymap, where)
     check_dtypes(module, index, plan, where)
     by_file: dict[Path, list[tuple[str, str]]] = {}
@@ -386,20 +377,9 @@ def _assign(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
             raise CheckpointError(f"module has no parameter or buffer {key}")
 
 
-def materialize_buffers(module: nn.Module, device="cpu") -> None:
-    """Non-persistent buffers (rotary tables and such) are not in the files: recompute them off the meta device by
-    calling each module's `reset_buffers(device)` hook."""
-    for name, m in module.named_modules():
-        if any(b is not None and b.is_meta for b in m._buffers.values()):
-            if not hasattr(m, "reset_buffers"):
-                raise CheckpointError(f"module {name or type(m).__name__} has buffers that no file provides and no "
-                                      "reset_buffers() to compute them")
-            m.reset_buffers(device)
-
-
 def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
     """factory() on the meta device, without random initialisation: the weights come from the files, and
-    nn.init.normal_ on a meta tensor imports torch._dynamo (~1 s of start-up)."""
+    nn.init.normal_ on a meta tensor imports torch._dynamo, which slows the start."""
     normal = nn.init.normal_
     nn.init.normal_ = lambda t, *a, **k: t if t.is_meta else normal(t, *a, **k)
     try:
@@ -493,7 +473,6 @@ def load_ar(root, *, dtype=None, device="cpu"):
     net = build_on_meta(lambda: M.UniAR(cfg))
     net.image_processor = proc
     load_weights(net, weight_files(root), AR_KEYMAP, dtype=dtype, device=device, where=str(root))
-    materialize_buffers(net, device)
     try:
         tok = M.Tokenizer(root)
     except ValueError as e:
@@ -762,109 +741,9 @@ def default_dtype(device) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Benchmark: peak resident memory while loading (python load_hf.py --bench-memory)
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _peak_rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-class _Synthetic(nn.Module):
-    def __init__(self, n: int, width: int):
-        super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(n))
-
-
-def _bench_child(path: str, n: int, width: int, dtype: str, device: str = "cpu") -> None:
-    """Runs in a fresh process: build on meta, load, report (baseline RSS, peak RSS) as JSON; then the load time
-    with and without the finiteness check onto `device` (alternating, best of 3 each; the file is in the page cache
-    by then)."""
-    import time
-
-    base = _rss_bytes()
-    with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
-        f.write("5")
-    model = build_on_meta(lambda: _Synthetic(n, width))
-    load_weights(model, [Path(path)], dtype=getattr(torch, dtype))
-    peak = _peak_rss_bytes()
-    s = sum(p.float().sum().item() for p in model.parameters())  # touch every weight
-    del model
-    times = {(check, touch): [] for check in (False, True) for touch in (False, True)}
-    for _ in range(3):
-        for check, touch in times:
-            model = build_on_meta(lambda: _Synthetic(n, width))
-            t0 = time.perf_counter()
-            load_weights(model, [Path(path)], dtype=getattr(torch, dtype), device=device, check_finite=check)
-            if touch:  # one pass over every weight, as a first forward makes: a kept float32 map is read only here
-                for p in model.parameters():
-                    p.sum()
-            if device != "cpu":
-                torch.cuda.synchronize()
-            times[check, touch].append(time.perf_counter() - t0)
-            del model
-    print(json.dumps({"base": base, "peak": peak, "checksum": s,
-                      **{f"{'checked' if c else 'plain'}_{'touched' if t else 'load'}": min(v)
-                         for (c, t), v in times.items()}}))
-
-
-def bench_memory(gib: float = 1.0, dtype: str = "float32", folder: str | None = None, device: str = "cpu") -> float:
-    """Write a synthetic float32 checkpoint of about `gib` GiB, load it in a fresh process, print peak RSS / size
-    (loading to the CPU) and the load time onto `device` with and without the finiteness check."""
-    import subprocess
-    import sys
-    import tempfile
-
-    width = 4096
-    n = max(1, round(gib * 2**30 / (4 * (width * width + width))))
-    tmp = tempfile.TemporaryDirectory(dir=folder)
-    path = Path(tmp.name) / "model.safetensors"
-    save_file({f"layers.{i}.{k}": v for i in range(n)
-               for k, v in (("weight", torch.randn(width, width)), ("bias", torch.randn(width)))}, str(path))
-    size = path.stat().st_size
-    out = subprocess.run([sys.executable, __file__, "--bench-child", str(path), str(n), str(width), dtype, device],
-                         capture_output=True, text=True, check=True).stdout
-    r = json.loads(out.strip().splitlines()[-1])
-    ratio = (r["peak"] - r["base"]) / size
-    print(f"synthetic checkpoint {size / 2**30:.2f} GiB ({n} x Linear({width}, {width}), float32) loaded as {dtype}: "
-          f"peak RSS above baseline {(r['peak'] - r['base']) / 2**30:.2f} GiB = {ratio:.3f} x file size "
-          f"(baseline after imports {r['base'] / 2**30:.2f} GiB)")
-    for what, key in (("load", "load"), ("load + one pass over every weight", "touched")):
-        plain, checked = r[f"plain_{key}"], r[f"checked_{key}"]
-        print(f"  {what} onto {device} (best of 3): {plain:.3f} s without the finiteness check, {checked:.3f} s with "
-              f"it ({100 * (checked / plain - 1):+.0f}%)")
-    tmp.cleanup()
-    return ratio
-
-
-if __name__ == "__main__":
-    import argparse
+if __name__ == "__main__":  # `python load_hf.py --bench-memory [flags]` runs `python bench.py load-memory [flags]`
     import sys
 
-    if len(sys.argv) > 1 and sys.argv[1] == "--bench-child":
-        _bench_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6])
-        sys.exit(0)
-    ap = argparse.ArgumentParser(description="load_hf.py benchmarks")
-    ap.add_argument("--bench-memory", action="store_true", help="peak RSS while loading a synthetic checkpoint")
-    ap.add_argument("--gib", type=float, default=1.0)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--device", default="cpu", help="where the timed loads put the weights (cpu, cuda)")
-    args = ap.parse_args()
-    if args.bench_memory:
-        for dt in ([args.dtype] if args.dtype != "float32" else ["float32", "bfloat16"]):
-            bench_memory(args.gib, dt, device=args.device)
-    else:
-        ap.print_help()
+    import bench
+
+    bench.main(["load-memory"] + [a for a in sys.argv[1:] if a != "--bench-memory"])

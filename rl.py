@@ -2,7 +2,7 @@
 
     python rl.py                                   # from checkpoints/toy -> runs/rl/checkpoint, plots in runs/rl
     python rl.py --resume                          # continue from runs/rl/state.safetensors (Ctrl-C / SIGTERM save it)
-    python rl.py --ckpt CKPT --out OUT --steps 200 --loss-type dapo
+    python rl.py --ckpt CKPT --out OUT --steps 200 --beta 0.04
 
 Group Relative Policy Optimisation (Shao et al., 2024) as UniAR applies it to parallel bitwise generation (paper: the
 RL stage). A step:
@@ -14,8 +14,9 @@ RL stage). A step:
   3. per-bit log-probabilities of the sampled bits from the teacher-forced forward (per_bit_logps: every bit of every
      AR token is one "token" of the policy), for the policy before the update and for a frozen reference model;
   4. several optimisation passes over the rollouts with the clipped importance ratio (separate low / high epsilons),
-     the k3 KL estimate against the reference with weight beta, and the official trainer's normalisations
-     (grpo_loss: grpo, bnpo, dr_grpo, dapo). The vision tower (tokenizer and mergers) stays frozen.
+     the k3 KL estimate against the reference with weight beta, averaged per image, then over images (grpo_loss:
+     the official trainer's other normalisations coincide with it for fixed-length images). The vision tower
+     (tokenizer and mergers) stays frozen.
 
 Departures from the paper and the official trainer (trl GRPOTrainer, UniAR fork):
     - Several passes per rollout batch (`--passes`, default 2): the official run is on-policy (num_iterations 1,
@@ -43,9 +44,9 @@ Departures from the paper and the official trainer (trl GRPOTrainer, UniAR fork)
       the conditional policy (the official rollouts use cfg 1.0, the default here too).
     - Plain AdamW with a constant learning rate after a short warm-up, fp32 on CPU; no DeepSpeed, no gradient
       accumulation across processes, one process.
-    - `dr_grpo` divides by B * max_completion_length with max_completion_length = the number of bits of one image
-      (the official default, 256, counts text tokens and is meaningless for images); `dapo` divides by the number of
-      AR tokens in the batch, as the official trainer does (not by bits).
+    - One loss normalisation (the official `grpo`): for fixed-length images `bnpo` and `dr_grpo` (with the bits of one
+      image as the completion length; the official default, 256, counts text tokens) give the same loss and `dapo`
+      scales it by a constant, so there is no `--loss-type`.
 """
 from __future__ import annotations
 
@@ -65,14 +66,19 @@ from typing import Callable, Optional, Sequence
 os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import cli
 import load_hf
 import model as M
 import toy
+import train
 
 ROOT = Path(__file__).resolve().parent
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+# An option of earlier versions -> (the one value rl.py computes now, why the others went). A flag or a saved run
+# state asking for another value is an `error:` line saying so.
+REMOVED = {"loss_type": ("grpo", "for fixed-length images bnpo and dr_grpo give the same loss as grpo and dapo "
+                                 "scales it by a constant (scale --lr instead)")}
 SCALES = ("group", "batch", "none")
 PROMPT_SPLITS = ("heldout", "train")
 
@@ -91,7 +97,6 @@ class RLConfig:
     beta: float = 0.01
     eps_low: float = 0.2
     eps_high: float = 0.28
-    loss_type: str = "grpo"
     scale_rewards: str = "group"
     temperature: float = 1.5
     cfg: float = 1.0
@@ -104,8 +109,6 @@ class RLConfig:
     decode_steps: int = 4
 
     def __post_init__(self):
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type {self.loss_type!r} is not one of {LOSS_TYPES}")
         if self.scale_rewards not in SCALES:
             raise ValueError(f"scale_rewards {self.scale_rewards!r} is not one of {SCALES}")
         if self.group_size < 2:
@@ -143,57 +146,34 @@ def group_advantages(rewards: torch.Tensor, G: int, scale: str = "group") -> tor
     raise ValueError(f"scale {scale!r} is not one of {SCALES}")
 
 
-def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: Optional[torch.Tensor], adv: torch.Tensor,
-              mask: torch.Tensor, *, loss_type: str = "grpo", eps_low: float = 0.2, eps_high: float = 0.2,
-              beta: float = 0.0, delta: Optional[float] = None, max_completion_length: Optional[int] = None,
-              num_items: Optional[float] = None) -> tuple[torch.Tensor, dict]:
-    """The clipped GRPO objective per bit, with the k3 KL penalty, reduced like the official trainer.
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: Optional[torch.Tensor], adv: torch.Tensor, *,
+              eps_low: float = 0.2, eps_high: float = 0.2, beta: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """The clipped GRPO objective per bit with the k3 KL penalty, averaged over each image's bits, then over images.
 
-    logp, old_logp, ref_logp, mask: (B, K) per-bit values (K = N * L * U * d); adv (B,).
-    Per bit: rho = exp(logp - old_logp); L = -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A) (rho first capped
-    at delta when given); + beta * (exp(ref - logp) - (ref - logp) - 1).
-    Reductions: grpo: mean over each sequence's bits, then over sequences; bnpo: sum / number of bits in the batch;
-    dr_grpo: sum / (B * max_completion_length); dapo: sum / num_items (the official trainer's count of AR tokens).
+    logp, old_logp, ref_logp: (B, K) per-bit values (K = N * L * U * d); adv (B,).
+    Per bit: rho = exp(logp - old_logp); -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A)
+    + beta * (exp(ref - logp) - (ref - logp) - 1).
+    Every image has the same K bits and no padding, so the official trainer's bnpo and dr_grpo normalisations give
+    this same number and dapo's differs only by the constant factor K / N (it counts AR tokens), which is why only
+    this one is kept, without the completion mask (all ones here) and the optional ratio cap delta (off officially).
     """
-    if logp.shape != old_logp.shape or logp.shape != mask.shape or adv.shape != logp.shape[:1]:
-        raise ValueError(f"shapes disagree: logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)}, mask "
-                         f"{tuple(mask.shape)}, adv {tuple(adv.shape)}")
-    mask = mask.to(logp.dtype)
+    assert logp.shape == old_logp.shape and adv.shape == logp.shape[:1], (logp.shape, old_logp.shape, adv.shape)
+    assert beta == 0.0 or ref_logp is not None, "the KL term needs the reference's log-probabilities"
     ratio = torch.exp(logp - old_logp)
-    if delta is not None:
-        ratio = ratio.clamp(max=delta)
     a = adv[:, None]
-    unclipped = ratio * a
-    clipped = ratio.clamp(1 - eps_low, 1 + eps_high) * a
-    per_bit = -torch.min(unclipped, clipped)
+    per_bit = -torch.min(ratio * a, ratio.clamp(1 - eps_low, 1 + eps_high) * a)
     kl = None
     if beta != 0.0:
-        if ref_logp is None:
-            raise ValueError("beta != 0 needs ref_logp")
         d = ref_logp - logp
         kl = torch.exp(d) - d - 1
         per_bit = per_bit + beta * kl
-    if loss_type == "grpo":
-        loss = ((per_bit * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
-    elif loss_type == "bnpo":
-        loss = (per_bit * mask).sum() / mask.sum().clamp(min=1)
-    elif loss_type == "dr_grpo":
-        if max_completion_length is None:
-            raise ValueError("dr_grpo needs max_completion_length")
-        loss = (per_bit * mask).sum() / (logp.shape[0] * max_completion_length)
-    elif loss_type == "dapo":
-        if num_items is None:
-            raise ValueError("dapo needs num_items")
-        loss = (per_bit * mask).sum() / num_items
-    else:
-        raise ValueError(f"loss_type {loss_type!r} is not one of {LOSS_TYPES}")
+    loss = (per_bit.sum(1) / per_bit.new_tensor(per_bit.shape[1])).mean()
     with torch.no_grad():
-        n = mask.sum().clamp(min=1)
         low = (ratio < 1 - eps_low) & (a < 0)
         high = (ratio > 1 + eps_high) & (a > 0)
-        metrics = {"clip_low": float((low * mask).sum() / n), "clip_high": float((high * mask).sum() / n),
-                   "clip_fraction": float(((low | high) * mask).sum() / n),
-                   "kl": float((kl * mask).sum() / n) if kl is not None else 0.0}
+        metrics = {"clip_low": float(low.float().mean()), "clip_high": float(high.float().mean()),
+                   "clip_fraction": float((low | high).float().mean()),
+                   "kl": float(kl.mean()) if kl is not None else 0.0}
     return loss, metrics
 
 
@@ -317,16 +297,14 @@ def grpo_step(net, ref, opt, ids, mask, bits, adv, rc: RLConfig, grid_hw) -> dic
 
     old = all_logps(net)
     refl = all_logps(ref) if rc.beta != 0 else None
-    K = old.shape[1]
     params = [p for p in net.parameters() if p.requires_grad]
     logs = []
     for _ in range(rc.passes):
         for i in range(0, B, rc.minibatch):
             sl = slice(i, i + rc.minibatch)
             logp = per_bit_logps(net, ids[sl], mask[sl], bits[sl], grid_hw, rc.temperature)
-            loss, m = grpo_loss(logp, old[sl], None if refl is None else refl[sl], adv[sl], torch.ones_like(logp),
-                                loss_type=rc.loss_type, eps_low=rc.eps_low, eps_high=rc.eps_high, beta=rc.beta,
-                                max_completion_length=K, num_items=float(bits[sl].shape[0] * bits.shape[1]))
+            loss, m = grpo_loss(logp, old[sl], None if refl is None else refl[sl], adv[sl], eps_low=rc.eps_low,
+                                eps_high=rc.eps_high, beta=rc.beta)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, rc.grad_clip)
@@ -389,7 +367,17 @@ def main(argv=None) -> int:
             return cli.report_interrupted(e, guard.run_dir, "GRPO")
 
 
-def _main(argv, guard: cli.SignalGuard) -> int:
+def check_removed(given: dict, before: str = "", after: str = "") -> None:
+    """The options of REMOVED that `given` sets to another value than the one computed now: a UsageError naming
+    them, between `before` and `after`."""
+    for k, v in given.items():
+        keep, why = REMOVED[k]
+        if v != keep:
+            raise cli.UsageError(f"{before}--{k.replace('_', '-')} {v}: rl.py computes only {keep} ({why}){after}")
+
+
+def parse_args(argv) -> tuple[argparse.Namespace, RLConfig]:
+    """The command line -> (flags, RLConfig), every value checked (cli.UsageError naming the flag)."""
     ap = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", type=Path, default=ROOT / "checkpoints" / "toy", help="starting checkpoint")
     ap.add_argument("--run-dir", type=Path, default=ROOT / "runs" / "rl",
@@ -407,7 +395,10 @@ def _main(argv, guard: cli.SignalGuard) -> int:
     for f in fields(RLConfig):
         ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None,
                         help=f"default {f.default}")
+    for name in REMOVED:
+        ap.add_argument("--" + name.replace("_", "-"), default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    check_removed({k: getattr(args, k) for k in REMOVED if getattr(args, k) is not None})
     try:
         rc = RLConfig(**{f.name: getattr(args, f.name) for f in fields(RLConfig) if getattr(args, f.name) is not None})
     except ValueError as e:
@@ -416,23 +407,34 @@ def _main(argv, guard: cli.SignalGuard) -> int:
     cli.check_int_range(args.save_every, "--save-every", 1)
     cli.check_float_range(rc.temperature, "--temperature", *cli.TEMPERATURE_RANGE)
     cli.check_float_range(rc.cfg, "--cfg", *cli.CFG_RANGE)
-    device = cli.resolve_device(args.device)
-    run_dir = cli.check_out_folder(args.run_dir, "--run-dir")
+    return args, rc
+
+
+def run_record(args, rc: RLConfig, run_dir: Path) -> dict:
+    """The run's record: a new one, or with --resume the saved one, whose settings must be these flags'."""
     meta = cli.check_run_start(run_dir, args.resume, args.overwrite)
     start = str(Path(args.ckpt).resolve())
-    if meta is not None:
-        differ = [k for k in asdict(rc) if meta["config"].get(k) != asdict(rc)[k]]
-        differ += ["--ckpt"] if meta["start"] != start else []
-        differ += ["--no-eval"] if meta["eval"] != (not args.no_eval) else []
-        if differ:
-            raise cli.UsageError(f"--resume: the state in {run_dir / cli.STATE_FILE} was written with other settings "
-                                 f"(different: {', '.join(differ)}); pass the same flags")
-    else:
-        meta = {"config": asdict(rc), "start": start, "eval": not args.no_eval, "step": 0, "history": [],
+    if meta is None:
+        return {"config": asdict(rc), "start": start, "eval": not args.no_eval, "step": 0, "history": [],
                 "run_id": cli.new_run_id()}
-    out = cli.check_checkpoint_out(args.out or run_dir / "checkpoint", meta["run_id"], args.overwrite)
-    import train
+    check_removed({k: v for k, v in meta["config"].items() if k in REMOVED},
+                  f"--resume: the state in {run_dir / cli.STATE_FILE} was written with ",
+                  "; start over with --overwrite")
+    differ = [k for k in asdict(rc) if meta["config"].get(k) != asdict(rc)[k]]
+    differ += ["--ckpt"] if meta["start"] != start else []
+    differ += ["--no-eval"] if meta["eval"] != (not args.no_eval) else []
+    if differ:
+        raise cli.UsageError(f"--resume: the state in {run_dir / cli.STATE_FILE} was written with other settings "
+                             f"(different: {', '.join(differ)}); pass the same flags")
+    return meta
 
+
+def _main(argv, guard: cli.SignalGuard) -> int:
+    args, rc = parse_args(argv)
+    device = cli.resolve_device(args.device)
+    run_dir = cli.check_out_folder(args.run_dir, "--run-dir")
+    meta = run_record(args, rc, run_dir)
+    out = cli.check_checkpoint_out(args.out or run_dir / "checkpoint", meta["run_id"], args.overwrite)
     try:
         net, tok = load_hf.load_ar(args.ckpt, device=device)
         if not args.no_eval:
@@ -477,8 +479,6 @@ def _main(argv, guard: cli.SignalGuard) -> int:
         meta["where"] = f"step {meta['step']} of {rc.steps}"
         cli.save_run_state(run_dir, meta, {**policy_state(net, opt), "rng.generator": gen.get_state(),
                                            "rng.torch": torch.get_rng_state()})
-
-    from tqdm import tqdm
 
     guard.run_dir = run_dir
     bar = tqdm(range(meta["step"], rc.steps), desc="GRPO", initial=meta["step"], total=rc.steps, dynamic_ncols=True)

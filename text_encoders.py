@@ -23,8 +23,9 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tokenizers import Regex, Tokenizer as _Tok, models, normalizers, pre_tokenizers, processors
 
-from decoder import JsonConfig, read_json
+from decoder import JsonConfig, RMSNorm, read_json  # T5's layer norm is the decoder's RMSNorm (same order)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Text encoders (transformers CLIPTextModelWithProjection / T5EncoderModel names) and the prompt cache
@@ -121,16 +122,6 @@ class CLIPTextModel(nn.Module):
         return penultimate, self.text_projection(pooled)
 
 
-class T5LayerNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
-
-    def forward(self, x):
-        x = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(self.weight.dtype)
-
-
 def t5_relative_buckets(q_len: int, k_len: int, num_buckets: int, max_distance: int, device=None) -> torch.Tensor:
     """T5's bidirectional relative-position buckets (q_len, k_len): half the buckets per direction, exact below
     num_buckets/4, logarithmic up to max_distance."""
@@ -153,11 +144,11 @@ class T5Block(nn.Module):
         if relative_bias:
             att.relative_attention_bias = nn.Embedding(cfg.relative_attention_num_buckets, cfg.num_heads)
         l0, l1 = nn.Module(), nn.Module()
-        l0.SelfAttention, l0.layer_norm = att, T5LayerNorm(cfg.d_model, cfg.layer_norm_epsilon)
+        l0.SelfAttention, l0.layer_norm = att, RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
         ff = l1.DenseReluDense = nn.Module()
         ff.wi_0, ff.wi_1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False), nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         ff.wo = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
-        l1.layer_norm = T5LayerNorm(cfg.d_model, cfg.layer_norm_epsilon)
+        l1.layer_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
         self.layer = nn.ModuleList([l0, l1])
         self.heads = cfg.num_heads
 
@@ -182,7 +173,7 @@ class T5Encoder(nn.Module):
         self.encoder = nn.Module()
         self.encoder.embed_tokens = self.shared
         self.encoder.block = nn.ModuleList([T5Block(cfg, i == 0) for i in range(cfg.num_layers)])
-        self.encoder.final_layer_norm = T5LayerNorm(cfg.d_model, cfg.layer_norm_epsilon)
+        self.encoder.final_layer_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         S, c = ids.shape[1], self.cfg
@@ -199,8 +190,6 @@ class T5Encoder(nn.Module):
 def _clip_bpe(folder: Path, special: Callable):
     """CLIP's byte-level BPE built from vocab.json + merges.txt (folders saved without tokenizer.json), the same
     pipeline transformers' CLIPTokenizerFast conversion builds."""
-    from tokenizers import Regex, Tokenizer as _Tok, models, normalizers, pre_tokenizers, processors
-
     with open(folder / "merges.txt", encoding="utf-8") as f:
         merges = [tuple(m.split()) for m in f.read().strip().split("\n")[1:49152 - 256 - 2 + 1]]  # as CLIPTokenizer
     tok = _Tok(models.BPE(read_json(folder / "vocab.json"), merges, continuing_subword_prefix="",
@@ -225,8 +214,6 @@ class Tokenizer:
     library, padded and truncated to a fixed length like the pipeline's tokenizer calls."""
 
     def __init__(self, folder, max_length: int | None = None):
-        from tokenizers import Tokenizer as _Tok
-
         folder = Path(folder)
         conf = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):

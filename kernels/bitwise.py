@@ -2,9 +2,10 @@
 
 Each AR step of UniAR predicts every bit of a 32-px token at once: levels x 2x2 x 64 = 1024 independent two-way
 distributions. This kernel takes the bit logits of all rows ([cond; uncond] with classifier-free guidance), applies
-guidance g = u + cfg (c - u) and temperature, draws each bit as a Bernoulli of the two-way softmax
-p(1) = sigmoid((g1 - g0) / T), and writes the bits and the +-1/sqrt(d) codes the next step embeds. Both halves of a
-guided batch draw independently from the same guided distribution, as the official loop does.
+guidance g = u + cfg (c - u) (kernels.guide) and temperature, draws each bit as a Bernoulli of the two-way softmax
+p(1) = sigmoid((g1 - g0) / T), and writes the bits and their codes (2 b - 1) * code_scale (the AR loop keeps only the
+bits: the next step re-embeds them through the tokenizer's output projections). Both halves of a guided batch draw
+independently from the same guided distribution, as the official loop does.
 
 Random numbers are counter-based (Philox via `tl.rand(seed, offset)`, offset = (step * rows + row) * K + bit), so a
 step needs no generator state; the reference can instead be fed explicit uniforms, and then the kernel gives exactly
@@ -21,6 +22,8 @@ import os
 import time
 
 import torch
+
+from kernels import guide
 
 try:
     import triton
@@ -54,8 +57,7 @@ def guided_p1(logits: torch.Tensor, cfg: float, temperature: float) -> torch.Ten
     """(rows, K, 2) logits -> p(bit = 1) (rows, K) in float32, guidance applied to both halves."""
     x = logits.float()
     if cfg > 1.0:
-        c, u = x.chunk(2)
-        g = u + cfg * (c - u)
+        g = guide(*x.chunk(2), cfg)
         x = torch.cat([g, g])
     d = (x[..., 1] - x[..., 0]) / temperature
     return 1.0 / (1.0 + torch.exp(-d))

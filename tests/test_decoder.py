@@ -643,9 +643,13 @@ def test_bad_input_raises_clear_errors(golden, parts):
     P = parts.vision.cfg.patch_size
     with pytest.raises(ValueError, match="AR size"):
         parts.decode(bits, ar_h + P, ar_w, upsampling_ratio=1.0, steps=1)  # half a block
+    ratio = s["upsampling_ratio"]
     with pytest.raises(ValueError, match="noise must be"):
-        parts.sample_latents(golden["dec.siglip_tensor"], (ar_h // P, ar_w // P), (s["height"], s["width"]),
-                             steps=1, noise=golden["dec.pipe_noise"][..., :-1])
+        parts.decode(bits, ar_h, ar_w, upsampling_ratio=ratio, steps=1, noise=golden["dec.pipe_noise"][..., :-1])
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        parts.decode(bits, ar_h, ar_w, upsampling_ratio=ratio, steps=0)
+    with pytest.raises(ValueError, match="output must be"):
+        parts.decode(bits, ar_h, ar_w, upsampling_ratio=ratio, steps=1, output="png")
     conf = read_json(golden.dir / "sd3_transformer" / "config.json")
     dual = list(conf.get("dual_attention_layers") or [])
     path = golden.dir / "sd3_transformer" / "diffusion_pytorch_model.safetensors"

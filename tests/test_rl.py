@@ -24,31 +24,22 @@ LOGP = torch.log(RATIO)
 PER_BIT = [[-1.28, -0.5], [2.2, 1.6]]
 
 
-def loss(loss_type, **kw):
-    return rl.grpo_loss(LOGP, OLD, None, ADV, torch.ones(2, 2), loss_type=loss_type, eps_low=0.2, eps_high=0.28,
-                        **kw)[0].item()
-
-
-def test_loss_hand_computed_for_each_normalisation():
-    assert loss("grpo") == pytest.approx(((-1.28 - 0.5) / 2 + (2.2 + 1.6) / 2) / 2, abs=1e-6)  # 0.505
-    assert loss("bnpo") == pytest.approx((-1.28 - 0.5 + 2.2 + 1.6) / 4, abs=1e-6)
-    assert loss("dr_grpo", max_completion_length=8) == pytest.approx((-1.28 - 0.5 + 2.2 + 1.6) / (2 * 8), abs=1e-6)
-    assert loss("dapo", num_items=3.0) == pytest.approx((-1.28 - 0.5 + 2.2 + 1.6) / 3, abs=1e-6)
-    # a mask drops bits from every sum and count: grpo with the second bit of row 0 masked
-    mask = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
-    got = rl.grpo_loss(LOGP, OLD, None, ADV, mask, loss_type="grpo", eps_low=0.2, eps_high=0.28)[0].item()
-    assert got == pytest.approx((-1.28 + (2.2 + 1.6) / 2) / 2, abs=1e-6)
+def test_loss_hand_computed():
+    """The mean over each sequence's bits, then over sequences; with sequences of equal length this is also the
+    official bnpo / dr_grpo number (every bit of the batch / B * K), as the docstring says."""
+    got = rl.grpo_loss(LOGP, OLD, None, ADV, eps_low=0.2, eps_high=0.28)[0].item()
+    assert got == pytest.approx(((-1.28 - 0.5) / 2 + (2.2 + 1.6) / 2) / 2, abs=1e-6)  # 0.505
+    assert got == pytest.approx((-1.28 - 0.5 + 2.2 + 1.6) / 4, abs=1e-6)
 
 
 def test_kl_term_hand_computed_and_zero_at_reference():
     ref = torch.tensor([[0.1, -0.2], [0.0, 0.3]])
     d = ref - LOGP
     k3 = torch.exp(d) - d - 1
-    got = rl.grpo_loss(LOGP, OLD, ref, ADV, torch.ones(2, 2), loss_type="bnpo", eps_low=0.2, eps_high=0.28,
-                       beta=0.5)[0].item()
+    got = rl.grpo_loss(LOGP, OLD, ref, ADV, eps_low=0.2, eps_high=0.28, beta=0.5)[0].item()
     assert got == pytest.approx((-1.28 - 0.5 + 2.2 + 1.6) / 4 + 0.5 * k3.mean().item(), abs=1e-6)
     lp = torch.randn(3, 5)
-    _, m = rl.grpo_loss(lp, lp, lp.clone(), torch.randn(3), torch.ones(3, 5), beta=0.04)
+    _, m = rl.grpo_loss(lp, lp, lp.clone(), torch.randn(3), beta=0.04)
     assert m["kl"] == 0.0
 
 
@@ -56,8 +47,7 @@ def test_clipped_gradient_vanishes_outside_the_trust_region():
     # ratio above 1 + eps_high with A > 0 and below 1 - eps_low with A < 0: clipped, zero gradient; inside: not
     logp = torch.log(torch.tensor([[1.5, 1.1], [0.5, 0.9]])).requires_grad_(True)
     adv = torch.tensor([1.0, -1.0])
-    l, m = rl.grpo_loss(logp, torch.zeros(2, 2), None, adv, torch.ones(2, 2), loss_type="bnpo", eps_low=0.2,
-                        eps_high=0.28)
+    l, m = rl.grpo_loss(logp, torch.zeros(2, 2), None, adv, eps_low=0.2, eps_high=0.28)
     l.backward()
     g = logp.grad
     assert g[0, 0] == 0 and g[1, 0] == 0
@@ -65,7 +55,7 @@ def test_clipped_gradient_vanishes_outside_the_trust_region():
     assert m["clip_fraction"] == pytest.approx(0.5)
     # on the other side the objective is not clipped (min picks the unclipped term): gradient flows
     logp2 = torch.log(torch.tensor([[0.5]])).requires_grad_(True)
-    rl.grpo_loss(logp2, torch.zeros(1, 1), None, torch.tensor([1.0]), torch.ones(1, 1), loss_type="bnpo")[0].backward()
+    rl.grpo_loss(logp2, torch.zeros(1, 1), None, torch.tensor([1.0]))[0].backward()
     assert logp2.grad.item() == pytest.approx(-0.5)
 
 
@@ -124,16 +114,16 @@ class BitPolicy(torch.nn.Module):
         return self.z[prefix_ids[:, 0]]
 
 
-def hand_grpo_step(z0, zref, bits, adv, *, loss_type, T, beta, eps_low, eps_high, lr, passes, mb):
+def hand_grpo_step(z0, zref, bits, adv, *, T, beta, eps_low, eps_high, lr, passes, mb):
     """grpo_step written out: Bernoulli log-probs at temperature T, old log-probs frozen before the first update,
-    k3 KL to the reference, the normaliser of each loss type, plain SGD. -> final z, mean loss, mean KL, first KL,
-    whether any bit was clipped."""
+    k3 KL to the reference, the mean over each image's bits then over images, plain SGD. -> final z, mean loss,
+    mean KL, first KL, whether any bit was clipped."""
     s = (2 * bits - 1).double()
 
     def logp(z):  # log p(bit) = log sigmoid(+-(l1 - l0) / T)
         return torch.nn.functional.logsigmoid(s * (z[..., 1] - z[..., 0]) / T).flatten(1)
 
-    B, N = bits.shape[:2]
+    B = bits.shape[0]
     z = z0.double().clone()
     old, ref = logp(z).detach(), logp(zref.double()).detach()
     losses, kls, clipped = [], [], False
@@ -146,13 +136,7 @@ def hand_grpo_step(z0, zref, bits, adv, *, loss_type, T, beta, eps_low, eps_high
             clipped |= bool((((rho > 1 + eps_high) & (a > 0)) | ((rho < 1 - eps_low) & (a < 0))).any())
             kl = torch.exp(r - lp) - (r - lp) - 1
             per = -obj + beta * kl
-            rows, K = per.shape
-            if loss_type == "grpo":  # mean over each image's bits, then over images
-                loss = per.mean(1).mean()
-            elif loss_type in ("bnpo", "dr_grpo"):  # all bits of the minibatch; dr_grpo: rows x bits of one image
-                loss = per.sum() / (rows * K)
-            else:  # dapo: the number of AR tokens (images x N), not bits
-                loss = per.sum() / (rows * N)
+            loss = per.mean(1).mean()  # mean over each image's bits, then over images
             loss.backward()
             z = z - lr * zz.grad
             losses.append(loss.item())
@@ -160,20 +144,19 @@ def hand_grpo_step(z0, zref, bits, adv, *, loss_type, T, beta, eps_low, eps_high
     return z, float(np.mean(losses)), float(np.mean(kls)), kls[0], clipped
 
 
-@pytest.mark.parametrize("loss_type", rl.LOSS_TYPES)
-def test_grpo_step_matches_a_hand_computation(loss_type):
-    """grpo_step for every loss type, end to end on a policy whose logits are its parameters: the parameters after
+def test_grpo_step_matches_a_hand_computation():
+    """grpo_step end to end on a policy whose logits are its parameters: the parameters after
     2 passes x 2 minibatches (3 rows, the last minibatch of 1), the mean loss and the mean KL equal a hand computation.
     This pins the temperature of the log-probs, the old log-probs frozen before the update (the second pass clips),
     the KL against the frozen reference (> 0 from the first minibatch, since the reference differs from the policy),
-    the per-minibatch counts of bits / AR tokens behind each normaliser, and the sign of the update."""
+    the per-minibatch mean over bits and images, and the sign of the update."""
     g = torch.Generator().manual_seed(0)
     B, N, bshape = 3, 2, (1, 2, 2)  # 3 rollouts of 2 AR tokens, 4 bits per token: K = 8 bits per image
     z0 = torch.randn(B, N, *bshape, 2, generator=g)
     zref = z0 + 0.5 * torch.randn(z0.shape, generator=g)
     bits = torch.randint(0, 2, (B, N, *bshape), generator=g)
     adv = torch.tensor([1.5, -1.0, 0.5])
-    rc = rl.RLConfig(loss_type=loss_type, passes=2, minibatch=2, beta=0.3, temperature=0.7, eps_low=0.2,
+    rc = rl.RLConfig(passes=2, minibatch=2, beta=0.3, temperature=0.7, eps_low=0.2,
                      eps_high=0.28, grad_clip=1e9)
     lr = 3.0
     net, ref = BitPolicy(z0), BitPolicy(zref)
@@ -181,7 +164,7 @@ def test_grpo_step_matches_a_hand_computation(loss_type):
     opt = torch.optim.SGD(net.parameters(), lr=lr)
     ids = torch.arange(B)[:, None]
     m = rl.grpo_step(net, ref, opt, ids, torch.ones_like(ids), bits, adv, rc, (1, N))
-    z, loss, kl, kl_first, clipped = hand_grpo_step(z0, zref, bits, adv, loss_type=loss_type, T=rc.temperature,
+    z, loss, kl, kl_first, clipped = hand_grpo_step(z0, zref, bits, adv, T=rc.temperature,
                                                     beta=rc.beta, eps_low=rc.eps_low, eps_high=rc.eps_high, lr=lr,
                                                     passes=rc.passes, mb=rc.minibatch)
     assert clipped and kl_first > 1e-3  # the setup exercises clipping and a reference unlike the policy
@@ -227,8 +210,6 @@ def test_per_bit_logps_at_a_temperature_equal_the_official_logits_over_t(golden)
 
 
 def test_config_errors():
-    with pytest.raises(ValueError, match="loss_type"):
-        rl.RLConfig(loss_type="ppo")
     with pytest.raises(ValueError, match="group_size"):
         rl.RLConfig(group_size=1)
     with pytest.raises(ValueError, match="max_rounds"):
@@ -288,7 +269,7 @@ def test_per_bit_logps_kl_zero_for_a_copy(small_ckpt):
     bits = torch.randint(0, 2, (2, g * g, *net.bits_shape))
     lp, lr_ = rl.per_bit_logps(net, ids, mask, bits, (g, g)), rl.per_bit_logps(ref, ids, mask, bits, (g, g))
     assert lp.shape == (2, bits[0].numel()) and (lp <= 0).all()
-    _, m = rl.grpo_loss(lp, lp, lr_, torch.ones(2), torch.ones_like(lp), beta=0.1)
+    _, m = rl.grpo_loss(lp, lp, lr_, torch.ones(2), beta=0.1)
     assert m["kl"] == 0.0
     # equals log-softmax of the teacher-forced logits at the sampled bits
     logits = net.teacher_forced_logits(ids, mask, bits, (g, g))
@@ -373,6 +354,28 @@ def test_resume_reproduces_the_uninterrupted_run(small_ckpt, tmp_path, monkeypat
     wa, wb = (load_file(str(tmp_path / d / "checkpoint" / "model.safetensors")) for d in ("a", "b"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert rl.main(flags + b + ["--resume", "--beta", "0.5"]) == 2
+
+
+def test_removed_loss_type_is_one_error_line(small_ckpt, tmp_path, capsys):
+    """The loss normalisations that coincide for fixed-length images are gone: `--loss-type dapo` and a run state
+    saved with loss_type "dapo" are each one `error:` line saying why (exit code 2); `--loss-type grpo`, the one
+    computed, is accepted."""
+    import cli
+
+    run = tmp_path / "run"
+    flags = ["--ckpt", str(small_ckpt[0]), "--run-dir", str(run)] + RL_TINY[:1] + ["--steps", "1"] + RL_TINY[3:]
+    assert rl.main(flags + ["--loss-type", "dapo"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --loss-type dapo: rl.py computes only grpo (") and err.count("\n") == 1, err
+    assert rl.main(flags + ["--loss-type", "grpo", "--stop-after", "1"]) == 0
+    meta, tensors = cli.load_run_state(run)
+    meta["config"]["loss_type"] = "dapo"  # as an earlier rl.py wrote it
+    cli.save_run_state(run, meta, tensors)
+    capsys.readouterr()
+    assert rl.main(flags + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --resume: the state in {run / cli.STATE_FILE} was written with --loss-type dapo: "
+                          "rl.py computes only grpo (") and err.endswith("; start over with --overwrite\n"), err
 
 
 def test_signal_saves_the_grpo_state_and_resume_continues(small_ckpt, tmp_path):
