@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 import bsq
 import load_hf
 import model as M
+import pipeline as P
 import toy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "tests"))
@@ -174,7 +175,7 @@ def bench_throughput(args) -> dict:
     ckpt = Path(__file__).resolve().parent / "checkpoints" / "toy"
     net, tok = load_hf.load_ar(ckpt, device=args.device)
     dec = load_hf.load_decoder(ckpt, device=args.device)
-    prompts, seeds = toy.heldout_prompts(16), [M.sample_seed(0, i) for i in range(16)]
+    prompts, seeds = toy.heldout_prompts(16), [P.sample_seed(0, i) for i in range(16)]
     torch.manual_seed(0)
     mid = M.UniAR(mid_config(args.vd_depth)).to(args.device).eval()
     ids = torch.randint(0, 1000, (16, args.prompt_len), generator=torch.Generator().manual_seed(1))
@@ -182,7 +183,7 @@ def bench_throughput(args) -> dict:
 
     def toy_run(b):
         for i in range(0, 16, b):
-            bits = M.generate_bits(net, tok, prompts[i:i + b], ar_height=64, ar_width=64, cfg_scale=1.5, seed=seeds[i:i + b])
+            bits = P.generate_bits(net, tok, prompts[i:i + b], ar_height=64, ar_width=64, cfg_scale=1.5, seed=seeds[i:i + b])
             dec.decode(bits, 64, 64, upsampling_ratio=1.0, steps=10, guidance=1.5, seed=seeds[i:i + b])
 
     def mid_run(b):

@@ -37,6 +37,7 @@ import cli
 import config_schema as schema
 import decoder as D
 import model as M
+import pipeline as P
 import text_encoders as TE
 
 EXPECTED_LAYOUT = """expected layout of a UniAR checkpoint folder:
@@ -448,7 +449,7 @@ def ar_config(root: Path):
 def image_processor_config(root: Path, vcfg):
     """`<root>/preprocessor_config.json` -> bsq.ImageProcessorConfig (checked against the vision config), or None
     when the file is absent: then, as with the official loader (AutoProcessor finds only a tokenizer there), the
-    checkpoint has no image preprocessing and understanding refuses images (model.image_processor says so)."""
+    checkpoint has no image preprocessing and understanding refuses images (pipeline.image_processor says so)."""
 
     path = Path(root) / bsq.PREPROCESSOR_CONFIG
     if not path.is_file():
@@ -464,7 +465,7 @@ def image_processor_config(root: Path, vcfg):
 
 
 def load_ar(root, *, dtype=None, device="cpu"):
-    """The AR model at the checkpoint root (or an `ar_model/` folder) -> (model.UniAR, model.Tokenizer). The model
+    """The AR model at the checkpoint root (or an `ar_model/` folder) -> (model.UniAR, pipeline.Tokenizer). The model
     carries the checkpoint's image preprocessing (`net.image_processor`, from preprocessor_config.json)."""
 
     root = resolve_part(root, "ar_model")
@@ -474,7 +475,7 @@ def load_ar(root, *, dtype=None, device="cpu"):
     net.image_processor = proc
     load_weights(net, weight_files(root), AR_KEYMAP, dtype=dtype, device=device, where=str(root))
     try:
-        tok = M.Tokenizer(root)
+        tok = P.Tokenizer(root)
     except ValueError as e:
         raise CheckpointError(f"{root}: tokenizer files: {e}") from None
     return net.eval(), tok

@@ -71,6 +71,7 @@ from tqdm import tqdm
 import cli
 import load_hf
 import model as M
+import pipeline as P
 import toy
 import train
 
@@ -245,7 +246,7 @@ def rollout(net, tok, dec, prompts: list, rc: RLConfig, settings: dict, generato
     """prompts (each repeated G times consecutively) -> (bits (B, N, L, U, d), images (B, H, W, 3) uint8 numpy)."""
     S = settings["ar_size"][0]
     dev = net.lm_head.weight.device
-    ids, mask, _, _ = M.build_generation_batch(net, tok, prompts, S, S, rc.cfg)
+    ids, mask, _, _ = P.build_generation_batch(net, tok, prompts, S, S, rc.cfg)
     out = M.generate_image(net, ids.to(dev), mask.to(dev), S, S, M.MultinomialSampler(rc.cfg, rc.temperature, generator))
     images = dec.decode(out.bits, S, S, upsampling_ratio=settings["upsample"],
                         steps=rc.decode_steps or settings["steps"], guidance=settings["decoder_cfg"],
@@ -438,7 +439,7 @@ def _main(argv, guard: cli.SignalGuard) -> int:
     try:
         net, tok = load_hf.load_ar(args.ckpt, device=device)
         if not args.no_eval:
-            M.image_processor(net)  # the evaluation's understanding needs the checkpoint's preprocessor_config.json
+            P.image_processor(net)  # the evaluation's understanding needs the checkpoint's preprocessor_config.json
         dec = load_hf.load_decoder(args.ckpt, device=device)
         settings = train.read_sample_defaults(args.ckpt)
     except (load_hf.CheckpointError, ValueError) as e:
@@ -491,7 +492,7 @@ def _main(argv, guard: cli.SignalGuard) -> int:
                 prompts, bits, r, stats = collect(net, tok, dec, rewards, rc, settings, gen, next_round)
             m = {}  # stays empty when every group of every round scored alike: nothing to learn from, no update
             if prompts:
-                ids, mask = (t.to(device) for t in M.build_generation_batch(net, tok, prompts, S, S, 1.0)[:2])
+                ids, mask = (t.to(device) for t in P.build_generation_batch(net, tok, prompts, S, S, 1.0)[:2])
                 adv = group_advantages(r, rc.group_size, rc.scale_rewards).to(device)
                 m = grpo_step(net, ref, opt, ids, mask, bits, adv, rc, grid_hw)
             meta["history"].append({"step": step, **stats, **m})

@@ -193,7 +193,7 @@ def _main(argv: list) -> int:
     args = ap.parse_args(argv)
 
     import load_hf
-    import model as M
+    import pipeline as P
 
     if args.ckpt is None and not (DEFAULT_CKPT / "config.json").exists():
         raise cli.UsageError(f"no --ckpt given and the project's toy checkpoint does not exist yet ({DEFAULT_CKPT}); "
@@ -238,7 +238,7 @@ def _main(argv: list) -> int:
     t_load = time.perf_counter()
     try:
         if args.question is not None:
-            text = M.answer(net, tok, args.image, args.question, max_new_tokens=args.max_new_tokens,
+            text = P.answer(net, tok, args.image, args.question, max_new_tokens=args.max_new_tokens,
                             temperature=args.answer_temperature, seed=args.seed)
             print(text)
             print(f"[load {t_load - t0:.1f}s, answer {time.perf_counter() - t_load:.1f}s, {peak_memory(device)}]",
@@ -246,7 +246,7 @@ def _main(argv: list) -> int:
             return 0
         prompts = [args.prompt] * args.num_images
         images_in = None if args.image is None else [args.image] * args.num_images
-        bits = M.generate_bits(net, tok, prompts, ar_height=ar_h, ar_width=ar_w, cfg_scale=args.cfg,
+        bits = P.generate_bits(net, tok, prompts, ar_height=ar_h, ar_width=ar_w, cfg_scale=args.cfg,
                                temperature=args.temperature, seed=args.seed, input_images=images_in, progress=True,
                                sampler=args.sampler)
     except ValueError as e:
@@ -345,12 +345,12 @@ def check_flags(args, upsample: float) -> tuple[torch.device, torch.dtype]:
 def _ar_parts(ckpt: Path):
     """(config, tokenizer, folder) of the AR part: configs, safetensors headers and tokenizer files only."""
     import load_hf
-    import model as M
+    import pipeline as P
 
     root = load_hf.resolve_part(ckpt, "ar_model")
     cfg = load_hf.ar_config(root)
     try:
-        tok = M.Tokenizer(root)
+        tok = P.Tokenizer(root)
     except ValueError as e:
         raise load_hf.CheckpointError(f"{root}: tokenizer files: {e}") from None
     return cfg, tok, root
@@ -398,7 +398,7 @@ def check_generation_plan(ckpt: Path, args, ar_h: int, ar_w: int, upsample: floa
     """--ar-size / --upsample against the AR grid, the position budget and the decoder, for --prompt or every prompt
     of a file (ValueError naming the flag)."""
     import decoder as D
-    import model as M
+    import pipeline as P
 
     cfg, tok, root = _ar_parts(ckpt)
     if prompts is None:
@@ -419,7 +419,7 @@ def check_generation_plan(ckpt: Path, args, ar_h: int, ar_w: int, upsample: floa
         n_img = (ar_h // v.patch_size) * (ar_w // v.patch_size) // v.merge_unit
     warn_unknown_words(tok, "\n".join(dict.fromkeys(prompts)), "--prompts" if len(prompts) > 1 else "--prompt", root)
     gh, gw = ar_h // ds, ar_w // ds
-    n_prompt = max(len(tok.encode(M.render_generation_prompt(p, gh, gw, n_img))) for p in prompts)
+    n_prompt = max(len(tok.encode(P.render_generation_prompt(p, gh, gw, n_img))) for p in prompts)
     budget = cfg.text.max_position_embeddings
     if n_prompt + gh * gw > budget:
         raise ValueError(f"--ar-size {ar_h}x{ar_w}: prompt of {n_prompt} tokens + {gh * gw} image tokens exceeds the "
@@ -431,17 +431,17 @@ def check_understanding_plan(ckpt: Path, args) -> None:
     """--image readable, and --max-new-tokens within what the position budget leaves after the prompt (default:
     min(MAX_NEW_TOKENS, that room))."""
     import load_hf
-    import model as M
+    import pipeline as P
 
     cfg, tok, root = _ar_parts(ckpt)
     check_image(args.image)
     v = cfg.vision
-    proc = load_hf.image_processor_config(root, v)  # the preprocessing model.answer will use
+    proc = load_hf.image_processor_config(root, v)  # the preprocessing pipeline.answer will use
     if proc is None:
-        raise ValueError(f"{root}: the checkpoint {M.NO_IMAGE_PROCESSOR}")
+        raise ValueError(f"{root}: the checkpoint {P.NO_IMAGE_PROCESSOR}")
     _, grid = proc(args.image)
     warn_unknown_words(tok, args.question, "--question", root)
-    n_prompt = len(tok.encode(M.render_chat_prompt(args.question, int(grid[0].prod()) // v.merge_unit)))
+    n_prompt = len(tok.encode(P.render_chat_prompt(args.question, int(grid[0].prod()) // v.merge_unit)))
     budget = cfg.text.max_position_embeddings
     room = budget - n_prompt
     if room < 1:
@@ -555,7 +555,7 @@ def run_prompts(args, ckpt: Path, defaults: dict) -> int:
             raise cli.UsageError(f"--image-root: the input image of record idx {idx} does not exist: {f}")
     device, dtype = check_flags(args, upsample)
     import load_hf
-    import model as M
+    import pipeline as P
 
     try:
         check_generation_plan(ckpt, args, ar_h, ar_w, upsample, [r["prompt"] for r in records], editing)
@@ -586,9 +586,9 @@ def run_prompts(args, ckpt: Path, defaults: dict) -> int:
     bar = tqdm(total=len(mine), desc="samples", unit="img", disable=rank != 0 and world > 1)
     for i in range(0, len(mine), args.batch_size):
         batch = mine[i:i + args.batch_size]
-        seeds = [M.sample_seed(args.seed, r["idx"], k) for r, k in batch]
+        seeds = [P.sample_seed(args.seed, r["idx"], k) for r, k in batch]
         inputs = [images[r["idx"]] for r, _ in batch] if editing else None
-        bits = M.generate_bits(net, tok, [r["prompt"] for r, _ in batch], ar_height=ar_h, ar_width=ar_w,
+        bits = P.generate_bits(net, tok, [r["prompt"] for r, _ in batch], ar_height=ar_h, ar_width=ar_w,
                                cfg_scale=args.cfg, temperature=args.temperature, seed=seeds, input_images=inputs)
         out = dec.decode(bits, ar_h, ar_w, upsampling_ratio=upsample, steps=args.steps, guidance=args.decoder_cfg,
                          seed=seeds).cpu()
@@ -638,12 +638,12 @@ def next_free(out: Path, stem: str) -> Path:
 
 
 def run_chat(args, ckpt: Path, defaults: dict) -> int:
-    """A conversation in one shared context (model.Conversation): each '/draw' is drawn into the context and decoded
+    """A conversation in one shared context (pipeline.Conversation): each '/draw' is drawn into the context and decoded
     to a PNG in --out (its path printed), each other line answered from the context, which holds every earlier turn
     and image. A mistake in a scripted file is one error line naming the file and line (exit 2); typed, it is said
     and the chat goes on."""
     import load_hf
-    import model as M
+    import pipeline as P
     from PIL import Image
 
     if args.chat and args.chat_file is not None:
@@ -654,12 +654,12 @@ def run_chat(args, ckpt: Path, defaults: dict) -> int:
     try:
         check_generation_plan(ckpt, args, ar_h, ar_w, upsample, prompts=[""], editing=False)
         net, tok = load_hf.load_ar(ckpt, dtype=dtype, device=device)
-        M.image_processor(net)  # questions about pictures need the checkpoint's preprocessor_config.json
+        P.image_processor(net)  # questions about pictures need the checkpoint's preprocessor_config.json
         dec = load_hf.load_decoder(ckpt, dtype=dtype, device=device, cache_dir=args.cache_dir)
     except (load_hf.CheckpointError, ValueError) as e:
         return cli.fail(str(e))
     args.out.mkdir(parents=True, exist_ok=True)
-    conv, picture, drawn = M.Conversation(net, tok), None, 0
+    conv, picture, drawn = P.Conversation(net, tok), None, 0
     for n, line in chat_lines(args):
         where = f"--chat-file {args.chat_file}, line {n}: " if n is not None else ""
         line = line.strip()
@@ -671,7 +671,7 @@ def run_chat(args, ckpt: Path, defaults: dict) -> int:
             if line in ("/quit", "/exit"):
                 break
             if line == "/reset":
-                conv, picture = M.Conversation(net, tok), None
+                conv, picture = P.Conversation(net, tok), None
                 continue
             if line.startswith("/image"):
                 path = line[len("/image"):].strip()
@@ -681,7 +681,7 @@ def run_chat(args, ckpt: Path, defaults: dict) -> int:
             if line.startswith("/draw"):
                 text = line[len("/draw"):].strip()
                 warn_unknown_words(tok, text, "/draw", ckpt)
-                seed = M.sample_seed(args.seed, drawn)
+                seed = P.sample_seed(args.seed, drawn)
                 bits = conv.draw(text, picture, ar_height=ar_h, ar_width=ar_w, cfg_scale=args.cfg,
                                  temperature=args.temperature, seed=seed)
                 image = dec.decode(bits, ar_h, ar_w, upsampling_ratio=upsample, steps=args.steps,

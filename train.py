@@ -65,6 +65,7 @@ import cli
 import decoder as D
 import load_hf
 import model as M
+import pipeline as P
 import toy
 
 ROOT = Path(__file__).resolve().parent
@@ -135,9 +136,9 @@ def ar_config(tc: TrainConfig, tk) -> M.UniARConfig:
                         num_key_value_heads=max(1, heads // 2), head_dim=head_dim, intermediate_size=tc.lm_mlp,
                         vocab_size=tk.tk.get_vocab_size(with_added_tokens=True), mrope_section=(6, 5, 5),
                         max_position_embeddings=512, rope_theta=10000.0)
-    return M.UniARConfig(image_token_id=tk.token_id(M.IMAGE_PAD), video_token_id=tk.token_id("<|video_pad|>"),
-                         vision_start_token_id=tk.token_id(M.VISION_START),
-                         vision_end_token_id=tk.token_id(M.VISION_END),
+    return M.UniARConfig(image_token_id=tk.token_id(P.IMAGE_PAD), video_token_id=tk.token_id("<|video_pad|>"),
+                         vision_start_token_id=tk.token_id(P.VISION_START),
+                         vision_end_token_id=tk.token_id(P.VISION_END),
                          visual_transformer_decoder_depth=tc.visual_decoder_depth, text=text,
                          vision=vision_config(tc))
 
@@ -254,21 +255,21 @@ class Context(NamedTuple):
     answers: torch.Tensor  # (B, T) bool: tokens of the model's answers (and the <|im_end|> closing each)
 
 
-def encode_turns(tok: M.Tokenizer, turns: list, gh: int, gw: int, n_picture: int) -> tuple:
+def encode_turns(tok: P.Tokenizer, turns: list, gh: int, gw: int, n_picture: int) -> tuple:
     """One conversation (toy.Turn list) in the chat format -> (ids, images, drawn flags, answer-token flags)."""
     ids, images, drawn, answer = [], [], [], []
-    head, tail = len(tok.encode(M.MODEL_TURN)), len(tok.encode_text("\n"))
+    head, tail = len(tok.encode(P.MODEL_TURN)), len(tok.encode_text("\n"))
     for i, t in enumerate(turns):
         if t.role == "user":
             draws = i + 1 < len(turns) and turns[i + 1].image is not None
-            piece = tok.encode(M.render_user_turn(t.text, None if t.image is None else n_picture,
+            piece = tok.encode(P.render_user_turn(t.text, None if t.image is None else n_picture,
                                                   (gh, gw) if draws else None))
             flags = [False] * len(piece)
         elif t.image is not None:
-            piece = tok.encode(M.render_model_image(gh * gw))
+            piece = tok.encode(P.render_model_image(gh * gw))
             flags = [False] * len(piece)
         else:
-            piece = tok.encode(M.render_model_text(t.text))
+            piece = tok.encode(P.render_model_text(t.text))
             flags = [False] * head + [True] * (len(piece) - head - tail) + [False] * tail
         if t.image is not None:
             images.append(t.image)
@@ -287,7 +288,7 @@ def drop_instructions(turns: list, p: float, g: torch.Generator) -> list:
     return out
 
 
-def build_context(tok: M.Tokenizer, conversations: list, gh: int, gw: int, n_picture: int) -> Context:
+def build_context(tok: P.Tokenizer, conversations: list, gh: int, gw: int, n_picture: int) -> Context:
     rows = [encode_turns(tok, c, gh, gw, n_picture) for c in conversations]
     T = max(len(r[0]) for r in rows)
     ids = torch.full((len(rows), T), tok.pad_id, dtype=torch.int64)
@@ -304,7 +305,7 @@ class ARLoss(nn.Module):
     """Stage 2: text-to-image, editing, understanding and conversations, all as teacher-forced contexts: per-bit
     cross-entropy on the images the model draws (parallel bitwise prediction), next-token loss on its answers."""
 
-    def __init__(self, net: M.UniAR, tok: M.Tokenizer, tc: TrainConfig):
+    def __init__(self, net: M.UniAR, tok: P.Tokenizer, tc: TrainConfig):
         super().__init__()
         self.net, self.tok, self.tc = net, tok, tc
 
@@ -388,7 +389,7 @@ class ARLoss(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def build(tc: TrainConfig, tok: M.Tokenizer, device) -> tuple[bsq.VisionModel, M.UniAR, D.Decoder]:
+def build(tc: TrainConfig, tok: P.Tokenizer, device) -> tuple[bsq.VisionModel, M.UniAR, D.Decoder]:
     """The three parts, sharing one vision tower (the AR model's `model.visual` is the tokenizer)."""
     torch.manual_seed(tc.seed)
     cfg = ar_config(tc, tok)
@@ -566,11 +567,11 @@ def checkpoint_state(ctx: dict, opt) -> None:
 def generate(net, tok, dec, prompts, settings: dict, *, input_images=None, seed: int = 0, first: int = 0
              ) -> np.ndarray:
     """Prompts number first, first + 1, ... (+ input images for editing) -> decoded images (B, S, S, 3) uint8 with
-    the checkpoint's settings; image i drawn from its own seed (model.sample_seed(seed, first + i)), so it is the
+    the checkpoint's settings; image i drawn from its own seed (pipeline.sample_seed(seed, first + i)), so it is the
     image `sample.py --prompts` writes for that prompt index, whatever the batch."""
     S = settings["ar_size"][0]
-    seeds = [M.sample_seed(seed, first + i) for i in range(len(prompts))]
-    bits = M.generate_bits(net, tok, list(prompts), ar_height=S, ar_width=S, cfg_scale=settings["cfg"],
+    seeds = [P.sample_seed(seed, first + i) for i in range(len(prompts))]
+    bits = P.generate_bits(net, tok, list(prompts), ar_height=S, ar_width=S, cfg_scale=settings["cfg"],
                            temperature=settings["temperature"], seed=seeds, input_images=input_images)
     imgs = dec.decode(bits, S, S, upsampling_ratio=settings["upsample"], steps=settings["steps"],
                       guidance=settings["decoder_cfg"], seed=seeds)
@@ -579,10 +580,10 @@ def generate(net, tok, dec, prompts, settings: dict, *, input_images=None, seed:
 
 @torch.no_grad()
 def answers(net, tok, images, questions: list) -> list:
-    """Greedy answers, one batch; images preprocessed as model.answer does (the checkpoint's image_processor)."""
+    """Greedy answers, one batch; images preprocessed as pipeline.answer does (the checkpoint's image_processor)."""
     dev = net.lm_head.weight.device
-    pv, grid, n_img = M.understanding_inputs(net, images)
-    ids, mask = tok.batch([M.render_chat_prompt(q, n) for q, n in zip(questions, n_img)])
+    pv, grid, n_img = P.understanding_inputs(net, images)
+    ids, mask = tok.batch([P.render_chat_prompt(q, n) for q, n in zip(questions, n_img)])
     new = M.generate_text(net, ids.to(dev), mask.to(dev), pv.to(dev), grid, max_new_tokens=8,
                           stop_ids=tok.end_ids)
     return [tok.decode(t) for t in new]
@@ -643,8 +644,8 @@ def conversation_scores(net, tok, dec, settings: dict, prompts: list, seed: int,
     S = settings["ar_size"][0]
     hits, clock = {"context": [], "reencoded": []}, {"context": 0.0, "reencoded": 0.0}
     for i, prompt in enumerate(prompts):
-        s = M.sample_seed(seed, i)
-        chat = M.Conversation(net, tok)
+        s = P.sample_seed(seed, i)
+        chat = P.Conversation(net, tok)
         bits = chat.draw(prompt, ar_height=S, ar_width=S, cfg_scale=settings["cfg"],
                          temperature=settings["temperature"], seed=s)
         t0 = time.perf_counter()
@@ -751,7 +752,7 @@ def eval_main(ckpt: Path, device, n: int) -> int:
         load_hf.resolve_part(ckpt, "ar_model")  # a missing folder first, as it is the likelier mistake
         settings = {**sample_defaults(TrainConfig()), **read_sample_defaults(ckpt)}
         net, tok = load_hf.load_ar(ckpt, device=device)
-        M.image_processor(net)  # understanding needs the checkpoint's preprocessor_config.json
+        P.image_processor(net)  # understanding needs the checkpoint's preprocessor_config.json
         dec = load_hf.load_decoder(ckpt, device=device)
     except (load_hf.CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -899,7 +900,7 @@ def _main(argv, guard: cli.SignalGuard) -> int:
         toy.save_tokenizer(tok_dir)
     if world > 1:
         dist.barrier()
-    tok = M.Tokenizer(tok_dir)
+    tok = P.Tokenizer(tok_dir)
     tensors = cli.load_run_state(run_dir)[1] if args.resume else None
     vision, net, dec = build(tc, tok, device)
     opt_tensors = None

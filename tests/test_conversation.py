@@ -1,4 +1,4 @@
-"""Shared context across turns (model.Conversation / model.Context) on the golden checkpoint: every state the
+"""Shared context across turns (pipeline.Conversation / model.Context) on the golden checkpoint: every state the
 conversation keeps equals one forward over the whole conversation from scratch, a drawing is the single-turn
 generation when it opens the conversation, and a drawn image reads exactly like the same bits given as a picture.
 Sizes and settings come from the fixture folder."""
@@ -7,6 +7,7 @@ import torch
 
 import load_hf
 import model as M
+import pipeline as P
 from conftest import assert_close_rel
 from reference import Recorder
 
@@ -41,11 +42,11 @@ def test_first_drawing_is_the_single_turn_generation(golden, ar):
     net, tok = ar
     sc = golden.scenario("e2e")
     seed = int(sc.get("seed", 5))
-    conv = M.Conversation(net, tok)
+    conv = P.Conversation(net, tok)
     bits = conv.draw(sc["prompt"], ar_height=sc["ar_height"], ar_width=sc["ar_width"], cfg_scale=sc["cfg"],
                      temperature=sc["temperature"], seed=seed)
     assert torch.equal(M.bsq.bits_to_indexes(bits), golden["e2e.indices"])
-    assert torch.equal(bits, M.generate_bits(net, tok, sc["prompt"], ar_height=sc["ar_height"],
+    assert torch.equal(bits, P.generate_bits(net, tok, sc["prompt"], ar_height=sc["ar_height"],
                                              ar_width=sc["ar_width"], cfg_scale=sc["cfg"],
                                              temperature=sc["temperature"], seed=seed))
 
@@ -59,7 +60,7 @@ def test_every_turn_equals_one_forward_from_scratch(golden, ar):
     sc = golden.scenario("e2e")
     H, W = sc["ar_height"], sc["ar_width"]
     img = golden["vision.image_uint8"].numpy()
-    conv = M.Conversation(net, tok)
+    conv = P.Conversation(net, tok)
 
     def drawing(text, cfg_scale, seed, image=None):
         rec = Recorder(M.MultinomialSampler(cfg_scale, 1.0, torch.Generator().manual_seed(seed)))
@@ -93,7 +94,7 @@ def test_a_drawn_image_reads_like_the_same_bits_given_as_a_picture(golden, ar):
     sc = golden.scenario("e2e")
     H, W = sc["ar_height"], sc["ar_width"]
     img = golden["vision.image_uint8"].numpy()
-    conv = M.Conversation(net, tok)
+    conv = P.Conversation(net, tok)
     bits, grid, n = conv.picture(img, (H, W))
     N = bits.shape[0]
     assert N == (H // net.cfg.downsample) * (W // net.cfg.downsample)

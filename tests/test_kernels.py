@@ -292,12 +292,12 @@ def test_golden_rollout_with_the_attention_kernel(golden, golden_ar, monkeypatch
     """UNIAR_KERNELS=triton: every attention of the tower, the backbone and the visual-decoder stack runs the flash
     kernel; the seeded golden rollout is unchanged."""
     import bsq
-    import model
+    import pipeline
 
     monkeypatch.setenv("UNIAR_KERNELS", "triton")
     net, tok = golden_ar
     s = golden.scenario("e2e")
-    bits = model.generate_bits(net, tok, s["prompt"], ar_height=s["ar_height"], ar_width=s["ar_width"], cfg_scale=s["cfg"],
+    bits = pipeline.generate_bits(net, tok, s["prompt"], ar_height=s["ar_height"], ar_width=s["ar_width"], cfg_scale=s["cfg"],
                                temperature=s["temperature"], seed=s["seed"])
     assert torch.equal(bsq.bits_to_indexes(bits), golden["e2e.indices"])
 
@@ -317,6 +317,7 @@ def test_model_kernel_sampler_matches_its_reference(golden, golden_ar, monkeypat
     the rollout's cfg and temperature and the counter uniforms of (seed, step = i): guidance is applied, the counter
     moves every step, one seed per rollout. The same generator seed repeats; another seed differs."""
     import model
+    import pipeline
 
     net, tok = golden_ar
     s = golden.scenario("e2e")
@@ -331,11 +332,11 @@ def test_model_kernel_sampler_matches_its_reference(golden, golden_ar, monkeypat
 
     monkeypatch.setattr(BW, "sample_bits", spy)
     dev = next(net.parameters()).device
-    ids, mask = (t.to(dev) for t in model.build_generation_batch(net, tok, [s["prompt"]], H, W, cfg)[:2])
+    ids, mask = (t.to(dev) for t in pipeline.build_generation_batch(net, tok, [s["prompt"]], H, W, cfg)[:2])
 
     def rollout(seed):
         calls.clear()
-        rec = Recorder(model.make_sampler("kernel", cfg, T, seed, dev))
+        rec = Recorder(pipeline.make_sampler("kernel", cfg, T, seed, dev))
         out = model.generate_image(net, ids, mask, H, W, rec)
         out.step_logits = rec.step_logits
         return out
@@ -363,7 +364,7 @@ def test_model_kernel_sampler_new_numbers_every_step_and_guided(golden_ar, monke
     so that the guided p(1) is 1/2 (cond d = 2, uncond d = 3, cfg = 3: 3 + 3 (2 - 3) = 0) while the unguided cond p(1)
     is 0.88. sampler="kernel" must give about half ones (guidance applied) and two steps must agree on about half
     the bits (a fresh random counter every step), within 5 s.d., on the Triton kernel and on its torch fallback."""
-    import model
+    import pipeline
 
     net, tok = golden_ar
     ds, K = net.cfg.downsample, math.prod(net.bits_shape)
@@ -376,7 +377,7 @@ def test_model_kernel_sampler_new_numbers_every_step_and_guided(golden_ar, monke
             return d.repeat_interleave(h.shape[0] // 2, 0).reshape(h.shape[0], -1).to(h)
 
     monkeypatch.setattr(net, "output_layer_vistok", SameEveryStep())
-    bits = model.generate_bits(net, tok, "a red cube", ar_height=ds, ar_width=3 * ds, cfg_scale=3.0, temperature=1.0,
+    bits = pipeline.generate_bits(net, tok, "a red cube", ar_height=ds, ar_width=3 * ds, cfg_scale=3.0, temperature=1.0,
                                seed=0, sampler="kernel").reshape(3, K)  # 3 steps, one cond row
     assert abs(bits.double().mean().item() - 0.5) <= 5 * math.sqrt(0.25 / bits.numel())
     for i, j in [(0, 1), (1, 2), (0, 2)]:

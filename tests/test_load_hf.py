@@ -402,13 +402,13 @@ def test_t5_tied_embedding_from_either_name():
 # ----- the AR stage end to end through the public API -----
 
 def test_e2e_indices_through_load_hf_and_generate_bits(golden):
-    import model
+    import pipeline
 
     net, tok = load_hf.load_ar(golden.dir)
     s = golden.scenario("e2e")
     ids, mask = tok.batch(s["rendered"])
     assert torch.equal(ids, golden["e2e.prefix_ids"]) and torch.equal(mask, golden["e2e.attention_mask"])
-    bits = model.generate_bits(net, tok, s["prompt"], ar_height=s["ar_height"], ar_width=s["ar_width"], cfg_scale=s["cfg"],
+    bits = pipeline.generate_bits(net, tok, s["prompt"], ar_height=s["ar_height"], ar_width=s["ar_width"], cfg_scale=s["cfg"],
                                temperature=s["temperature"], seed=s["seed"])
     assert torch.equal(bsq.bits_to_indexes(bits), golden["e2e.indices"])
 
@@ -434,16 +434,17 @@ def test_missing_text_encoders_named(golden, tmp_path):
 def _toy_parts(tmp_path):
     import decoder
     import model
+    import pipeline
     import toy
 
     torch.manual_seed(0)
     tok_dir = toy.save_tokenizer(tmp_path / "tok")
-    tok = model.Tokenizer(tok_dir)
+    tok = pipeline.Tokenizer(tok_dir)
     cfg = model.UniARConfig.tiny()
     cfg.text.vocab_size = tok.tk.get_vocab_size()
-    cfg = model.UniARConfig(**{**cfg.__dict__, "image_token_id": tok.token_id(model.IMAGE_PAD),
-                               "vision_start_token_id": tok.token_id(model.VISION_START),
-                               "vision_end_token_id": tok.token_id(model.VISION_END),
+    cfg = model.UniARConfig(**{**cfg.__dict__, "image_token_id": tok.token_id(pipeline.IMAGE_PAD),
+                               "vision_start_token_id": tok.token_id(pipeline.VISION_START),
+                               "vision_end_token_id": tok.token_id(pipeline.VISION_END),
                                "video_token_id": tok.token_id("<|video_pad|>")})
     net = model.UniAR(cfg).eval()
     dec = decoder.Decoder.toy(net.visual).eval()
@@ -451,7 +452,7 @@ def _toy_parts(tmp_path):
 
 
 def test_project_checkpoint_round_trip(tmp_path):
-    import model
+    import pipeline
 
     import bsq
 
@@ -467,7 +468,7 @@ def test_project_checkpoint_round_trip(tmp_path):
         assert torch.equal(a, b), k
     dec2 = load_hf.load_decoder(root)
     assert dec2.vae is None  # pixel space
-    bits = model.generate_bits(net2, tok2, "a red square at the top left", ar_height=64, ar_width=64, cfg_scale=2.0,
+    bits = pipeline.generate_bits(net2, tok2, "a red square at the top left", ar_height=64, ar_width=64, cfg_scale=2.0,
                                seed=0)
     kw = dict(upsampling_ratio=1.0, steps=2, guidance=1.5, seed=0)
     with torch.no_grad():

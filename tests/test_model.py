@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 import bsq
 import model as M
+import pipeline as P
 from conftest import assert_close_rel, load_manifest, read_json
 from reference import generate_image_recompute, sampler
 
@@ -33,7 +34,7 @@ def ar(golden, cfg):
 
 @pytest.fixture(scope="module")
 def tok(golden):
-    return M.Tokenizer(golden.dir)
+    return P.Tokenizer(golden.dir)
 
 
 def seed_of(golden, name: str, scenario: str | None = None) -> int:
@@ -256,7 +257,7 @@ def test_answer_stops_only_at_end_tokens(golden, ar, tmp_path, monkeypatch, gene
     """answer() ends at each end token of the checkpoint's files (including generation_config.json's eos ids) and
     decodes on through every other special token; the text is that of the tokens before the end."""
     folder = tokenizer_files(golden, tmp_path / "tok", generation_eos)
-    tok = M.Tokenizer(folder)
+    tok = P.Tokenizer(folder)
     ends = end_ids_from_files(folder)
     specials = set(added_tokens(folder).values())
     others = sorted(specials - ends - ({tok.pad_id} if generation_eos is None else set()))
@@ -265,7 +266,7 @@ def test_answer_stops_only_at_end_tokens(golden, ar, tmp_path, monkeypatch, gene
     for s, e in cases:
         seq = a + [s] + b + [e] + c
         monkeypatch.setattr(ar, "lm_head", ForcedRows([seq], ar.cfg.text.vocab_size))
-        text = M.answer(ar, tok, None, "what?", max_new_tokens=len(seq) + 3)
+        text = P.answer(ar, tok, None, "what?", max_new_tokens=len(seq) + 3)
         assert text == tok.decode(a + b), (s, e, text)
     assert tok.decode(a + b) != tok.decode(a)
 
@@ -297,7 +298,7 @@ def test_answer_renders_the_chat_prompt(golden, ar, tok, monkeypatch):
     ids, mask = tok.batch([text])
     n = golden["und.greedy_ids"].shape[1]
     new = M.generate_text(ar, ids, mask, pv, grid, max_new_tokens=n, stop_ids=sorted(end_ids_from_files(golden.dir)))
-    assert M.answer(ar, tok, img, "what is it?", max_new_tokens=n) == tok.decode(new[0])
+    assert P.answer(ar, tok, img, "what is it?", max_new_tokens=n) == tok.decode(new[0])
 
 
 # ----- positions -----
@@ -397,13 +398,13 @@ def test_e2e_prompt_to_indices(golden, ar, tok):
     sc = golden.scenario("e2e")
     ds = ar.cfg.downsample
     gh, gw = sc["ar_height"] // ds, sc["ar_width"] // ds
-    texts = [M.render_generation_prompt(sc["prompt"], gh, gw), M.render_generation_prompt("", gh, gw)]
+    texts = [P.render_generation_prompt(sc["prompt"], gh, gw), P.render_generation_prompt("", gh, gw)]
     assert texts == sc["rendered"]
     ids, mask = tok.batch(texts)
     assert torch.equal(ids, golden["e2e.prefix_ids"])
     assert torch.equal(mask, golden["e2e.attention_mask"])
     assert (ids[mask == 0] == tok.pad_id).all()
-    bits = M.generate_bits(ar, tok, [sc["prompt"]], ar_height=sc["ar_height"], ar_width=sc["ar_width"],
+    bits = P.generate_bits(ar, tok, [sc["prompt"]], ar_height=sc["ar_height"], ar_width=sc["ar_width"],
                            cfg_scale=sc["cfg"], temperature=sc["temperature"], seed=seed_of(golden, "e2e.indices", "e2e"))
     assert torch.equal(bsq.bits_to_indexes(bits), golden["e2e.indices"])
 
@@ -413,7 +414,7 @@ def test_edit_from_prompt_and_image(golden, ar, tok):
     sc = golden.scenario("e2e")
     v = ar.cfg.vision
     img = golden["vision.image_uint8"].numpy()
-    ids, mask, pv, grid = M.build_generation_batch(ar, tok, [sc["prompt"]], sc["ar_height"], sc["ar_width"],
+    ids, mask, pv, grid = P.build_generation_batch(ar, tok, [sc["prompt"]], sc["ar_height"], sc["ar_width"],
                                                    sc["cfg"], [img])
     n_tokens = (sc["ar_height"] // ar.cfg.downsample) * (sc["ar_width"] // ar.cfg.downsample)
     assert ((ids == ar.cfg.image_token_id).sum(1) == n_tokens).all()  # input image at the AR size, in every row
@@ -422,7 +423,7 @@ def test_edit_from_prompt_and_image(golden, ar, tok):
     assert torch.equal(pv, torch.cat([one] * ids.shape[0])) and torch.equal(grid, torch.cat([g1] * ids.shape[0]))
     kw = dict(ar_height=sc["ar_height"], ar_width=sc["ar_width"], cfg_scale=sc["cfg"], temperature=sc["temperature"],
               seed=0, input_images=[img])
-    a = M.generate_bits(ar, tok, [sc["prompt"]], **kw)
+    a = P.generate_bits(ar, tok, [sc["prompt"]], **kw)
     torch.manual_seed(0)
     b = M.generate_image(ar, ids, mask, sc["ar_height"], sc["ar_width"],
                          M.MultinomialSampler(sc["cfg"], sc["temperature"]), pixel_values=pv, image_grid_thw=grid).bits
@@ -443,7 +444,7 @@ def test_bad_inputs(golden, ar, tok):
     with pytest.raises(ValueError, match=f"multiples of {ds}"):
         M.generate_image(ar, ids, mask, H + ds // 2, W, M.MultinomialSampler(sc["cfg"]))
     with pytest.raises(ValueError, match=f"multiples of {ds}"):
-        M.generate_bits(ar, tok, ["x"], ar_height=H, ar_width=W - 1)
+        P.generate_bits(ar, tok, ["x"], ar_height=H, ar_width=W - 1)
     with pytest.raises(ValueError, match="cfg must be >= 1"):
         M.generate_image(ar, ids, mask, H, W, M.MultinomialSampler(0.5))
     with pytest.raises(ValueError, match="temperature must be > 0"):
@@ -455,7 +456,7 @@ def test_bad_inputs(golden, ar, tok):
     with pytest.raises(ValueError, match="no pixel_values"):
         M.generate_image(ar, golden["edit.prefix_ids"], golden["edit.attention_mask"], H, W, M.MultinomialSampler(sc["cfg"]))
     with pytest.raises(ValueError, match="prompts must be"):
-        M.generate_bits(ar, tok, [], ar_height=H, ar_width=W)
+        P.generate_bits(ar, tok, [], ar_height=H, ar_width=W)
     with pytest.raises(ValueError, match="bits must be"):
         ar.teacher_forced_logits(ids[:1], mask[:1], golden["t2i.codes"][:, :1], out_grid(golden["t2i.pos_ids_all"],
                                                                                         golden["t2i.codes"].shape[1]))

@@ -122,9 +122,9 @@ def test_resume_after_a_kill(reference, tmp_path):
 
 def test_editing_records_find_their_input_image(tmp_path):
     """--image-root / --image-key as in the official launcher (the path in meta, or meta.meta): each sample is the
-    edit model.generate_bits + the decoder give for that picture, instruction and the sample's own seed."""
+    edit pipeline.generate_bits + the decoder give for that picture, instruction and the sample's own seed."""
     import load_hf
-    import model as M
+    import pipeline as P
 
     pic = toy.render(toy.parse_caption("a red square at the top left"))
     (tmp_path / "imgs").mkdir()
@@ -138,8 +138,8 @@ def test_editing_records_find_their_input_image(tmp_path):
     dec = load_hf.load_decoder(TOY)
     s = train.read_sample_defaults(TOY)
     for rec in recs:
-        seed = [M.sample_seed(3, rec["idx"], 0)]
-        bits = M.generate_bits(net, tok, [rec["prompt"]], ar_height=64, ar_width=64, cfg_scale=s["cfg"],
+        seed = [P.sample_seed(3, rec["idx"], 0)]
+        bits = P.generate_bits(net, tok, [rec["prompt"]], ar_height=64, ar_width=64, cfg_scale=s["cfg"],
                                temperature=s["temperature"], seed=seed, input_images=[tmp_path / "imgs" / "a.png"])
         want = dec.decode(bits, 64, 64, upsampling_ratio=s["upsample"], steps=s["steps"], guidance=s["decoder_cfg"],
                           seed=seed)[0].numpy()

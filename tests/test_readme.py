@@ -37,11 +37,11 @@ def _block_texts(code: str) -> tuple:
 def test_readme_python_api_example_runs(golden, golden_ckpt, tmp_path, monkeypatch, capsys):
     """The README's Python API block, run as written on the golden checkpoint, produces what it says: the template
     rendering the fixture's official prompts use, its tokens, the seeded bits of text-to-image and editing (those
-    model.generate_bits gives for the block's arguments; the same call reproduces the official e2e indices), the greedy
-    answer model.answer gives, and the decoder's images of those bits, the first saved as cube.png."""
+    pipeline.generate_bits gives for the block's arguments; the same call reproduces the official e2e indices), the greedy
+    answer pipeline.answer gives, and the decoder's images of those bits, the first saved as cube.png."""
     import bsq
     import load_hf
-    import model as M
+    import pipeline as P
 
     code = _api_block()
     first, rest = code.split("\n", 1)
@@ -72,19 +72,19 @@ def test_readme_python_api_example_runs(golden, golden_ckpt, tmp_path, monkeypat
         assert scope["ids"].tolist() == [row.tolist()] and scope["mask"].bool().all()
     # bits: the generate_bits call the block makes, a call that reproduces the official seeded e2e indices
     net, tok = load_hf.load_ar(golden_ckpt)
-    official = M.generate_bits(net, tok, s["prompt"], ar_height=H, ar_width=W, cfg_scale=s["cfg"],
+    official = P.generate_bits(net, tok, s["prompt"], ar_height=H, ar_width=W, cfg_scale=s["cfg"],
                                temperature=s["temperature"], seed=s["seed"])
     assert torch.equal(bsq.bits_to_indexes(official), golden["e2e.indices"])
     N = (H // net.cfg.downsample) * (W // net.cfg.downsample)
     assert scope["bits"].shape == (1, N, *net.bits_shape)
-    assert torch.equal(scope["bits"], M.generate_bits(net, tok, prompt, ar_height=H, ar_width=W, cfg_scale=1.5,
+    assert torch.equal(scope["bits"], P.generate_bits(net, tok, prompt, ar_height=H, ar_width=W, cfg_scale=1.5,
                                                       temperature=1.0, seed=0))
     photo = Image.open(tmp_path / "photo.png")
-    assert torch.equal(scope["edited"], M.generate_bits(net, tok, edit, ar_height=H, ar_width=W, cfg_scale=1.5, seed=0,
+    assert torch.equal(scope["edited"], P.generate_bits(net, tok, edit, ar_height=H, ar_width=W, cfg_scale=1.5, seed=0,
                                                         input_images=[photo]))
     assert not torch.equal(scope["bits"], scope["edited"])
-    # understanding: the printed line is model.answer's greedy answer
-    want = M.answer(net, tok, photo, question, max_new_tokens=32)
+    # understanding: the printed line is pipeline.answer's greedy answer
+    want = P.answer(net, tok, photo, question, max_new_tokens=32)
     assert want and printed == want + "\n"
     # pixels: the decoder's images of both bit sets, saved as generated.png and edited.png
     images = scope["images"]

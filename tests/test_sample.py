@@ -48,13 +48,13 @@ def greedy_answer(net, tok, image, question: str, max_new_tokens: int) -> list:
     """Greedy decoding written out: the chat prompt with the image, one full forward (no KV cache) per new token,
     argmax, stop before <|im_end|> / end of text. -> the new token ids."""
     import bsq
-    import model as M
+    import pipeline as P
 
     v = net.cfg.vision
     pv, grid = bsq.preprocess_image(image, patch_size=v.patch_size, merge_size=v.spatial_merge_size,
                                     temporal_patch_size=v.temporal_patch_size)
-    ids = torch.tensor([tok.encode(M.render_chat_prompt(question, int(grid[0].prod()) // v.merge_unit))])
-    stop, new = {tok.eos_id, tok.token_id(M.IM_END)}, []
+    ids = torch.tensor([tok.encode(P.render_chat_prompt(question, int(grid[0].prod()) // v.merge_unit))])
+    stop, new = {tok.eos_id, tok.token_id(P.IM_END)}, []
     with torch.no_grad():
         for _ in range(max_new_tokens):
             t = int(net.text_logits(ids, None, pv, grid)[0, -1].argmax())
@@ -67,10 +67,10 @@ def greedy_answer(net, tok, image, question: str, max_new_tokens: int) -> list:
 
 def test_understanding_prints_the_answer(golden, golden_ckpt, tmp_path, capsys):
     """`--image --question` prints the greedy answer of the checkpoint: exactly the text of a written-out greedy
-    decode (full forward per token, the fixture's image, at most --max-new-tokens tokens) and of model.answer called
+    decode (full forward per token, the fixture's image, at most --max-new-tokens tokens) and of pipeline.answer called
     with the same arguments; `--answer-temperature` / `--seed` reach the sampler."""
     import load_hf
-    import model as M
+    import pipeline as P
 
     path = tmp_path / "in.png"
     Image.fromarray(golden["vision.image_uint8"].numpy()).save(path)
@@ -82,10 +82,10 @@ def test_understanding_prints_the_answer(golden, golden_ckpt, tmp_path, capsys):
     new = greedy_answer(net, tok, str(path), question, k)
     assert new and len(new) <= k
     assert printed == tok.decode(new) + "\n"
-    assert printed == M.answer(net, tok, str(path), question, max_new_tokens=k) + "\n"
+    assert printed == P.answer(net, tok, str(path), question, max_new_tokens=k) + "\n"
     assert sample.main(base + ["--question", "what?", "--max-new-tokens", "6", "--answer-temperature", "1.5",
                                "--seed", "3"]) == 0
-    assert capsys.readouterr().out == M.answer(net, tok, str(path), "what?", max_new_tokens=6, temperature=1.5,
+    assert capsys.readouterr().out == P.answer(net, tok, str(path), "what?", max_new_tokens=6, temperature=1.5,
                                                seed=3) + "\n"
 
 
@@ -288,14 +288,14 @@ def test_answer_length_fits_the_position_budget(tmp_path, capsys, monkeypatch):
     import re
 
     import load_hf
-    import model as M
+    import pipeline as P
 
     img = tmp_path / "in.png"
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(img)
     assert load_hf.ar_config(sample.DEFAULT_CKPT).text.max_position_embeddings == 512
     seen = {}
     monkeypatch.setattr(load_hf, "load_ar", lambda *a, **k: (None, None))
-    monkeypatch.setattr(M, "answer", lambda *a, **k: seen.update(k) or "red")
+    monkeypatch.setattr(P, "answer", lambda *a, **k: seen.update(k) or "red")
     base = ["--image", str(img), "--question", "what color is it?", "--out", str(tmp_path / "o")]
     assert sample.main(base + ["--max-new-tokens", "5000"]) == 2 and not seen
     err = capsys.readouterr().err

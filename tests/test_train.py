@@ -72,15 +72,15 @@ def test_checkpoint_loads_and_matches_training_weights(smoke):
     assert net.image_processor.min_pixels == net.image_processor.max_pixels == train.TrainConfig.smoke().size ** 2
     # the evaluation's answers (batched, left padded, KV cache) are the greedy continuations a plain full forward
     # of the loaded model gives, stopped at the end of turn
-    import model as M
+    import pipeline as P
 
     qa = [toy.qa_example(i, "heldout", 5) for i in range(2)]
     ans = train.answers(net, tok, np.stack([e.image for e in qa]), [e.question for e in qa])
-    stop = {tok.eos_id, tok.token_id(M.IM_END)}
+    stop = {tok.eos_id, tok.token_id(P.IM_END)}
     for e, got in zip(qa, ans):
         pv, grid = train.to_pixels(e.image[None], net.cfg.vision)
         n_img = int(grid[0].prod()) // net.cfg.vision.merge_unit
-        ids = torch.tensor([tok.encode(M.render_chat_prompt(e.question, n_img))])
+        ids = torch.tensor([tok.encode(P.render_chat_prompt(e.question, n_img))])
         new = []
         with torch.no_grad():
             for _ in range(8):  # train.answers' max_new_tokens
@@ -259,9 +259,9 @@ def test_read_flips_flip_each_bit_with_probability_p():
 @pytest.fixture(scope="module")
 def smoke_net(tmp_path_factory):
     """An untrained smoke-size AR model (train.build) and the toy tokenizer."""
-    import model as M
+    import pipeline as P
 
-    tok = M.Tokenizer(toy.save_tokenizer(tmp_path_factory.mktemp("tok")))
+    tok = P.Tokenizer(toy.save_tokenizer(tmp_path_factory.mktemp("tok")))
     tc = train.TrainConfig.smoke()
     _, net, _ = train.build(tc, tok, torch.device("cpu"))
     return net.eval(), tok, tc
@@ -300,7 +300,7 @@ def test_answer_tokens_are_the_answers_and_the_end_of_turn(smoke_net):
     """In a stage-2 context the supervised text positions are exactly the answer's tokens and the <|im_end|> after
     each (nothing of the prompt, no padding, not the newline after the turn), in single-turn questions and in
     conversations, and the understanding loss is the mean cross-entropy over exactly those tokens."""
-    import model as M
+    import pipeline as P
 
     net, tok, tc = smoke_net
     qa = [toy.qa_example(i, "train", tc.seed, tc.size) for i in range(2)]
@@ -308,11 +308,11 @@ def test_answer_tokens_are_the_answers_and_the_end_of_turn(smoke_net):
     T = toy.Turn
     convs = [[T("user", e.question, e.image), T("model", a)] for e, a in zip(qa, answers)]
     ctx = train.build_context(tok, convs, 2, 2, 4)
-    end = tok.token_id(M.IM_END)
+    end = tok.token_id(P.IM_END)
     for b, a in enumerate(answers):
         row = ctx.ids[b][ctx.mask[b].bool()].tolist()
         flags = ctx.answers[b][ctx.mask[b].bool()].tolist()
-        want = tok.encode(M.render_chat_prompt(qa[b].question, 4)) + tok.encode(a) + [end]
+        want = tok.encode(P.render_chat_prompt(qa[b].question, 4)) + tok.encode(a) + [end]
         assert row[:len(want)] == want
         assert [t for t, f in zip(row, flags) if f] == tok.encode(a) + [end]
         assert flags == [False] * (len(want) - len(tok.encode(a)) - 1) + [True] * (len(tok.encode(a)) + 1) + \

@@ -1,5 +1,5 @@
 """Understanding gives the same answers on every path: `python sample.py --image X --question Q` (default flags),
-model.answer and the evaluation `python train.py --eval CKPT` report, answer by answer, on held-out toy questions of
+pipeline.answer and the evaluation `python train.py --eval CKPT` report, answer by answer, on held-out toy questions of
 the shipped checkpoints. One image-preprocessing decision per checkpoint: its preprocessor_config.json (the released
 layout's Qwen2-VL image-processor file), which the project's checkpoints write and every path reads; an invalid or
 missing file is a clear error."""
@@ -15,7 +15,7 @@ from PIL import Image
 
 import bsq
 import load_hf
-import model as M
+import pipeline as P
 import sample
 import toy
 import train
@@ -27,7 +27,7 @@ N = 32  # held-out questions (the evaluation's first batch)
 
 def evaluation(ckpt: Path, monkeypatch, capsys) -> tuple[dict, list]:
     """`python train.py --eval CKPT --eval-n N` in process -> (the JSON line it prints, its understanding answers in
-    question order). Its generation and editing decodes are stubbed (not under test here; they cost minutes)."""
+    question order). Its generation, editing and conversation tasks are stubbed (not under test here; they cost minutes)."""
     preds, answers = [], train.answers
 
     def spy(net, tok, images, questions):
@@ -38,6 +38,7 @@ def evaluation(ckpt: Path, monkeypatch, capsys) -> tuple[dict, list]:
     monkeypatch.setattr(train, "answers", spy)
     monkeypatch.setattr(train, "generate", lambda net, tok, dec, prompts, settings, **k: np.zeros(
         (len(prompts), settings["ar_size"][0], settings["ar_size"][0], 3), np.uint8))
+    monkeypatch.setattr(train, "conversation_scores", lambda *a: {})
     capsys.readouterr()
     assert train.main(["--eval", str(ckpt), "--eval-n", str(N)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
@@ -47,20 +48,20 @@ def evaluation(ckpt: Path, monkeypatch, capsys) -> tuple[dict, list]:
 
 @pytest.mark.parametrize("ckpt", [TOY, TOY_RL], ids=["toy", "toy-rl"])
 def test_python_api_answers_as_the_evaluation(ckpt, monkeypatch, capsys):
-    """model.answer (default arguments) on held-out questions of a shipped checkpoint: the evaluation's answer to
+    """pipeline.answer (default arguments) on held-out questions of a shipped checkpoint: the evaluation's answer to
     every question, so the same accuracy as `train.py --eval` reports (the issue: about half where it said 100%)."""
     qa = toy.heldout_questions(N)
     report, preds = evaluation(ckpt, monkeypatch, capsys)
     assert report["n"] == N and len(preds) == N
     net, tok = load_hf.load_ar(ckpt)
-    got = [M.answer(net, tok, e.image, e.question) for e in qa]
+    got = [P.answer(net, tok, e.image, e.question) for e in qa]
     assert got == preds
     correct = [toy.score_answer(p, e.answer) for p, e in zip(got, qa)]
     assert np.mean(correct) == report["understanding"]
     assert report["understanding"] >= 0.95, report  # the shipped bar: equal accuracies are also high ones
     # an image file and a PIL image are read as the array is
     img = Image.fromarray(qa[0].image)
-    assert M.answer(net, tok, img, qa[0].question) == preds[0]
+    assert P.answer(net, tok, img, qa[0].question) == preds[0]
 
 
 def test_command_line_answers_as_the_evaluation(tmp_path, monkeypatch, capsys):
@@ -100,7 +101,7 @@ def test_toy_checkpoints_keep_toy_images_at_their_size():
         assert json.loads((ckpt / bsq.PREPROCESSOR_CONFIG).read_text()) == json.loads(json.dumps(want.to_dict()))
         net, _ = load_hf.load_ar(ckpt)
         assert net.image_processor == want
-        pv, grid, n_img = M.understanding_inputs(net, [img])
+        pv, grid, n_img = P.understanding_inputs(net, [img])
         ref_pv, ref_grid = train.to_pixels(img[None], net.cfg.vision)
         assert torch.equal(pv, ref_pv) and torch.equal(grid, ref_grid) and n_img == [4]
     assert bsq.ImageProcessorConfig()(img)[1].tolist() == [[1, 16, 16]]  # the released processor: 64 tokens
@@ -188,9 +189,9 @@ def test_missing_processor_file_refuses_images_only(golden, tmp_path, capsys):
     ckpt = _ckpt_with(golden, tmp_path, None)
     net, tok = load_hf.load_ar(ckpt)
     assert net.image_processor is None
-    assert isinstance(M.answer(net, tok, None, "what?", max_new_tokens=2), str)  # text only needs no processor
+    assert isinstance(P.answer(net, tok, None, "what?", max_new_tokens=2), str)  # text only needs no processor
     with pytest.raises(ValueError, match="has no preprocessor_config.json"):
-        M.answer(net, tok, golden["vision.image_uint8"].numpy(), "what?", max_new_tokens=2)
+        P.answer(net, tok, golden["vision.image_uint8"].numpy(), "what?", max_new_tokens=2)
     Image.fromarray(golden["vision.image_uint8"].numpy()).save(tmp_path / "in.png")
     capsys.readouterr()
     rc = sample.main(["--ckpt", str(ckpt), "--image", str(tmp_path / "in.png"), "--question", "what?", "--out",

@@ -1,14 +1,14 @@
 """User text is tokenized as text: special-token strings typed into a prompt or a question never become control
 tokens, with both tokenizers (the fixture checkpoint's byte-level BPE, the toy checkpoint's word level). The
 templates' own tokens stay control tokens, and an ordinary prompt's ids are exactly what the whole rendered string
-gives (the official tokenization). The ids are caught where model.answer / model.generate_bits hand them to the
+gives (the official tokenization). The ids are caught where pipeline.answer / pipeline.generate_bits hand them to the
 model."""
 import types
 
 import pytest
 
 import load_hf
-import model as M
+import pipeline as P
 from conftest import ROOT, golden_dir
 
 ORDINARY = ["a red circle at the top left", "", "a cat.", "  two  spaces ", "line\nbreak", "what? yes, 3 of them",
@@ -34,7 +34,7 @@ def injection(tok) -> str:
 
 @pytest.fixture()
 def seen(monkeypatch):
-    """The ids model.answer / model.generate_bits pass to the model (the decoding itself is skipped)."""
+    """The ids pipeline.answer / pipeline.generate_bits pass to the model (the decoding itself is skipped)."""
     got = {}
 
     def text(model, ids, mask, *a, **k):
@@ -45,8 +45,8 @@ def seen(monkeypatch):
         got["ids"], got["mask"] = ids, mask
         return types.SimpleNamespace(bits=None)
 
-    monkeypatch.setattr(M, "generate_text", text)
-    monkeypatch.setattr(M, "generate_image", image)
+    monkeypatch.setattr(P, "generate_text", text)
+    monkeypatch.setattr(P, "generate_image", image)
     return got
 
 
@@ -61,29 +61,29 @@ def controls(tok, ids) -> list[int]:
 
 def test_question_cannot_add_control_tokens(ar, seen):
     net, tok = ar
-    M.answer(net, tok, None, "what color is it?")
+    P.answer(net, tok, None, "what color is it?")
     (plain,) = rows(seen)
-    M.answer(net, tok, None, injection(tok))
+    P.answer(net, tok, None, injection(tok))
     (injected,) = rows(seen)
     assert controls(tok, injected) == controls(tok, plain) == [tok.token_id(t) for t in (
-        M.IM_START, M.IM_END, M.IM_START)]  # the template's turn markers only
+        P.IM_START, P.IM_END, P.IM_START)]  # the template's turn markers only
     assert len(injected) > len(plain)  # the typed text is there, as text
     if tok.text_tk.model.__class__.__name__ == "BPE":  # byte level: the ids spell the typed text exactly
-        assert tok.decode(injected, skip_special_tokens=False) == str(M.render_chat_prompt(injection(tok)))
+        assert tok.decode(injected, skip_special_tokens=False) == str(P.render_chat_prompt(injection(tok)))
 
 
 def test_prompt_cannot_add_control_tokens(ar, seen):
     net, tok = ar
     side = 2 * net.cfg.downsample
-    M.generate_bits(net, tok, ["a red circle"], ar_height=side, ar_width=side, cfg_scale=1.5)
+    P.generate_bits(net, tok, ["a red circle"], ar_height=side, ar_width=side, cfg_scale=1.5)
     plain = rows(seen)
-    M.generate_bits(net, tok, [injection(tok)], ar_height=side, ar_width=side, cfg_scale=1.5)
+    P.generate_bits(net, tok, [injection(tok)], ar_height=side, ar_width=side, cfg_scale=1.5)
     injected = rows(seen)
     assert len(injected) == 2  # the prompt's row and the unconditional row
     for p, i in zip(plain, injected):
         assert controls(tok, i) == controls(tok, p)
-    assert controls(tok, injected[0]) == [tok.token_id(t) for t in (M.IM_START, M.IM_END, M.IM_START,
-                                                                     M.VISION_START)]
+    assert controls(tok, injected[0]) == [tok.token_id(t) for t in (P.IM_START, P.IM_END, P.IM_START,
+                                                                     P.VISION_START)]
 
 
 @pytest.mark.parametrize("text", ORDINARY)
@@ -92,25 +92,25 @@ def test_ordinary_text_keeps_the_official_ids(ar, seen, text):
     tokenizer (as the official processor does): the template's text around it is tokenized together with it."""
     net, tok = ar
     side = 2 * net.cfg.downsample
-    M.generate_bits(net, tok, [text], ar_height=side, ar_width=side, cfg_scale=1.0)
+    P.generate_bits(net, tok, [text], ar_height=side, ar_width=side, cfg_scale=1.0)
     grid = (side // net.cfg.downsample,) * 2
-    assert rows(seen) == [tok.tk.encode(str(M.render_generation_prompt(text, *grid)), add_special_tokens=False).ids]
-    M.answer(net, tok, None, text)
-    assert rows(seen) == [tok.tk.encode(str(M.render_chat_prompt(text)), add_special_tokens=False).ids]
+    assert rows(seen) == [tok.tk.encode(str(P.render_generation_prompt(text, *grid)), add_special_tokens=False).ids]
+    P.answer(net, tok, None, text)
+    assert rows(seen) == [tok.tk.encode(str(P.render_chat_prompt(text)), add_special_tokens=False).ids]
 
 
 def test_rendered_prompt_is_the_official_string():
     """A rendered prompt compares, prints and pickles as the official string; only its tokenization differs."""
     import pickle
 
-    p = M.render_chat_prompt("q<|im_end|>", 2, answer="a")
+    p = P.render_chat_prompt("q<|im_end|>", 2, answer="a")
     assert p == "<|im_start|>user\n<|vision_start|><|image_pad|><|image_pad|><|vision_end|>q<|im_end|><|im_end|>\n" \
                 "<|im_start|>assistant\na<|im_end|>"
     assert pickle.loads(pickle.dumps(p)).segments == p.segments
     assert [u for _, u in p.segments] == [False, True, False, True, False]
     assert isinstance(p + "x", str) and not hasattr(p + "x", "segments")
     with pytest.raises(ValueError):
-        M.Prompt("{} and {}", "one")
+        P.Prompt("{} and {}", "one")
 
 
 def test_user_text_is_tokenized_together_with_the_template_text_around_it(tmp_path):
@@ -130,9 +130,9 @@ def test_user_text_is_tokenized_together_with_the_template_text_around_it(tmp_pa
     for t in spec["added_tokens"]:
         t["id"] += 2
     (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
-    tok = M.Tokenizer(tmp_path)
+    tok = P.Tokenizer(tmp_path)
     for text, merged in (("a cat ", "Ġ<"), ("  two", "ĊĠ")):  # ' <image_gen>' and 'user\n ' are one pre-token
-        rendered = M.render_generation_prompt(text, 2, 2)
+        rendered = P.render_generation_prompt(text, 2, 2)
         ids = tok.tk.encode(str(rendered), add_special_tokens=False).ids
         assert vocab[merged] in ids
         assert tok.encode(rendered) == ids
