@@ -25,6 +25,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 import bsq
+import cli
 import load_hf
 import model as M
 import pipeline as P
@@ -307,7 +308,7 @@ def main(argv=None):
                    help="load-memory: the dtype loaded (float32: both float32 and bfloat16)")
     args = p.parse_args(argv)
     if args.bench != "load-memory":
-        args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        args.device = str(cli.resolve_device(args.device or "auto"))
     if args.threads:
         torch.set_num_threads(args.threads)
     with torch.no_grad():

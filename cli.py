@@ -18,6 +18,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
@@ -549,3 +550,22 @@ class SignalGuard:
             self._depth -= 1
         if self._depth == 0 and self.pending is not None:
             raise Interrupted(self.pending)
+
+
+def save_grid(images, path: Path, cols: int | None = None, gap: int = 0, zoom: int = 1) -> None:
+    """images (B, H, W, 3) uint8 (numpy or torch) -> one PNG, written atomically: `cols` per row (default: as square
+    a grid as possible), `gap` white pixels between them, enlarged `zoom` times (nearest, for tiny toy images)."""
+    from PIL import Image
+
+    images = np.asarray(images)
+    B, H, W, _ = images.shape
+    cols = cols or int(B**0.5 + 0.999)
+    rows = (B + cols - 1) // cols
+    canvas = np.full((rows * (H + gap), cols * (W + gap), 3), 255, np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, cols)
+        canvas[r * (H + gap):r * (H + gap) + H, c * (W + gap):c * (W + gap) + W] = im
+    big = Image.fromarray(canvas)
+    if zoom != 1:
+        big = big.resize((canvas.shape[1] * zoom, canvas.shape[0] * zoom), Image.NEAREST)
+    atomic_write(path, lambda tmp: big.save(tmp, format="PNG"))

@@ -47,6 +47,7 @@ import bsq
 from config_schema import known_fields
 from kernels import guide, rotate_half
 from kernels.attention import attention as kernel_attention
+from kernels.attention import build_mask
 from kernels.attention import use_kernel
 from kernels import bitwise
 
@@ -220,22 +221,9 @@ def mrope_cos_sin(pos_ids: torch.Tensor, inv_freq: torch.Tensor, section: Sequen
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def attention_mask(q_start: int, T: int, key_valid: torch.Tensor) -> torch.Tensor:
-    """Causal + key-padding mask, True = attend. key_valid (B, S) bool -> (B, 1, T, S).
-
-    Query t sits at absolute index q_start + t. A query always sees its own key, so left-padding rows (which see no
-    valid key) stay finite instead of turning into NaN.
-    """
-    S = key_valid.shape[1]
-    q_idx = torch.arange(q_start, q_start + T, device=key_valid.device)[:, None]
-    k_idx = torch.arange(S, device=key_valid.device)[None, :]
-    allowed = (k_idx <= q_idx)[None] & key_valid[:, None, :]
-    allowed = allowed | (k_idx == q_idx)[None]
-    return allowed[:, None]
-
-
 class KernelMask(NamedTuple):
-    """The mask of `attention_mask`, described instead of materialised: the flash kernel builds it per tile."""
+    """The causal + key-padding mask (kernels.attention.build_mask), described instead of materialised: the flash
+    kernel builds it per tile."""
     key_valid: torch.Tensor  # (B, S) bool; queries are the last T of the S keys
 
 
@@ -272,8 +260,7 @@ class KVCache:
     def begin(self, key_valid: torch.Tensor) -> torch.Tensor:
         """Register the validity of T new tokens; returns the validity of all keys they attend to, (B, length + T)."""
         T = key_valid.shape[1]
-        if self.length + T > self.k.shape[3]:
-            raise ValueError(f"KV cache overflow: {self.length} + {T} tokens > max_len {self.k.shape[3]}")
+        assert self.length + T <= self.k.shape[3], ("KV cache overflow", self.length, T, self.k.shape[3])
         self.valid[:, self.length:self.length + T] = key_valid
         return self.valid[:, :self.length + T]
 
@@ -347,14 +334,11 @@ def run_stack(layers, x, cos, sin, key_valid, cache: Optional[KVCache] = None, v
     """
     T = x.shape[1]
     if cache is not None:
-        start = cache.length
-        key_valid = cache.begin(key_valid)
-    else:
-        start = 0
+        key_valid = cache.begin(key_valid)  # the new tokens are the last T of the keys
     if use_kernel(x):
         mask = KernelMask(key_valid)
     else:
-        mask = attention_mask(start, T, key_valid)
+        mask = build_mask(T, key_valid.shape[1], causal=True, key_padding_mask=key_valid, device=x.device)
     for i, layer in enumerate(layers):
         x = layer(x, cos, sin, mask, cache, i)
         if deepstack is not None and i < len(deepstack):
@@ -409,15 +393,10 @@ def row_positions(toks: list, grids, start: int, cfg: UniARConfig) -> tuple[torc
     chunks, st, nxt = [], 0, start
     while cfg.image_token_id in toks[st:]:
         ed = toks.index(cfg.image_token_id, st)
-        if ed == 0 or toks[ed - 1] != cfg.vision_start_token_id:
-            raise ValueError(f"image token at {ed} is not announced by <|vision_start|>")
-        grid = next(grids, None)
-        if grid is None:
-            raise ValueError("more images in input_ids than rows in image_grid_thw")
-        t, h, w = grid
+        assert ed > 0 and toks[ed - 1] == cfg.vision_start_token_id, f"image token at {ed} not after <|vision_start|>"
+        t, h, w = next(grids)  # StopIteration: more images in the ids than grids
         n = t * (h // ms) * (w // ms)
-        if toks[ed:ed + n] != [cfg.image_token_id] * n:
-            raise ValueError(f"image with grid {(t, h, w)} needs {n} consecutive image tokens")
+        assert toks[ed:ed + n] == [cfg.image_token_id] * n, f"image with grid {(t, h, w)} needs {n} image tokens"
         chunks.append((torch.arange(ed - st) + nxt).expand(3, -1))
         img = image_positions(nxt + ed - st, t, h // ms, w // ms)
         chunks.append(img)
@@ -437,14 +416,9 @@ def get_rope_index(input_ids: torch.Tensor, image_grid_thw: Optional[torch.Tenso
     for b in range(B):
         keep = attention_mask[b].bool()
         toks = input_ids[b][keep].tolist()
-        if cfg.video_token_id in toks:
-            raise ValueError(f"row {b}: video tokens (id {cfg.video_token_id}) are not supported")
-        try:
-            pos[:, b, keep] = row_positions(toks, it, 0, cfg)[0].to(pos.device)
-        except ValueError as e:
-            raise ValueError(f"row {b}: {e}") from None
-    if next(it, None) is not None:
-        raise ValueError(f"image_grid_thw has {len(grids)} rows but input_ids contain fewer images")
+        assert cfg.video_token_id not in toks, f"row {b}: video tokens are not supported"
+        pos[:, b, keep] = row_positions(toks, it, 0, cfg)[0].to(pos.device)
+    assert next(it, None) is None, f"image_grid_thw has {len(grids)} rows, more than the images in input_ids"
     return pos
 
 
@@ -523,9 +497,7 @@ class UniAR(nn.Module):
             return x, None, None
         img = input_ids == self.cfg.image_token_id
         main, deep = self.visual.bits_to_llm_features(bits)  # (M, D), (L-1) x (M, D)
-        if main.shape[0] != int(img.sum()):
-            raise ValueError(f"the images give {main.shape[0]} tokens but input_ids hold {int(img.sum())} image "
-                             "placeholders (an image where none is expected, or a wrong grid)")
+        assert main.shape[0] == int(img.sum()), ("image tokens vs placeholders", main.shape[0], int(img.sum()))
         x = x.masked_scatter(img[..., None].expand_as(x), main.to(x.dtype))
         return x, img, deep
 
@@ -633,7 +605,7 @@ def cfg_guide(logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
     return torch.cat([g, g], dim=0)
 
 
-def sample_bits(logits: torch.Tensor, temperature: float, generator=None) -> torch.Tensor:
+def multinomial_bits(logits: torch.Tensor, temperature: float, generator=None) -> torch.Tensor:
     """Per-bit sampling, (B_all, ..., 2) logits -> (B_all, ...) int64 bits: one `torch.multinomial` over all bits of
     all rows, in the official order, so a seeded run reproduces the official draws. With a list of B generators (one
     per image of a batch whose rows are [cond; uncond] or [cond]), each image's rows draw from its own generator in
@@ -643,7 +615,7 @@ def sample_bits(logits: torch.Tensor, temperature: float, generator=None) -> tor
         out = torch.empty(logits.shape[:-1], dtype=torch.long, device=logits.device)
         for b, g in enumerate(generator):
             rows = list(range(b, logits.shape[0], B))  # the image's conditional row, then its unconditional one
-            out[rows] = sample_bits(logits[rows], temperature, g)
+            out[rows] = multinomial_bits(logits[rows], temperature, g)
         return out
     probs = (logits / temperature).flatten(0, -2).softmax(-1)  # (n_bits, 2)
     return torch.multinomial(probs, 1, generator=generator).view(logits.shape[:-1])
@@ -651,7 +623,7 @@ def sample_bits(logits: torch.Tensor, temperature: float, generator=None) -> tor
 
 @dataclass
 class MultinomialSampler:
-    """Guidance, then one multinomial draw per bit (`sample_bits`): the official sampler, seeded runs bit-identical."""
+    """Guidance, then one multinomial draw per bit (`multinomial_bits`): the official sampler, seeded runs bit-identical."""
     cfg_scale: float = 1.0
     temperature: float = 1.0
     generator: object = None  # None, a torch.Generator, or one per image
@@ -661,7 +633,7 @@ class MultinomialSampler:
 
     def __call__(self, logits: torch.Tensor, step: int) -> torch.Tensor:
         """Bit logits (B_all, L, U, d, 2) of AR step `step`, rows [cond; uncond] -> bits (B_all, L, U, d)."""
-        return sample_bits(cfg_guide(logits, self.cfg_scale), self.temperature, self.generator)
+        return multinomial_bits(cfg_guide(logits, self.cfg_scale), self.temperature, self.generator)
 
 
 @dataclass

@@ -441,7 +441,7 @@ def _main(argv, guard: cli.SignalGuard) -> int:
         if not args.no_eval:
             P.image_processor(net)  # the evaluation's understanding needs the checkpoint's preprocessor_config.json
         dec = load_hf.load_decoder(args.ckpt, device=device)
-        settings = train.read_sample_defaults(args.ckpt)
+        settings = cli.read_sample_settings(args.ckpt, required=True, defaults={})
     except (load_hf.CheckpointError, ValueError) as e:
         raise cli.UsageError(str(e)) from None
     tensors = cli.load_run_state(run_dir)[1] if args.resume else None

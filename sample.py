@@ -83,20 +83,6 @@ def release(device: torch.device) -> None:
         torch.mps.empty_cache()
 
 
-def save_grid(images: torch.Tensor, path: Path) -> None:
-    """images (B, H, W, 3) uint8 -> one PNG, as square a grid as possible."""
-    from PIL import Image
-
-    B, H, W, _ = images.shape
-    cols = int(B**0.5 + 0.999)
-    rows = (B + cols - 1) // cols
-    canvas = torch.full((rows * H, cols * W, 3), 255, dtype=torch.uint8)
-    for i, im in enumerate(images):
-        r, c = divmod(i, cols)
-        canvas[r * H:(r + 1) * H, c * W:(c + 1) * W] = im
-    cli.atomic_write(path, lambda tmp: Image.fromarray(canvas.numpy()).save(tmp, format="PNG"))
-
-
 def _ckpt_from_argv(argv: list) -> Path | None:
     """--ckpt read ahead of the full parser, so that --help can show the defaults of the checkpoint it will use."""
     pre = argparse.ArgumentParser(add_help=False)
@@ -297,7 +283,7 @@ def write_outputs(out: Path, images: torch.Tensor, bits, metadata: dict) -> list
         for name, im in zip(names, images):
             Image.fromarray(im.numpy()).save(folder / name, format="PNG")
         if len(images) > 1:
-            save_grid(images, folder / "grid.png")
+            cli.save_grid(images, folder / "grid.png")
         if bits is not None:
             from safetensors.torch import save_file
 

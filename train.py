@@ -13,10 +13,11 @@ The stages follow the paper's recipe at toy scale, with the released model's cla
     levels (bsq.VisionModel.training_forward: straight-through codes + the BSQ entropy loss) trained jointly with
     the diffusion decoder (decoder.MMDiT, rectified-flow loss conditioned on the codes' output projections), so the
     bits are whatever the decoder needs to redraw the image;
-  stage 2, the unified AR model (model.UniAR) on one shared context with the tokenizer frozen: text-to-image and
-    editing with the per-bit cross-entropy of parallel bitwise prediction (all L x U x d bits of a 32-px token
-    predicted at one step, model.UniAR.teacher_forced_logits), and understanding with the next-token loss on
-    answers (model.UniAR.text_logits), in every batch.
+  stage 2, the unified AR model (model.UniAR) on one shared context with the tokenizer frozen: every task is a
+    teacher-forced context in the chat format (ARLoss.context_loss): text-to-image and editing with the per-bit
+    cross-entropy of parallel bitwise prediction (all L x U x d bits of a 32-px token predicted at one step),
+    understanding with the next-token loss on answers, and toy conversations (toy.conversation_example: a drawing
+    or an edit of the user's picture, then questions about it and further edits) with both, in every batch.
 
 Departures from the paper / official code (whose tokenizer, decoder and SFT training code are not released):
     - The decoder works in pixel space (no VAE, 8-px patches) with a learned constant text context
@@ -29,7 +30,7 @@ Departures from the paper / official code (whose tokenizer, decoder and SFT trai
       the decoder from SD3); the mergers (the LLM side of the tokenizer) are trained in stage 2 with the AR model.
     - Stage 2 trains every AR task at once from scratch; the official recipe has pre-training and SFT stages.
     - Stage 2 flips each bit the AR model reads (input images, and the teacher-forced tokens of the image being
-      generated) with probability `read_flip_prob` (noisy_reading); the targets stay clean. The model thereby learns
+      generated) with probability `read_flip_prob` (read_flips); the targets stay clean. The model thereby learns
       to read codes near the ones it was trained on, which is what it meets at inference (its own sampled bits, and
       the held-out objects' codes, which no training image contains). Without read flips held-out editing
       collapses (the README has the table).
@@ -239,7 +240,9 @@ def bit_metrics(logits: torch.Tensor, bits: torch.Tensor) -> dict:
 
 
 def read_flips(bits: torch.Tensor, p: float, g: torch.Generator) -> torch.Tensor:
-    """What the AR model reads: each bit flipped with probability p (the targets stay the clean bits)."""
+    """What the AR model reads: each bit flipped with probability p (the targets stay the clean bits). The official
+    tokenizer has a knob of its own, `bsq_flip_prob`, that flips the projected codes before normalisation with a
+    strength drawn uniformly in [0, p] at every call; a fixed p on the bits is what the toy recipe needs."""
     if p <= 0:
         return bits
     flip = (torch.rand(bits.shape, generator=g) < p).to(bits.device)
@@ -691,19 +694,6 @@ def reconstruct(vision, dec, images: np.ndarray, settings: dict) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def save_grid(images: np.ndarray, path: Path, cols: int = 8) -> None:
-    from PIL import Image
-
-    B, S = images.shape[:2]
-    rows = (B + cols - 1) // cols
-    canvas = np.full((rows * (S + 2), cols * (S + 2), 3), 255, np.uint8)
-    for i, im in enumerate(images):
-        r, c = divmod(i, cols)
-        canvas[r * (S + 2):r * (S + 2) + S, c * (S + 2):c * (S + 2) + S] = im
-    big = Image.fromarray(canvas).resize((canvas.shape[1] * 2, canvas.shape[0] * 2), Image.NEAREST)
-    cli.atomic_write(path, big.save)
-
-
 def plot_history(meta: dict, folder: Path) -> None:
     import matplotlib
 
@@ -750,7 +740,7 @@ def setup_distributed(device: torch.device) -> tuple[int, int]:
 def eval_main(ckpt: Path, device, n: int) -> int:
     try:
         load_hf.resolve_part(ckpt, "ar_model")  # a missing folder first, as it is the likelier mistake
-        settings = {**sample_defaults(TrainConfig()), **read_sample_defaults(ckpt)}
+        settings = {**sample_defaults(TrainConfig()), **cli.read_sample_settings(ckpt, required=True, defaults={})}
         net, tok = load_hf.load_ar(ckpt, device=device)
         P.image_processor(net)  # understanding needs the checkpoint's preprocessor_config.json
         dec = load_hf.load_decoder(ckpt, device=device)
@@ -791,12 +781,6 @@ def score_run(run_dir: Path) -> dict:
     return out
 
 
-def read_sample_defaults(ckpt: Path) -> dict:
-    """The fields of the checkpoint's uniar_sample.json, checked (cli.UsageError, a ValueError, naming the file and
-    field; also when the file is missing)."""
-    return cli.read_sample_settings(ckpt, required=True, defaults={})
-
-
 SEED_MAX = 2**32 - 1  # step_seed multiplies the seed by ~6.4e7: this keeps every step's seed within manual_seed's range
 
 
@@ -816,8 +800,8 @@ def stage1_report(vision, dec, settings: dict, meta: dict, run_dir: Path, size: 
     rec = reconstruction_score(vision, dec, settings)
     meta["reconstruction_heldout"] = rec
     ex = [toy.t2i_example(i, "heldout", toy.EVAL_SEED, size).image for i in range(8)]
-    save_grid(np.concatenate([np.stack(ex), reconstruct(vision, dec, np.stack(ex), settings)]),
-              run_dir / "stage1_reconstructions.png")
+    cli.save_grid(np.concatenate([np.stack(ex), reconstruct(vision, dec, np.stack(ex), settings)]),
+                  run_dir / "stage1_reconstructions.png", 8, 2, 2)
     print(f"stage 1: held-out images decoded back to their scene: {rec:.1%}", file=sys.stderr)
 
 
@@ -944,7 +928,7 @@ def _main(argv, guard: cli.SignalGuard) -> int:
         load_hf.save_checkpoint(out, ar=net, tokenizer_dir=tok_dir, vision=vision, decoder=dec,
                                 sample_defaults=settings, run_id=meta["run_id"])
         prompts = toy.heldout_prompts(16)
-        save_grid(generate(net, tok, dec, prompts, settings), run_dir / "stage2_samples.png")
+        cli.save_grid(generate(net, tok, dec, prompts, settings), run_dir / "stage2_samples.png", 8, 2, 2)
         seconds = meta.get("time_s", {})
         metrics = {"config": asdict(tc), "world": world, "time_stage1_s": round(seconds.get("stage1", 0.0), 1),
                    "time_stage2_s": round(seconds.get("stage2", 0.0), 1),

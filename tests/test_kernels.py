@@ -158,7 +158,7 @@ def test_model_attention_equals_kernel():
 
     q, k, v = _qkv(2, 4, 2, 6, 20, 64, seed=3)
     pad = _left_pad(2, 20, 7)
-    mask = model.attention_mask(14, 6, pad)
+    mask = A.build_mask(6, 20, causal=True, key_padding_mask=pad)
     ref = model.attention(q, k, v, mask)
     got = A.attention(q, k, v, causal=True, key_padding_mask=pad, backend="triton")
     assert (got - ref).abs().max().item() <= 1e-5

@@ -537,3 +537,35 @@ def test_bit_head_variants_against_plain_torch(golden, ar, cfg, variant):
                            sc["ar_width"], s)
     want = plain_bit_head(variant, sd, bit_head_inputs(ar, out.bits, golden), eps)
     assert_close_rel(s.step_logits[:1], want, 1e-5, variant)
+
+
+# ----- MRoPE, worked out by hand -----
+
+def test_mrope_positions_worked_example(cfg):
+    """Text, a 2x2-token image (a 4x4 patch grid), text, left padded by two: the ids written out. The image's tokens
+    sit at (s, s + row, s + col) with s = 3, the id after the text before it; the text after it continues at
+    s + max(rows, cols) = 5 on all three axes; padding gets 1."""
+    vs, img, ve = cfg.vision_start_token_id, cfg.image_token_id, cfg.vision_end_token_id
+    row = [7, 8, vs, img, img, img, img, ve, 9]
+    ids = torch.tensor([[0, 0] + row])
+    mask = torch.tensor([[0, 0] + [1] * len(row)])
+    pos = M.get_rope_index(ids, torch.tensor([[1, 4, 4]]), mask, cfg)
+    assert pos[:, 0].tolist() == [[1, 1, 0, 1, 2, 3, 3, 3, 3, 5, 6],   # t
+                                  [1, 1, 0, 1, 2, 3, 3, 4, 4, 5, 6],   # h
+                                  [1, 1, 0, 1, 2, 3, 4, 3, 4, 5, 6]]   # w
+    assert M.row_positions(row, iter([(1, 4, 4)]), 10, cfg)[1] == 10 + 7  # the next free position after the row
+
+
+def test_mrope_frequencies_interleave_t_h_w(cfg):
+    """Interleaved MRoPE: frequency j reads the h position when j % 3 == 1 (j < 3 * section[1]), the w position when
+    j % 3 == 2 (j < 3 * section[2]), the t position otherwise (THWTHW...TT)."""
+    tc = cfg.text
+    inv = M.mrope_inv_freq(tc)
+    pos = torch.tensor([10, 200, 3000]).view(3, 1, 1)
+    cos, _ = M.mrope_cos_sin(pos, inv, tc.mrope_section, torch.float64)
+    sec = tc.mrope_section
+    axis = [1 if j % 3 == 1 and j < 3 * sec[1] else 2 if j % 3 == 2 and j < 3 * sec[2] else 0
+            for j in range(tc.head_dim // 2)]
+    want = torch.tensor([float([10, 200, 3000][a]) for a in axis]) * inv
+    assert torch.allclose(cos[0, 0, :tc.head_dim // 2].double(), torch.cos(want.float()).double(), atol=1e-6)
+    assert {0, 1, 2} <= set(axis)

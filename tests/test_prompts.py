@@ -14,6 +14,7 @@ from PIL import Image
 
 import sample
 import toy
+import cli
 import train
 from conftest import ROOT
 
@@ -136,7 +137,7 @@ def test_editing_records_find_their_input_image(tmp_path):
          tmp_path / "out", "--seed", 3])
     net, tok = load_hf.load_ar(TOY)
     dec = load_hf.load_decoder(TOY)
-    s = train.read_sample_defaults(TOY)
+    s = cli.read_sample_settings(TOY, required=True, defaults={})
     for rec in recs:
         seed = [P.sample_seed(3, rec["idx"], 0)]
         bits = P.generate_bits(net, tok, [rec["prompt"]], ar_height=64, ar_width=64, cfg_scale=s["cfg"],
@@ -208,7 +209,7 @@ def test_score_of_a_prompt_file_run_equals_the_evaluation(tmp_path, capsys):
 
     net, tok = load_hf.load_ar(TOY)
     dec = load_hf.load_decoder(TOY)
-    settings = {**train.sample_defaults(train.TrainConfig()), **train.read_sample_defaults(TOY)}
+    settings = {**train.sample_defaults(train.TrainConfig()), **cli.read_sample_settings(TOY, required=True, defaults={})}
     want = train.evaluate(net, tok, dec, settings=settings, n=16)
     assert got["samples"] == 16 and got["overall"] == want["generation"]
     assert {k: v for k, v in got.items() if k.startswith("generation_")} == \

@@ -118,6 +118,8 @@ NOT_RUN = {  # README commands the suite does not run, and why
     "python train.py --score": "tests/test_prompts.py (test_score_of_a_prompt_file_run_equals_the_evaluation)",
 }
 RUN = {  # the rest: the test below that runs the command and checks its outcome
+    "python sample.py --chat-file": "test_chat_file_draws_and_answers_from_the_context",
+    "python sample.py --chat\n": "test_chat_file_draws_and_answers_from_the_context (the same loop, lines from stdin)",
     "python sample.py\n": "test_sample_with_no_argument",
     "python sample.py --": "test_command_line_examples_on_the_toy_checkpoint",
     "python train.py --eval checkpoints/toy": "tests/test_shipped.py (the scores printed are the README's)",
@@ -174,7 +176,8 @@ def test_command_line_examples_on_the_toy_checkpoint(workdir):
     """The README's sample.py commands with `--ckpt UniAR-RL` replaced by the shipped toy checkpoint (and the GRPO
     checkpoint's command as written): the text-to-image prompts are drawn as the toy evaluator reads them, the edit
     shows the edited scene, and the printed answer is the right one."""
-    cmds = [c for c in bash_commands() if c.startswith("python sample.py --") and "--prompts" not in c]
+    cmds = [c for c in bash_commands() if c.startswith("python sample.py --") and "--prompts" not in c
+            and "--chat" not in c]
     kinds = set()
     for cmd in cmds:
         argv = shlex.split(cmd.replace("--ckpt UniAR-RL", "--ckpt checkpoints/toy"))
@@ -231,3 +234,45 @@ def test_part_sizes_command_prints_the_table():
     assert len(printed) == len(list((ROOT / "tests" / "fixtures" / "manifests").glob("*.json"))) >= 5
     for gb in printed:
         assert any(abs(gb - c) <= 0.05 + 1e-9 for c in column), (gb, column)
+
+
+def test_every_name_of_the_reading_tour_exists():
+    """The README's "Reading the paper with the code" table: one function (or a few) per idea, and every name it
+    gives exists in the file it names."""
+    import importlib
+    import re
+
+    text = README.read_text()
+    table = text[text.index("| idea of the paper | where |"):text.index("## Files")]
+    rows = [r for r in table.splitlines() if r.startswith("| ") and not r.startswith("| idea")]
+    assert len(rows) >= 15
+    for row in rows:
+        where = row.rsplit("|", 2)[1]
+        for part in where.split(";"):
+            m = re.match(r"\s*`([\w/]+)\.py`: (.*)", part)
+            assert m, row
+            module = importlib.import_module(m.group(1).replace("/__init__", "").replace("/", "."))
+            for name in re.findall(r"`([\w.]+)`", m.group(2)):
+                obj = module
+                for attr in name.split("."):
+                    obj = getattr(obj, attr, None)
+                    assert obj is not None, f"{m.group(1)}.py has no {name} ({row})"
+
+
+def test_chat_file_draws_and_answers_from_the_context(workdir):
+    """The README's --chat-file command on the toy checkpoint with a two-turn script: the drawing shows the prompt
+    (toy evaluator), the answer is the truth about the drawn image, and the transcript names the file written; typed
+    on stdin (--chat) the same turns give the same answer."""
+    cmd = next(c for c in bash_commands() if c.startswith("python sample.py --chat-file"))
+    (workdir / "turns.txt").write_text("/draw a red circle at the top left\nwhat color is the circle?\n")
+    r = run_here(workdir, cmd)
+    out = shlex.split(cmd)[shlex.split(cmd).index("--out") + 1]
+    image = workdir / out / "chat_00.png"
+    assert r.stdout.splitlines() == ["user: /draw a red circle at the top left", f"model: {Path(out) / 'chat_00.png'}",
+                                     "user: what color is the circle?", "model: red"]
+    assert toy.score_image(np.asarray(Image.open(image).convert("RGB")), "a red circle at the top left")["correct"]
+    argv = [sys.executable, str(ROOT / "sample.py"), "--chat", "--out", str(workdir / "typed")]
+    typed = subprocess.run(argv, cwd=workdir, input=(workdir / "turns.txt").read_text(), capture_output=True,
+                           text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert typed.returncode == 0 and typed.stdout.splitlines()[-1] == "model: red", typed.stderr[-2000:]
+    assert (workdir / "typed" / "chat_00.png").read_bytes() == image.read_bytes()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import toy
-from model import Tokenizer, render_chat_prompt, render_generation_prompt
+from pipeline import Tokenizer, render_chat_prompt, render_generation_prompt
 
 
 def blur_noise(img: np.ndarray, rng, sigma_blur=1.0, sigma_noise=0.05) -> np.ndarray:
