@@ -263,7 +263,7 @@ def test_per_bit_logps_kl_zero_for_a_copy(small_ckpt):
     net, tok = load_hf.load_ar(small_ckpt[0])
     ref = copy.deepcopy(net)
     S = small_ckpt[1].size
-    ids, mask, _, _ = __import__("model").build_generation_batch(net, tok, ["a red square at the top left"] * 2, S, S,
+    ids, mask, _, _ = __import__("pipeline").build_generation_batch(net, tok, ["a red square at the top left"] * 2, S, S,
                                                                   1.0)
     g = S // net.cfg.downsample
     bits = torch.randint(0, 2, (2, g * g, *net.bits_shape))
