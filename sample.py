@@ -26,8 +26,17 @@ from pathlib import Path
 # this when it is imported, so it is set first; a value the user set is kept).
 os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
 import torch
+import torch.distributed as dist
+from PIL import Image
+from safetensors.torch import save_file
+from tokenizers import models
+from tqdm import tqdm
 
+import bsq
 import cli
+import decoder as D
+import load_hf
+import pipeline as P
 
 DEFAULT_CKPT = Path(__file__).resolve().parent / "checkpoints" / "toy"
 MAX_NEW_TOKENS = 1024  # understanding: the default answer limit, lowered to what the position budget leaves
@@ -44,8 +53,6 @@ def parse_size(s: str) -> tuple[int, int]:
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """--dtype: 'auto' is the device's default (load_hf.default_dtype: bf16 on CUDA, fp32 on MPS and CPU)."""
     if name == "auto":
-        import load_hf
-
         return load_hf.default_dtype(device)
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
@@ -167,8 +174,6 @@ def main(argv=None) -> int:
 def _main(argv: list) -> int:
     named = _ckpt_from_argv(argv)
     if named is not None:
-        import load_hf
-
         try:
             named = load_hf.resolve_checkpoint(named)  # a folder, or a hub id through the local hub cache
         except load_hf.CheckpointError as e:
@@ -178,8 +183,6 @@ def _main(argv: list) -> int:
     ap = build_parser(defaults, ckpt, (Path(ckpt) / cli.SAMPLE_JSON).is_file())
     args = ap.parse_args(argv)
 
-    import load_hf
-    import pipeline as P
 
     if args.ckpt is None and not (DEFAULT_CKPT / "config.json").exists():
         raise cli.UsageError(f"no --ckpt given and the project's toy checkpoint does not exist yet ({DEFAULT_CKPT}); "
@@ -275,8 +278,6 @@ def write_outputs(out: Path, images: torch.Tensor, bits, metadata: dict) -> list
     one set: staged completely, then switched in under a lock (cli.replace_folder), replacing exactly the files the
     previous run wrote there. Concurrent runs with the same --out never leave a mix, a killed run leaves the
     previous set, and the user's other files in --out are never touched."""
-    from PIL import Image
-
     names = [f"sample_{i:02d}.png" for i in range(len(images))]
 
     def write(folder: Path) -> None:
@@ -285,9 +286,6 @@ def write_outputs(out: Path, images: torch.Tensor, bits, metadata: dict) -> list
         if len(images) > 1:
             cli.save_grid(images, folder / "grid.png")
         if bits is not None:
-            from safetensors.torch import save_file
-
-            import bsq
             save_file({"bits": bits.cpu().contiguous(), "indices": bsq.bits_to_indexes(bits).cpu().contiguous()},
                       str(folder / "bits.safetensors"), metadata=metadata)
 
@@ -330,9 +328,6 @@ def check_flags(args, upsample: float) -> tuple[torch.device, torch.dtype]:
 
 def _ar_parts(ckpt: Path):
     """(config, tokenizer, folder) of the AR part: configs, safetensors headers and tokenizer files only."""
-    import load_hf
-    import pipeline as P
-
     root = load_hf.resolve_part(ckpt, "ar_model")
     cfg = load_hf.ar_config(root)
     try:
@@ -344,8 +339,6 @@ def _ar_parts(ckpt: Path):
 
 def decoder_geometry(ckpt: Path) -> tuple[int, int]:
     """(pixels per decoder token = VAE scale x patch size, pos_embed_max_size) from the decoder's configs."""
-    import load_hf
-
     tcfg, vcfg = load_hf.transformer_config(ckpt), load_hf.vae_config(ckpt)
     return (1 if vcfg is None else vcfg.scale) * tcfg.patch_size, tcfg.pos_embed_max_size
 
@@ -353,8 +346,6 @@ def decoder_geometry(ckpt: Path) -> tuple[int, int]:
 def warn_unknown_words(tok, text: str, flag: str, root: Path) -> None:
     """A word-level tokenizer (the toy's) reads words outside its vocabulary as <unk>, which the model never saw in
     a meaningful place: say so, with the vocabulary, instead of drawing something else silently."""
-    from tokenizers import models
-
     model = tok.tk.model
     if not isinstance(model, models.WordLevel) or not text:
         return
@@ -371,8 +362,6 @@ def warn_unknown_words(tok, text: str, flag: str, root: Path) -> None:
 
 def check_image(path, flag: str = "--image") -> None:
     """A readable image file, within PIL's decompression-bomb limit (ValueError naming the flag)."""
-    import bsq
-
     try:
         bsq.load_image(path)
     except ValueError as e:
@@ -383,9 +372,6 @@ def check_generation_plan(ckpt: Path, args, ar_h: int, ar_w: int, upsample: floa
                           editing: bool | None = None) -> None:
     """--ar-size / --upsample against the AR grid, the position budget and the decoder, for --prompt or every prompt
     of a file (ValueError naming the flag)."""
-    import decoder as D
-    import pipeline as P
-
     cfg, tok, root = _ar_parts(ckpt)
     if prompts is None:
         prompts, editing = [args.prompt], args.image is not None
@@ -416,9 +402,6 @@ def check_generation_plan(ckpt: Path, args, ar_h: int, ar_w: int, upsample: floa
 def check_understanding_plan(ckpt: Path, args) -> None:
     """--image readable, and --max-new-tokens within what the position budget leaves after the prompt (default:
     min(MAX_NEW_TOKENS, that room))."""
-    import load_hf
-    import pipeline as P
-
     cfg, tok, root = _ar_parts(ckpt)
     check_image(args.image)
     v = cfg.vision
@@ -500,12 +483,9 @@ def sample_path(run_dir: Path, idx: int, k: int) -> Path:
 
 def setup_ranks(device: torch.device) -> tuple[int, int, torch.device]:
     """(rank, world, device) under torchrun (gloo on CPU, NCCL on GPUs; one GPU per process), else (0, 1, device)."""
-    import os
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, device
-    import torch.distributed as dist
 
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -516,8 +496,6 @@ def setup_ranks(device: torch.device) -> tuple[int, int, torch.device]:
 
 def barrier(world: int) -> None:
     if world > 1:
-        import torch.distributed as dist
-
         dist.barrier()
 
 
@@ -540,8 +518,6 @@ def run_prompts(args, ckpt: Path, defaults: dict) -> int:
         if not f.is_file():
             raise cli.UsageError(f"--image-root: the input image of record idx {idx} does not exist: {f}")
     device, dtype = check_flags(args, upsample)
-    import load_hf
-    import pipeline as P
 
     try:
         check_generation_plan(ckpt, args, ar_h, ar_w, upsample, [r["prompt"] for r in records], editing)
@@ -566,8 +542,6 @@ def run_prompts(args, ckpt: Path, defaults: dict) -> int:
     mine = pending[rank::world]
     net, tok = load_hf.load_ar(ckpt, dtype=dtype, device=device)
     dec = load_hf.load_decoder(ckpt, dtype=dtype, device=device, cache_dir=args.cache_dir)
-    from PIL import Image
-    from tqdm import tqdm
 
     bar = tqdm(total=len(mine), desc="samples", unit="img", disable=rank != 0 and world > 1)
     for i in range(0, len(mine), args.batch_size):
@@ -591,8 +565,6 @@ def run_prompts(args, ckpt: Path, defaults: dict) -> int:
         print(f"{run_dir}: {len(jobs) - len(missing)} of {len(jobs)} samples" +
               (f"; missing: {missing[:5]}" if missing else ""), file=sys.stderr)
     if world > 1:
-        import torch.distributed as dist
-
         dist.destroy_process_group()
     return 0
 
@@ -628,10 +600,6 @@ def run_chat(args, ckpt: Path, defaults: dict) -> int:
     to a PNG in --out (its path printed), each other line answered from the context, which holds every earlier turn
     and image. A mistake in a scripted file is one error line naming the file and line (exit 2); typed, it is said
     and the chat goes on."""
-    import load_hf
-    import pipeline as P
-    from PIL import Image
-
     if args.chat and args.chat_file is not None:
         raise cli.UsageError("give --chat (typed) or --chat-file FILE (scripted), not both")
     ar_h, ar_w = args.ar_size or defaults["ar_size"]
