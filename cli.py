@@ -569,3 +569,14 @@ def save_grid(images, path: Path, cols: int | None = None, gap: int = 0, zoom: i
     if zoom != 1:
         big = big.resize((canvas.shape[1] * zoom, canvas.shape[0] * zoom), Image.NEAREST)
     atomic_write(path, lambda tmp: big.save(tmp, format="PNG"))
+
+
+def add_run_flags(ap: argparse.ArgumentParser, run_dir: Path, what: str, checkpoint: str) -> None:
+    """The flags train.py and rl.py share: --run-dir (`what` it holds), --out (the `checkpoint` written), --resume,
+    --overwrite."""
+    ap.add_argument("--run-dir", type=Path, default=run_dir,
+                    help=f"{what} (default: {run_dir.parent.name}/{run_dir.name})")
+    ap.add_argument("--out", type=Path, default=None, help=f"{checkpoint} folder (default: <run-dir>/checkpoint)")
+    ap.add_argument("--resume", action="store_true", help=f"continue from <run-dir>/{STATE_FILE}")
+    ap.add_argument("--overwrite", action="store_true", help="start over in a run folder that holds a state, and "
+                    "replace an --out folder this run did not write")

@@ -381,12 +381,7 @@ def parse_args(argv) -> tuple[argparse.Namespace, RLConfig]:
     """The command line -> (flags, RLConfig), every value checked (cli.UsageError naming the flag)."""
     ap = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", type=Path, default=ROOT / "checkpoints" / "toy", help="starting checkpoint")
-    ap.add_argument("--run-dir", type=Path, default=ROOT / "runs" / "rl",
-                    help="plots, metrics, GRPO state (default: runs/rl)")
-    ap.add_argument("--out", type=Path, default=None, help="RL checkpoint folder (default: <run-dir>/checkpoint)")
-    ap.add_argument("--resume", action="store_true", help=f"continue from <run-dir>/{cli.STATE_FILE}")
-    ap.add_argument("--overwrite", action="store_true", help="start over in a run folder that holds a state, and "
-                    "replace an --out folder this run did not write")
+    cli.add_run_flags(ap, ROOT / "runs" / "rl", "plots, metrics, GRPO state", "RL checkpoint")
     ap.add_argument("--save-every", type=int, default=10, help="save the GRPO state every this many steps "
                     "(default 10; Ctrl-C / SIGTERM also save it)")
     ap.add_argument("--stop-after", type=int, default=None, help="stop (saving the state) after this many steps in "

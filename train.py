@@ -820,12 +820,7 @@ def world_size() -> int:
 def _main(argv, guard: cli.SignalGuard) -> int:
     guard.run_dir = None
     ap = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run-dir", type=Path, default=ROOT / "runs" / "toy",
-                    help="plots, metrics, training state (default: runs/toy)")
-    ap.add_argument("--out", type=Path, default=None, help="final checkpoint folder (default: <run-dir>/checkpoint)")
-    ap.add_argument("--resume", action="store_true", help=f"continue from <run-dir>/{cli.STATE_FILE}")
-    ap.add_argument("--overwrite", action="store_true", help="start over in a run folder that holds a state, and "
-                    "replace an --out folder this run did not write")
+    cli.add_run_flags(ap, ROOT / "runs" / "toy", "plots, metrics, training state", "final checkpoint")
     ap.add_argument("--smoke", action="store_true", help="the tests' tiny, one-minute configuration")
     ap.add_argument("--eval", type=Path, metavar="CKPT", help="only evaluate a checkpoint; print one JSON line")
     ap.add_argument("--score", type=Path, metavar="RUN_DIR", help="only score a `sample.py --prompts` run of toy "
