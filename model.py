@@ -190,6 +190,10 @@ def head_variant_from_keys(keys) -> str:
 
 
 class RMSNorm(nn.Module):
+    """x / rms(x) * weight, the statistics in fp32, cast back to the input's dtype before the weight (Qwen3's order;
+    decoder.RMSNorm casts to the weight's dtype, as diffusers and T5 do, so the two round differently under mixed
+    dtypes and each follows its own reference)."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
