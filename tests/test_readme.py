@@ -276,3 +276,27 @@ def test_chat_file_draws_and_answers_from_the_context(workdir):
                            text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert typed.returncode == 0 and typed.stdout.splitlines()[-1] == "model: red", typed.stderr[-2000:]
     assert (workdir / "typed" / "chat_00.png").read_bytes() == image.read_bytes()
+
+
+def test_conversation_example_reads_its_own_drawing(monkeypatch, capsys):
+    """The Conversations section's Python block, run on the shipped toy checkpoint: it draws the prompt (toy
+    evaluator on the decoded bits), prints the answer that is true of its own drawing, read from the context, and its
+    edit turn draws an image of the same size."""
+    import load_hf
+    import pipeline
+
+    section = README.read_text().split("## Conversations: one shared context", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    net, tok = load_hf.load_ar(ROOT / "checkpoints" / "toy")
+    dec = load_hf.load_decoder(ROOT / "checkpoints" / "toy")
+    capsys.readouterr()
+    scope = {"pipeline": pipeline, "net": net, "tok": tok}
+    exec(code, scope)
+    image = dec.decode(scope["bits"], 64, 64, upsampling_ratio=1.0, steps=10, guidance=1.5, seed=0)[0].numpy()
+    prompt = re.search(r'chat.draw\("([^"]+)"', code).group(1)
+    assert toy.score_image(image, prompt)["correct"]
+    shape = re.search(r'chat.ask\("what color is the (\w+)\?"\)', code).group(1)
+    truth = next(o.color for o in toy.read_scene(image) if o.shape == shape)
+    assert capsys.readouterr().out == truth + "\n"
+    assert scope["edited"].shape == scope["bits"].shape
+    assert len(scope["chat"].ctx.images) == 2  # both drawings stay in the context, as bits
