@@ -260,16 +260,23 @@ def _segment_attention(q, k, v, cu_seqlens: list[int]) -> torch.Tensor:
     """Bidirectional attention restricted to each image / frame. q, k, v: (H, Np, hd) -> (Np, H * hd).
 
     On CUDA without autograd (or UNIAR_KERNELS=triton) one variable-length flash kernel launch (kernels/attention.py)
-    covers every image; elsewhere one SDPA call per image.
+    covers every image; elsewhere one batched SDPA call when the images have one size (a training batch), else one
+    call per image.
     """
+    H, Np, hd = q.shape
+    sizes = {e - s for s, e in zip(cu_seqlens[:-1], cu_seqlens[1:])}
     if use_kernel(q):
         cu = torch.tensor(cu_seqlens, device=q.device)
         o = kernel_attention(q[None], k[None], v[None], cu_seqlens=cu, backend="triton")[0]
+    elif len(sizes) == 1 and len(cu_seqlens) > 2:
+        n = Np // sizes.pop()
+        q, k, v = (t.reshape(H, n, -1, hd).transpose(0, 1) for t in (q, k, v))  # (images, H, n_patches, hd)
+        o = F.scaled_dot_product_attention(q, k, v).transpose(0, 1).reshape(H, Np, hd)
     else:
         out = [F.scaled_dot_product_attention(q[:, s:e], k[:, s:e], v[:, s:e])
                for s, e in zip(cu_seqlens[:-1], cu_seqlens[1:])]
         o = torch.cat(out, dim=1) if len(out) > 1 else out[0]  # (H, Np, hd)
-    return o.transpose(0, 1).reshape(q.shape[1], -1)
+    return o.transpose(0, 1).reshape(Np, -1)
 
 
 class VisionAttention(nn.Module):
