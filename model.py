@@ -795,8 +795,8 @@ class Context:
         self.cache = KVCache.for_layers(len(lm.layers), model.cfg.text, 1, capacity, self.dev, self.dtype)
         self.ids: list = []  # every token id read
         self.images: list = []  # (bits (M, L, U, d), patch grid (t, h, w)) of every image read, in order
-        self.pos = torch.zeros(3, 0, dtype=torch.int64)  # (3, T) MRoPE ids of every token
-        self.states = torch.zeros(1, 0, lm.embed_tokens.weight.shape[1], device=self.dev, dtype=self.dtype)
+        self._pos = [torch.zeros(3, 0, dtype=torch.int64)]  # chunks of the (3, T) MRoPE ids of every token
+        self._states = [torch.zeros(1, 0, lm.embed_tokens.weight.shape[1], device=self.dev, dtype=self.dtype)]
         self.next_pos = 0
 
     @property
@@ -815,9 +815,22 @@ class Context:
         self.cache.valid[:, :cap], self.cache.length = old.valid, old.length
 
     def record(self, ids: list, pos: torch.Tensor, h: torch.Tensor) -> None:
+        """Keep the new tokens' ids, positions and states (as chunks: a token-by-token answer copies nothing)."""
         self.ids += ids
-        self.pos = torch.cat([self.pos, pos.cpu()], dim=1)
-        self.states = torch.cat([self.states, h], dim=1)
+        self._pos.append(pos.cpu())
+        self._states.append(h)
+
+    @property
+    def pos(self) -> torch.Tensor:
+        """(3, T) MRoPE ids of every token read."""
+        self._pos = [torch.cat(self._pos, dim=1)]
+        return self._pos[0]
+
+    @property
+    def states(self) -> torch.Tensor:
+        """(1, T, D) pre-norm states of every token read."""
+        self._states = [torch.cat(self._states, dim=1)]
+        return self._states[0]
 
     @torch.no_grad()
     def read(self, ids: list, images: Sequence = ()) -> torch.Tensor:
@@ -843,7 +856,7 @@ class Context:
         c.cache.k[:, :, :, :upto] = self.cache.k[:, :, :, :upto]
         c.cache.v[:, :, :, :upto] = self.cache.v[:, :, :, :upto]
         c.cache.valid[:, :upto], c.cache.length = True, upto
-        c.ids, c.pos, c.states = self.ids[:upto], self.pos[:, :upto], self.states[:, :upto]
+        c.ids, c._pos, c._states = self.ids[:upto], [self.pos[:, :upto]], [self.states[:, :upto]]
         n_img = sum(1 for i, t in enumerate(c.ids) if t == self.model.cfg.image_token_id
                     and c.ids[i - 1] == self.model.cfg.vision_start_token_id)
         c.images = self.images[:n_img]

@@ -278,20 +278,20 @@ def test_chat_file_draws_and_answers_from_the_context(workdir):
     assert (workdir / "typed" / "chat_00.png").read_bytes() == image.read_bytes()
 
 
-def test_conversation_example_reads_its_own_drawing(monkeypatch, capsys):
+def test_conversation_example_reads_its_own_drawing(tmp_path, capsys):
     """The Conversations section's Python block, run on the shipped toy checkpoint: it draws the prompt (toy
     evaluator on the decoded bits), prints the answer that is true of its own drawing, read from the context, and its
     edit turn draws an image of the same size."""
     import load_hf
-    import pipeline
 
     section = README.read_text().split("## Conversations: one shared context", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    net, tok = load_hf.load_ar(ROOT / "checkpoints" / "toy")
     dec = load_hf.load_decoder(ROOT / "checkpoints" / "toy")
+    script = tmp_path / "conversation_example.py"  # the block after the API block's loading lines
+    script.write_text(f"import load_hf\nimport pipeline\nnet, tok = load_hf.load_ar({str(ROOT / 'checkpoints' / 'toy')!r})\n"
+                      + code)
     capsys.readouterr()
-    scope = {"pipeline": pipeline, "net": net, "tok": tok}
-    exec(code, scope)
+    scope = runpy.run_path(str(script))
     image = dec.decode(scope["bits"], 64, 64, upsampling_ratio=1.0, steps=10, guidance=1.5, seed=0)[0].numpy()
     prompt = re.search(r'chat.draw\("([^"]+)"', code).group(1)
     assert toy.score_image(image, prompt)["correct"]
