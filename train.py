@@ -330,17 +330,14 @@ class ARLoss(nn.Module):
         gh = S // net.cfg.downsample
         ctx = build_context(self.tok, conversations, gh, gh, gh * gh)
         bits = self.image_bits(ctx.images)  # (n_images, N, L, U, d), clean
-        _, grid = to_pixels(ctx.images[:1], net.cfg.vision)
+        side = S // net.cfg.vision.patch_size  # every toy image is S x S: one patch grid for all
+        grids = torch.tensor([[1, side, side]]).expand(len(ctx.images), 3)
         ids, mask = ctx.ids.to(self.device), ctx.mask.to(self.device)
         read = read_flips(bits, self.tc.read_flip_prob, g)
-        h, pos = net.context_states(ids, mask, read.flatten(0, 1), grid.expand(len(ctx.images), 3))
-        drawn = torch.zeros_like(ids, dtype=torch.bool)  # the image tokens the model draws
-        img = (ids == net.cfg.image_token_id).nonzero().tolist()
-        per_image = bits.shape[1]
-        for k, flag in enumerate(ctx.drawn):
-            if flag:
-                for b, t in img[k * per_image:(k + 1) * per_image]:
-                    drawn[b, t] = True
+        h, pos = net.context_states(ids, mask, read.flatten(0, 1), grids)
+        img = ids == net.cfg.image_token_id  # image tokens, row by row: the images' tokens in order
+        drawn = torch.zeros_like(img)  # the image tokens the model draws
+        drawn[img] = torch.tensor(ctx.drawn, device=ids.device).repeat_interleave(bits.shape[1])
         out = {}
         bit_loss = text_loss = h.sum() * 0  # a batch without drawn images or answers adds nothing
         logits = target = None
