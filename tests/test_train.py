@@ -274,8 +274,8 @@ def smoke_net(tmp_path_factory):
 
 def test_stage2_flips_what_the_model_reads_and_trains_on_clean_targets(smoke_net, monkeypatch):
     """One stage-2 forward (ARLoss) with read flips: the bits the model reads are the tokenizer's bits with about
-    read_flip_prob of them flipped, and the t2i / edit losses are the cross-entropy against the clean bits of the
-    images it draws."""
+    read_flip_prob of them flipped, the t2i / edit losses are the cross-entropy against the clean bits of the
+    images it draws, and the step's loss is the sum of the task losses with editing weighted by edit_weight."""
     net, tok, tc = smoke_net
     tc = dataclasses.replace(tc, stage2_batch=2, read_flip_prob=0.3)
     read, logits = [], []
@@ -291,8 +291,10 @@ def test_stage2_flips_what_the_model_reads_and_trains_on_clean_targets(smoke_net
     clean_t2i = loss_mod.image_bits(np.stack([e.image for e in t2i]))
     clean_edit = loss_mod.image_bits(np.stack([x for e in ed for x in (e.source, e.target)]))
     with torch.no_grad():
-        _, m = loss_mod(0, 0, 1, torch.Generator().manual_seed(0))
+        loss, m = loss_mod(0, 0, 1, torch.Generator().manual_seed(0))
     assert len(read) == 4  # t2i, edit, understanding, conversations
+    assert loss.item() == pytest.approx((m["t2i"] + tc.edit_weight * m["edit"] + m["understanding"] +
+                                         m["conversation"]).item(), rel=1e-6)  # the editing loss weighs double
     for got, clean in ((read[0], clean_t2i), (read[1], clean_edit)):
         frac = (got != clean.flatten(0, 1)).float().mean().item()
         assert 0.25 < frac < 0.35, frac
