@@ -34,7 +34,7 @@ Departures from the paper / official code (whose tokenizer, decoder and SFT trai
       to read codes near the ones it was trained on, which is what it meets at inference (its own sampled bits, and
       the held-out objects' codes, which no training image contains). Without read flips held-out editing
       collapses (the README has the table).
-    - Stage 2 weighs the single-turn editing loss by `edit_weight` (2), and its questions are about a position
+    - Stage 2 weighs the single-turn editing loss by `edit_weight` (3), and its questions are about a position
       70% of the time (toy.TRAIN_QUESTION_KINDS): with conversations in the mix, binding a position word or an
       instruction to the right image token is what the toy model learns last (the README has the runs).
     - Classifier-free guidance is learned by dropping the prompt text (edit: the instruction only) with
@@ -97,7 +97,7 @@ class TrainConfig:
     stage2_lr: float = 1e-3
     cfg_drop: float = 0.1
     read_flip_prob: float = 0.1  # bit flips in what the AR model reads (input images, teacher-forced tokens)
-    edit_weight: float = 2.0  # weight of the single-turn editing loss in the sum of the task losses
+    edit_weight: float = 3.0  # weight of the single-turn editing loss in the sum of the task losses
     warmup: int = 50
     weight_decay: float = 0.01
     grad_clip: float = 1.0

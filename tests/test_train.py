@@ -294,7 +294,7 @@ def test_stage2_flips_what_the_model_reads_and_trains_on_clean_targets(smoke_net
         loss, m = loss_mod(0, 0, 1, torch.Generator().manual_seed(0))
     assert len(read) == 4  # t2i, edit, understanding, conversations
     assert loss.item() == pytest.approx((m["t2i"] + tc.edit_weight * m["edit"] + m["understanding"] +
-                                         m["conversation"]).item(), rel=1e-6)  # the editing loss weighs double
+                                         m["conversation"]).item(), rel=1e-6)  # the editing loss weighs 3x
     for got, clean in ((read[0], clean_t2i), (read[1], clean_edit)):
         frac = (got != clean.flatten(0, 1)).float().mean().item()
         assert 0.25 < frac < 0.35, frac
