@@ -118,8 +118,8 @@ NOT_RUN = {  # README commands the suite does not run, and why
     "python train.py --score": "tests/test_prompts.py (test_score_of_a_prompt_file_run_equals_the_evaluation)",
 }
 RUN = {  # the rest: the test below that runs the command and checks its outcome
-    "python sample.py --chat-file": "test_chat_file_draws_and_answers_from_the_context",
-    "python sample.py --chat\n": "test_chat_file_draws_and_answers_from_the_context (the same loop, lines from stdin)",
+    "python sample.py --chat-file": "test_chat_file_draws_asks_and_edits_in_one_context",
+    "python sample.py --chat\n": "test_chat_file_draws_asks_and_edits_in_one_context (the same loop, lines from stdin)",
     "python sample.py\n": "test_sample_with_no_argument",
     "python sample.py --": "test_command_line_examples_on_the_toy_checkpoint",
     "python train.py --eval checkpoints/toy": "tests/test_shipped.py (the scores printed are the README's)",
@@ -259,23 +259,41 @@ def test_every_name_of_the_reading_tour_exists():
                     assert obj is not None, f"{m.group(1)}.py has no {name} ({row})"
 
 
-def test_chat_file_draws_and_answers_from_the_context(workdir):
-    """The README's --chat-file command on the toy checkpoint with a two-turn script: the drawing shows the prompt
-    (toy evaluator), the answer is the truth about the drawn image, and the transcript names the file written; typed
-    on stdin (--chat) the same turns give the same answer."""
+def _chat_blocks() -> tuple:
+    """The Conversations section's scripted session: (turns.txt lines, the transcript it printed, the images shown)."""
+    section = README.read_text().split("## Conversations: one shared context", 1)[1].split("\n## ", 1)[0]
+    turns, transcript = re.findall(r"```text\n(.*?)```", section, re.S)[:2]
+    return turns, transcript.splitlines(), re.findall(r'<img src="([^"]+)"', section)
+
+
+def test_chat_file_draws_asks_and_edits_in_one_context(workdir):
+    """The README's scripted session (draw, ask, edit) run with its --chat-file command on the toy checkpoint: it
+    prints the README's transcript; the drawing shows the prompt (toy evaluator); the answer is the truth about the
+    drawn image, read from the context; the edit shows the drawing's scene with the instruction applied; the README's
+    images show the scenes of the files written. Typed on stdin (--chat), the same turns give the same answer and
+    images."""
     cmd = next(c for c in bash_commands() if c.startswith("python sample.py --chat-file"))
-    (workdir / "turns.txt").write_text("/draw a red circle at the top left\nwhat color is the circle?\n")
+    turns, transcript, shown = _chat_blocks()
+    (workdir / "turns.txt").write_text(turns)
     r = run_here(workdir, cmd)
-    out = shlex.split(cmd)[shlex.split(cmd).index("--out") + 1]
-    image = workdir / out / "chat_00.png"
-    assert r.stdout.splitlines() == ["user: /draw a red circle at the top left", f"model: {Path(out) / 'chat_00.png'}",
-                                     "user: what color is the circle?", "model: red"]
-    assert toy.score_image(np.asarray(Image.open(image).convert("RGB")), "a red circle at the top left")["correct"]
+    assert r.stdout.splitlines() == transcript
+    draw, question, edit = [line for line in turns.splitlines() if line.strip()]
+    files = [workdir / line.split(": ", 1)[1] for line in transcript if line.startswith("model: ") and ".png" in line]
+    first, second = (np.asarray(Image.open(f).convert("RGB")) for f in files)
+    assert toy.score_image(first, draw.removeprefix("/draw "))["correct"]
+    scene = toy.read_scene(first)
+    shape = re.fullmatch(r"what color is the (\w+)\?", question).group(1)
+    assert transcript[3] == "model: " + next(o.color for o in scene if o.shape == shape)
+    assert toy.score_edit(second, toy.apply_edit(scene, edit.removeprefix("/draw ")))["correct"]
+    assert [toy.read_scene(np.asarray(Image.open(ROOT / f).convert("RGB"))) for f in shown] == [scene,
+                                                                                  toy.read_scene(second)]
     argv = [sys.executable, str(ROOT / "sample.py"), "--chat", "--out", str(workdir / "typed")]
-    typed = subprocess.run(argv, cwd=workdir, input=(workdir / "turns.txt").read_text(), capture_output=True,
-                           text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert typed.returncode == 0 and typed.stdout.splitlines()[-1] == "model: red", typed.stderr[-2000:]
-    assert (workdir / "typed" / "chat_00.png").read_bytes() == image.read_bytes()
+    typed = subprocess.run(argv, cwd=workdir, input=turns, capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert typed.returncode == 0, typed.stderr[-2000:]
+    assert [l for l in typed.stdout.splitlines() if not l.endswith(".png")] == [l for l in transcript[1::2]
+                                                                               if not l.endswith(".png")]
+    assert [(workdir / "typed" / f.name).read_bytes() for f in files] == [f.read_bytes() for f in files]
 
 
 def test_conversation_example_reads_its_own_drawing(tmp_path, capsys):

@@ -1,6 +1,8 @@
 """The checkpoints the project ships (checkpoints/toy from `python train.py`, checkpoints/toy-rl from `python rl.py`):
-the evaluation command's held-out scores are the README's, and they meet the training issue's bars (generation >= 85% fully correct, understanding >= 95%, editing >= 75%),
-and the GRPO issue's bar (generation +5 points or >= 97%, understanding within 1 point)."""
+the evaluation command's held-out scores are the README's, and they meet the training issue's bars (generation >= 85%
+fully correct, understanding >= 95%, editing >= 75%), the shared-context issue's bar (questions about its own drawings
+answered from the context: >= 95%, within 2 points of decoding and re-encoding them) and the GRPO issue's bar
+(generation +5 points or >= 97%, understanding within 1 point)."""
 import contextlib
 import io
 import json
@@ -44,7 +46,9 @@ def rl_scores():
 def test_readme_tables_are_what_the_evaluation_command_prints(toy_scores, rl_scores):
     """The held-out scores the README states for both shipped checkpoints are the ones `--eval` prints."""
     got = [round(toy_scores[k], 3) for k in ("generation", "understanding", "editing")]
-    assert _readme_row("`checkpoints/toy`")[:3] == got == _readme_row("before (`checkpoints/toy`)")
+    assert _readme_row("before (`checkpoints/toy`)")[:3] == got
+    conv = [round(toy_scores[k], 3) for k in ("conversation", "conversation_reencoded")]
+    assert _readme_row("`checkpoints/toy`") == got + conv
     got_rl = [round(rl_scores[k], 3) for k in ("generation", "understanding", "editing")]
     assert _readme_row("after 100 steps")[:3] == got_rl
 
@@ -54,6 +58,11 @@ def test_toy_checkpoint_meets_the_training_bar(toy_scores):
     assert toy_scores["generation"] >= 0.85, toy_scores
     assert toy_scores["understanding"] >= 0.95, toy_scores
     assert toy_scores["editing"] >= 0.75, toy_scores
+
+
+def test_toy_checkpoint_reads_its_own_drawings_from_the_context(toy_scores):
+    assert toy_scores["conversation"] >= 0.95, toy_scores
+    assert toy_scores["conversation"] >= toy_scores["conversation_reencoded"] - 0.02, toy_scores
 
 
 def test_rl_checkpoint_improves_generation_and_keeps_understanding(toy_scores, rl_scores):
