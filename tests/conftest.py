@@ -4,6 +4,7 @@ The golden fixture folder comes from ``UNIAR_GOLDEN_DIR`` (default: ``tests/fixt
 needs is read from that folder's configs and ``golden.json``: the same tests run against other fixture sets of the
 same format (other depths, levels, head variants, grids and seeds).
 """
+import copy
 import json
 import os
 import sys
@@ -18,6 +19,9 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from shuffle import pytest_addoption, pytest_collection_modifyitems, pytest_report_header, pytest_terminal_summary  # noqa: E402,F401  the suite runs in a shuffled order
+
+pytest_plugins = ["pytester"]  # tests/test_suite.py runs planted test files in-process
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 MANIFESTS = FIXTURES / "manifests"
@@ -87,3 +91,26 @@ def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float, 
     err = (actual.double() - expected.double()).abs().max().item()
     scale = expected.double().abs().max().item()
     assert err <= rtol * max(scale, 1e-30), f"{name}: max abs err {err:.3e} > {rtol:g} * {scale:.3e}"
+
+
+def own_copy(net: torch.nn.Module) -> torch.nn.Module:
+    """A private deep copy of a shared (module- or session-scoped) model, for a test that replaces its parts.
+    Shared fixtures are never mutated: monkeypatch cannot restore an ``nn.Module`` child exactly on every pytest
+    version (since 9.2 its undo deletes a child that lives in ``_modules`` instead of putting it back)."""
+    return copy.deepcopy(net)
+
+
+def fingerprint(net: torch.nn.Module) -> tuple:
+    """Structure and weights of a model: the names and types of its modules and every tensor's values, to check at
+    the teardown of a shared fixture that no test changed it."""
+    mods = tuple((n, type(m).__name__) for n, m in net.named_modules())
+    state = tuple((k, v.detach().cpu().clone()) for k, v in net.state_dict().items())
+    return mods, state
+
+
+def assert_unchanged(net: torch.nn.Module, before: tuple, what: str) -> None:
+    mods, state = fingerprint(net)
+    assert mods == before[0], f"a test changed the modules of the shared fixture {what}"
+    assert [k for k, _ in state] == [k for k, _ in before[1]], f"a test changed the weights of {what}"
+    for (k, v), (_, w) in zip(state, before[1]):
+        assert torch.equal(v, w), f"a test changed {what}'s {k}"

@@ -10,6 +10,7 @@ import torch
 
 from kernels import attention as A
 from kernels import bitwise as BW
+from conftest import assert_unchanged, fingerprint, own_copy
 from reference import Recorder
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -281,10 +282,13 @@ def test_attention_kernel_refuses_uneven_gqa_heads():
 
 @pytest.fixture(scope="module")
 def golden_ar(golden):
-    """The golden AR model and tokenizer, loaded once for this file (tests restore what they patch)."""
+    """The golden AR model and tokenizer, loaded once for this file; no test changes it (checked at teardown)."""
     import load_hf
 
-    return load_hf.load_ar(golden.dir)
+    net, tok = load_hf.load_ar(golden.dir)
+    before = fingerprint(net)
+    yield net, tok
+    assert_unchanged(net, before, "golden_ar")
 
 
 @needs_triton
@@ -366,7 +370,7 @@ def test_model_kernel_sampler_new_numbers_every_step_and_guided(golden_ar, monke
     the bits (a fresh random counter every step), within 5 s.d., on the Triton kernel and on its torch fallback."""
     import pipeline
 
-    net, tok = golden_ar
+    net, tok = own_copy(golden_ar[0]), golden_ar[1]
     ds, K = net.cfg.downsample, math.prod(net.bits_shape)
     _kernel_sampler_only(monkeypatch, backend)
     d = torch.zeros(2, K, 2)
@@ -376,7 +380,7 @@ def test_model_kernel_sampler_new_numbers_every_step_and_guided(golden_ar, monke
         def forward(self, h):
             return d.repeat_interleave(h.shape[0] // 2, 0).reshape(h.shape[0], -1).to(h)
 
-    monkeypatch.setattr(net, "output_layer_vistok", SameEveryStep())
+    net.output_layer_vistok = SameEveryStep()
     bits = pipeline.generate_bits(net, tok, "a red cube", ar_height=ds, ar_width=3 * ds, cfg_scale=3.0, temperature=1.0,
                                seed=0, sampler="kernel").reshape(3, K)  # 3 steps, one cond row
     assert abs(bits.double().mean().item() - 0.5) <= 5 * math.sqrt(0.25 / bits.numel())

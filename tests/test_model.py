@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import bsq
 import model as M
 import pipeline as P
-from conftest import assert_close_rel, load_manifest, read_json
+from conftest import assert_close_rel, assert_unchanged, fingerprint, load_manifest, own_copy, read_json
 from reference import generate_image_recompute, sampler
 
 TOL = 1e-4  # absolute, float32
@@ -27,9 +27,12 @@ def cfg(golden):
 
 @pytest.fixture(scope="module")
 def ar(golden, cfg):
+    """Shared by this file's tests, which never change it (checked at teardown); one that must patches a copy."""
     m = M.UniAR(cfg)
     m.load_state_dict(load_file(str(golden.dir / "model.safetensors")), strict=True)
-    return m.eval()
+    before = fingerprint(m.eval())
+    yield m
+    assert_unchanged(m, before, "ar")
 
 
 @pytest.fixture(scope="module")
@@ -253,7 +256,7 @@ class ForcedRows(torch.nn.Module):
 
 
 @pytest.mark.parametrize("generation_eos", [None, ["<|im_end|>", "<|endoftext|>"]])
-def test_answer_stops_only_at_end_tokens(golden, ar, tmp_path, monkeypatch, generation_eos):
+def test_answer_stops_only_at_end_tokens(golden, ar, tmp_path, generation_eos):
     """answer() ends at each end token of the checkpoint's files (including generation_config.json's eos ids) and
     decodes on through every other special token; the text is that of the tokens before the end."""
     folder = tokenizer_files(golden, tmp_path / "tok", generation_eos)
@@ -263,31 +266,34 @@ def test_answer_stops_only_at_end_tokens(golden, ar, tmp_path, monkeypatch, gene
     others = sorted(specials - ends - ({tok.pad_id} if generation_eos is None else set()))
     a, b, c = tok.encode(" yes"), tok.encode(" no"), tok.encode(" later")
     cases = [(s, min(ends)) for s in others] + [(others[0], e) for e in sorted(ends)]
+    net = own_copy(ar)
     for s, e in cases:
         seq = a + [s] + b + [e] + c
-        monkeypatch.setattr(ar, "lm_head", ForcedRows([seq], ar.cfg.text.vocab_size))
-        text = P.answer(ar, tok, None, "what?", max_new_tokens=len(seq) + 3)
+        net.lm_head = ForcedRows([seq], net.cfg.text.vocab_size)
+        text = P.answer(net, tok, None, "what?", max_new_tokens=len(seq) + 3)
         assert text == tok.decode(a + b), (s, e, text)
     assert tok.decode(a + b) != tok.decode(a)
 
 
-def test_batch_rows_stop_independently(golden, ar, tok, monkeypatch):
+def test_batch_rows_stop_independently(golden, ar, tok):
     """In a batch each row ends at its own first stop token and stays ended while other rows go on: tokens a
     finished row would produce later (even a second stop) are never appended to it."""
     ids, mask = golden["und.batch_input_ids"], golden["und.batch_attention_mask"]
     stop = tok.token_id("<|im_end|>")
     a, b = tok.encode(" yes no"), tok.encode(" later on and on")
     rows = [a[:1] + [stop] + b + [stop], a + b + [stop]]
-    monkeypatch.setattr(ar, "lm_head", ForcedRows(rows, ar.cfg.text.vocab_size))
-    new = M.generate_text(ar, ids, mask, golden["vision.patches"], golden["vision.grid_thw"],
+    net = own_copy(ar)
+    net.lm_head = ForcedRows(rows, net.cfg.text.vocab_size)
+    new = M.generate_text(net, ids, mask, golden["vision.patches"], golden["vision.grid_thw"],
                           max_new_tokens=len(rows[1]) + 2, stop_ids=[stop])
     assert new == [a[:1] + [stop], a + b + [stop]]
 
 
-def test_answer_renders_the_chat_prompt(golden, ar, tok, monkeypatch):
+def test_answer_renders_the_chat_prompt(golden, ar, tok):
     """answer(image, question) greedily continues the Qwen3-VL chat rendering (user turn: image then question,
     assistant turn opened) of the image resized by the released processor, and stops at the end tokens."""
-    monkeypatch.setattr(ar, "image_processor", bsq.ImageProcessorConfig())  # the fixture states none
+    ar = own_copy(ar)
+    ar.image_processor = bsq.ImageProcessorConfig()  # the fixture states none
     img = golden["vision.image_uint8"].numpy()
     v = ar.cfg.vision
     pv, grid = bsq.preprocess_image(img, patch_size=v.patch_size, merge_size=v.spatial_merge_size,

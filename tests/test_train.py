@@ -16,7 +16,7 @@ import cli
 import load_hf
 import toy
 import train
-from conftest import ROOT
+from conftest import ROOT, own_copy
 
 
 def history(run_dir):
@@ -272,17 +272,17 @@ def smoke_net(tmp_path_factory):
     return net.eval(), tok, tc
 
 
-def test_stage2_flips_what_the_model_reads_and_trains_on_clean_targets(smoke_net, monkeypatch):
+def test_stage2_flips_what_the_model_reads_and_trains_on_clean_targets(smoke_net):
     """One stage-2 forward (ARLoss) with read flips: the bits the model reads are the tokenizer's bits with about
     read_flip_prob of them flipped, the t2i / edit losses are the cross-entropy against the clean bits of the
     images it draws, and the step's loss is the sum of the task losses with editing weighted by edit_weight."""
     net, tok, tc = smoke_net
+    net = own_copy(net)
     tc = dataclasses.replace(tc, stage2_batch=2, read_flip_prob=0.3)
     read, logits = [], []
     states, bit_logits = net.context_states, net.bit_logits_of
-    monkeypatch.setattr(net, "context_states", lambda ids, mask, bits, grids: read.append(bits) or
-                        states(ids, mask, bits, grids))
-    monkeypatch.setattr(net, "bit_logits_of", lambda *a: logits.append(bit_logits(*a)) or logits[-1])
+    net.context_states = lambda ids, mask, bits, grids: read.append(bits) or states(ids, mask, bits, grids)
+    net.bit_logits_of = lambda *a: logits.append(bit_logits(*a)) or logits[-1]
     B = tc.stage2_batch
     idx = [train.example_index(0, i, B, 0, 1) for i in range(B)]
     t2i = [toy.t2i_example(i, "train", tc.seed, tc.size) for i in idx]
