@@ -128,17 +128,23 @@ def test_peak_memory_on_windows_and_on_mps(monkeypatch):
 
 # ----- requirements per system -----
 
+def _lines(f: str) -> list:
+    """The lines of a requirements file as pip reads them (comments and blank lines dropped)."""
+    lines = (re.sub(r"(^|\s)#.*", "", line).strip() for line in (ROOT / f).read_text().splitlines())
+    return [line for line in lines if line]
+
+
 def _requirements(files=("requirements.txt", "requirements-test.txt")) -> list:
-    """The requirement lines of the files as pip reads them (comments and blank lines dropped)."""
+    """The requirements of the files (a `-c FILE` line applies constraints: it adds none)."""
     from packaging.requirements import Requirement
 
-    out = []
-    for f in files:
-        for line in (ROOT / f).read_text().splitlines():
-            line = re.sub(r"(^|\s)#.*", "", line).strip()
-            if line:
-                out.append(Requirement(line))
-    return out
+    return [Requirement(line) for f in files for line in _lines(f) if not line.startswith("-c ")]
+
+
+def _constraints(f="requirements-test.txt") -> list:
+    from packaging.requirements import Requirement
+
+    return [Requirement(c) for line in _lines(f) if line.startswith("-c ") for c in _lines(line[3:].strip())]
 
 
 def _install_set(sys_platform: str) -> dict:
@@ -164,6 +170,25 @@ def test_requirements_leave_triton_out_on_macos_and_windows():
     assert set(mac) == set(win) == set(linux) - {"triton"}
     assert "2.6.0" not in mac["torch"] and {"2.7.0", "2.13.0"} <= set(mac["torch"].filter(["2.7.0", "2.13.0"]))
     assert "2.5.0" in linux["torch"] and "2.5.0" in win["torch"] and "2.13.0" in linux["torch"]
+
+
+def test_test_constraints_pin_what_the_requirements_accept():
+    """requirements-test.txt applies constraints-test.txt: one exact version for each package of the test environment
+    (torch aside: the command installs it first), each one inside the range the requirements accept, on every system
+    the package installs on (Triton on Linux only)."""
+    pins = _constraints()
+    assert pins and all(len(p.specifier) == 1 and next(iter(p.specifier)).operator == "==" for p in pins)
+    names = [p.name.lower() for p in pins]
+    assert len(names) == len(set(names)) and "torch" not in names
+    assert {"pytest", "numpy", "tokenizers", "safetensors", "transformers", "diffusers"} <= set(names)
+    for plat in ("linux", "darwin", "win32"):
+        wanted = _install_set(plat)
+        for p in pins:
+            if p.name in wanted and (p.marker is None or p.marker.evaluate({"sys_platform": plat})):
+                version = next(iter(p.specifier)).version
+                assert version in wanted[p.name], f"{p.name}=={version} is outside {wanted[p.name]} on {plat}"
+    triton = next(p for p in pins if p.name == "triton")
+    assert triton.marker.evaluate({"sys_platform": "linux"}) and not triton.marker.evaluate({"sys_platform": "darwin"})
 
 
 # ----- device selection -----
