@@ -6,6 +6,8 @@
                                # physical limit, weight bytes / memory bandwidth (meant for a GPU)
     python bench.py load-memory --gib 1   # peak resident memory while load_hf loads a synthetic checkpoint, and
                                           # the cost of its finiteness check (Linux: reads /proc)
+    python bench.py train-step --steps 20  # where a step of `python train.py` (defaults) goes: toy rendering,
+                                           # context building, tower calls, forward, backward, optimizer; per stage
 
 Each benchmark is a function `bench_<name>(args)`; `main()` dispatches on the first argument.
 """
@@ -20,6 +22,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 import torch.nn as nn
 from safetensors.torch import save_file
@@ -282,8 +285,107 @@ def bench_load_memory(args) -> dict:
 _CHILD = "_load-memory-child"  # the first argument of the fresh process load_memory starts
 
 
+class Split:
+    """Wall time spent inside named functions during a block (wrapped in place, restored after), so one training
+    step's time can be split without touching the training code. Nested wrapped calls are not subtracted: each
+    name is the inclusive time of its calls."""
+
+    def __init__(self):
+        self.seconds, self.calls, self._undo = {}, {}, []
+
+    def wrap(self, owner, attr: str, name: str) -> None:
+        real = getattr(owner, attr)
+
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return real(*a, **k)
+            finally:
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+                self.calls[name] = self.calls.get(name, 0) + 1
+
+        setattr(owner, attr, timed)
+        self._undo.append((owner, attr, owner.__dict__.get(attr) if isinstance(owner, type) else real))
+
+    def restore(self) -> None:
+        for owner, attr, real in reversed(self._undo):
+            setattr(owner, attr, real)
+        self._undo.clear()
+
+
+def bench_train_step(args) -> dict:
+    """Where a training step of `python train.py` (default TrainConfig, fresh weights, this machine's threads) goes.
+    For each stage, `--steps` steps after 2 warm-up steps, split into: toy rendering (toy.*_example), context
+    building (tokenize + pad, stage 2), tower calls (the frozen tokenizer's bits in stage 2; the straight-through
+    tower in stage 1), the rest of the forward, backward, optimizer (clip + AdamW). Prints seconds per step and
+    shares; the stage's projected time is steps-per-stage x seconds per step."""
+    import train
+
+    tc = train.TrainConfig()
+    tok = P.Tokenizer(toy.save_tokenizer(Path(tempfile.mkdtemp(prefix="uniar-bench-"))))
+    vision, net, dec = train.build(tc, tok, torch.device(args.device))
+    out = {"threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads()}
+    print(f"train-step: default TrainConfig, {args.device}, {out['threads']} intra-op threads, "
+          f"{out['interop_threads']} inter-op threads; {args.steps} steps per stage after 2 warm-up steps")
+    for stage in (1, 2):
+        params = train.stage_params(stage, vision, net, dec)
+        lr, total = (tc.stage1_lr, tc.stage1_steps) if stage == 1 else (tc.stage2_lr, tc.stage2_steps)
+        opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay)
+        if stage == 1:
+            vision.train(), dec.train()
+            loss_fn = train.TokenizerLoss(vision, dec, tc.bsq_weight, tc.flip_prob)
+
+            def batch(step, g):
+                idx = [train.example_index(step, i, tc.stage1_batch, 0, 1) for i in range(tc.stage1_batch)]
+                return np.stack([toy.t2i_example(i, "train", tc.seed, tc.size).image for i in idx]), g
+        else:
+            net.train()
+            loss_fn = train.ARLoss(net, tok, tc)
+
+            def batch(step, g):
+                return step, 0, 1, g
+        split = Split()
+        for fn in ("t2i_example", "edit_example", "qa_example", "conversation_example"):
+            split.wrap(toy, fn, "toy rendering")
+        split.wrap(train, "build_context", "context building")
+        split.wrap(train.ARLoss, "image_bits", "tower calls")
+        split.wrap(bsq.VisionModel, "training_forward", "tower calls")
+        phases = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+        try:
+            for step in range(args.steps + 2):
+                if step == 2:  # warm-up done
+                    split.seconds, split.calls = {}, {}
+                    phases = dict.fromkeys(phases, 0.0)
+                g = torch.Generator().manual_seed(step)
+                torch.manual_seed(step)
+                t0 = time.perf_counter()
+                loss, _ = loss_fn(*batch(step, g))
+                t1 = time.perf_counter()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                t2 = time.perf_counter()
+                torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+                opt.step()
+                t3 = time.perf_counter()
+                for k, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2)):
+                    phases[k] += dt
+        finally:
+            split.restore()
+        n = args.steps
+        per_step = sum(phases.values()) / n
+        parts = {k: v / n for k, v in split.seconds.items()}
+        parts["rest of the forward"] = phases["forward"] / n - sum(parts.values())
+        parts["backward"], parts["optimizer"] = phases["backward"] / n, phases["optimizer"] / n
+        print(f"  stage {stage}: {per_step:.3f} s/step -> {per_step * total / 60:.1f} min for its {total} steps")
+        for k, v in parts.items():
+            calls = f" ({split.calls[k] / n:.0f} calls/step)" if k in split.calls else ""
+            print(f"    {k:22s} {v:7.3f} s  {100 * v / per_step:5.1f}%{calls}")
+        out[f"stage{stage}"] = {"s_per_step": per_step, **parts}
+    return out
+
+
 BENCHES = {"rollout": bench_rollout, "step": bench_step, "throughput": bench_throughput,
-           "load-memory": bench_load_memory}
+           "load-memory": bench_load_memory, "train-step": bench_train_step}
 
 
 def main(argv=None):
@@ -300,7 +402,8 @@ def main(argv=None):
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--vd-depth", type=int, default=4, help="visual-decoder layers")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=16, help="step: AR steps timed beyond the first")
+    p.add_argument("--steps", type=int, default=16, help="step: AR steps timed beyond the first; train-step: steps "
+                   "timed per stage")
     p.add_argument("--text-layers", type=int, default=0, help="step: override the 36 text layers (CPU smoke runs)")
     p.add_argument("--bandwidth", type=float, default=0.0, help="step: memory bandwidth in GB/s (default: by GPU name)")
     p.add_argument("--gib", type=float, default=1.0, help="load-memory: size of the synthetic checkpoint")
@@ -311,6 +414,8 @@ def main(argv=None):
         args.device = str(cli.resolve_device(args.device or "auto"))
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.bench == "train-step":  # trains: gradients on
+        return BENCHES[args.bench](args)
     with torch.no_grad():
         return BENCHES[args.bench](args)
 
