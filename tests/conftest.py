@@ -7,6 +7,7 @@ same format (other depths, levels, head variants, grids and seeds).
 import copy
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -64,6 +65,16 @@ class Golden:
     def scenario(self, name: str) -> dict:
         return self.meta[name]
 
+    def seed(self, tensor: str, scenario: str | None = None) -> int:
+        """The seed set before the call that produced `tensor`: the scenario's settings when they state one, else
+        the `manual_seed(N)` of the tensor's description (the format holds the seed in one or the other)."""
+        settings = self.meta.get(scenario) if scenario else None
+        if isinstance(settings, dict) and "seed" in settings:
+            return int(settings["seed"])
+        found = re.search(r"manual_seed\((\d+)\)", self.meta["tensors"][tensor]["what"])
+        assert found, f"golden.json states no seed for {tensor}"
+        return int(found.group(1))
+
 
 @pytest.fixture(scope="session")
 def golden() -> Golden:
@@ -80,8 +91,11 @@ def golden_ckpt(golden, tmp_path_factory) -> Path:
 
     folder = tmp_path_factory.mktemp("golden_ckpt")
     for entry in golden.dir.iterdir():
-        (folder / entry.name).symlink_to(entry)
-    load_hf.write_image_processor(folder, bsq.ImageProcessorConfig())
+        if entry.name != bsq.PREPROCESSOR_CONFIG:  # written below (never through a link into the fixture)
+            (folder / entry.name).symlink_to(entry)
+    v = golden.config["vision_config"]  # the released pixel bounds, the fixture's patch geometry
+    load_hf.write_image_processor(folder, bsq.ImageProcessorConfig(
+        patch_size=v["patch_size"], merge_size=v["spatial_merge_size"], temporal_patch_size=v["temporal_patch_size"]))
     return folder
 
 

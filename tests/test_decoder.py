@@ -17,7 +17,7 @@ import decoder
 import load_hf
 import text_encoders
 
-ATOL = 1e-4
+ATOL = 1e-4  # absolute for values up to 16 in magnitude (the shipped fixtures' stay below 13), relative beyond: _tol
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -27,6 +27,17 @@ ATOL = 1e-4
 def _max_err(a, b):
     assert a.shape == b.shape, f"shape {tuple(a.shape)} != {tuple(b.shape)}"
     return (a.double() - b.double()).abs().max().item()
+
+
+def _tol(expected, atol=ATOL):
+    """atol for expected values up to 16 in magnitude, the same relative bound beyond: float32 rounding grows with
+    the values, and another fixture set may have larger latents or velocities than the shipped ones."""
+    return atol * max(1.0, expected.double().abs().max().item() / 16)
+
+
+def _seed(golden):
+    """The decoder sampling's seed: the `dec` settings, else the description of its noise (conftest.Golden.seed)."""
+    return golden.seed("dec.pipe_noise", "dec")
 
 
 def _load(module, path, keep=lambda k: True):
@@ -56,10 +67,10 @@ def test_load_hf_decoder_equals_hand_built(golden, parts):
     s = golden.scenario("dec")
     dec = load_hf.load_decoder(golden.dir, prompt_embeds=(golden["dec.pipe_prompt_embeds"], golden["dec.pipe_pooled"]))
     assert dec.vision.patch_embed.proj.weight.is_meta  # only the output projections were read
-    kw = dict(upsampling_ratio=s["upsampling_ratio"], steps=s["steps"], guidance=s["guidance_scale"], seed=s["seed"],
-              output="float")
+    kw = dict(upsampling_ratio=s["upsampling_ratio"], steps=s["steps"], guidance=s["guidance_scale"],
+              seed=_seed(golden), output="float")
     got = dec.decode(golden["dec.indices"], s["ar_height"], s["ar_width"], **kw)
-    assert _max_err(got, golden["dec.pipe_image"]) <= ATOL
+    assert _max_err(got, golden["dec.pipe_image"]) <= _tol(golden["dec.pipe_image"])
 
 
 def _ar_grid(golden, dec):
@@ -84,7 +95,7 @@ def test_condition_matches_golden(golden, parts, source):
     with torch.no_grad():
         cond = decoder.bits_to_condition(parts.vision, golden[source], s["ar_height"], s["ar_width"])
     err = _max_err(cond, golden["dec.siglip_tensor"])
-    assert err <= ATOL, f"conditioning from {source}: max abs err {err:.3e}"
+    assert err <= _tol(golden["dec.siglip_tensor"]), f"conditioning from {source}: max abs err {err:.3e}"
 
 
 def test_pos_embed_table_equals_checkpoint(golden, parts):
@@ -102,7 +113,7 @@ def test_transformer_forward_matches_golden(golden, parts):
         out = parts.transformer(golden["dec.tr_latents_in"], golden["dec.tr_prompt_embeds"], golden["dec.tr_pooled"],
                                 golden["dec.tr_timestep"], cond, grid)
     err = _max_err(out, golden["dec.tr_out"])
-    assert err <= ATOL, f"transformer output: max abs err {err:.3e}"
+    assert err <= _tol(golden["dec.tr_out"]), f"transformer output: max abs err {err:.3e}"
     if grid[0] == grid[1]:  # without the grid the official inference applies (square when token counts differ)
         with torch.no_grad():
             again = parts.transformer(golden["dec.tr_latents_in"], golden["dec.tr_prompt_embeds"],
@@ -115,17 +126,18 @@ def test_sampled_latents_match_golden(golden, parts):
     lat = parts.sample_latents(golden["dec.siglip_tensor"], grid, (s["height"], s["width"]), steps=s["steps"],
                                guidance=s["guidance_scale"], noise=golden["dec.pipe_noise"])
     err = _max_err(lat, golden["dec.pipe_latents"])
-    assert err <= ATOL, f"{s['steps']}-step latents: max abs err {err:.3e}"
+    assert err <= _tol(golden["dec.pipe_latents"]), f"{s['steps']}-step latents: max abs err {err:.3e}"
 
 
 def test_decode_from_indices_matches_golden_image(golden, parts):
     """End to end: indices -> condition -> noise from the seed -> Euler with guidance -> VAE -> image."""
     s, _ = _ar_grid(golden, parts)
-    kw = dict(upsampling_ratio=s["upsampling_ratio"], steps=s["steps"], guidance=s["guidance_scale"], seed=s["seed"])
+    kw = dict(upsampling_ratio=s["upsampling_ratio"], steps=s["steps"], guidance=s["guidance_scale"],
+              seed=_seed(golden))
     img = parts.decode(golden["dec.indices"], s["ar_height"], s["ar_width"], output="float", **kw)
     assert (s["height"], s["width"]) == tuple(img.shape[-2:])
     err = _max_err(img, golden["dec.pipe_image"])
-    assert err <= ATOL, f"decoded image: max abs err {err:.3e}"
+    assert err <= _tol(golden["dec.pipe_image"]), f"decoded image: max abs err {err:.3e}"
     u8 = parts.decode(golden["dec.indices"], s["ar_height"], s["ar_width"], **kw)
     # the conversion contract, exactly: uint8 (B, H, W, 3) = round(own float image * 255)
     assert u8.dtype == torch.uint8
@@ -143,7 +155,7 @@ def test_decode_from_indices_matches_golden_image(golden, parts):
 
 def test_vae_decode_matches_golden_image(golden, parts):
     err = _max_err(parts.latents_to_image(golden["dec.pipe_latents"]), golden["dec.pipe_image"])
-    assert err <= ATOL, f"VAE decode: max abs err {err:.3e}"
+    assert err <= _tol(golden["dec.pipe_image"]), f"VAE decode: max abs err {err:.3e}"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -169,18 +181,47 @@ def test_condition_layout_on_non_square_grid(parts):
             assert torch.equal(cond[:, r * gw + col], feats[:, n, m])
 
 
+RATIOS = (1.5, 2.0, 1.25, 1.75, 1.0, *(1 + k / 1000 for k in range(1, 1001)))  # preferred ones first
+
+
+def _ratios(dec, ar_height: int, ar_width: int):
+    """The upsampling ratios the decoder accepts for this AR size (an output size on its grid, within its position
+    table), preferred ones first: which ones depends on the fixture's patch, VAE and transformer sizes."""
+    for r in RATIOS:
+        try:
+            dec.output_size(ar_height, ar_width, r)
+        except ValueError:
+            continue
+        yield r
+
+
+def _non_square_case(parts) -> tuple[int, int, float]:
+    """(AR height, AR width, upsampling ratio): a non-square AR grid (3 x 2 merged tokens at ratio 1.5 where the
+    decoder allows it) whose output token grid differs from the AR patch grid, so that the condition is resampled,
+    and fits the decoder's position table."""
+    vc, tr = parts.vision.cfg, parts.transformer.cfg
+    unit = vc.patch_size * vc.spatial_merge_size
+    for bh, bw in ((3, 2), (2, 1), (1, 2), (2, 3), (3, 1)):
+        for ratio in _ratios(parts, bh * unit, bw * unit):
+            H, W = parts.output_size(bh * unit, bw * unit, ratio)
+            tok = (H // parts.scale // tr.patch_size, W // parts.scale // tr.patch_size)
+            if tok != (bh * unit // vc.patch_size, bw * unit // vc.patch_size):
+                return bh * unit, bw * unit, ratio
+    raise AssertionError("no non-square AR size with a resampled condition fits this decoder")
+
+
 def test_non_square_upsampling_equals_resampled_condition(golden, parts):
     """A non-square AR grid resampled inside the transformer gives exactly what the official transformer computes
     when handed the condition already on the token grid (its only working non-square path)."""
     tr = parts.transformer
     vc = parts.vision.cfg
     unit = vc.patch_size * vc.spatial_merge_size
-    ar_h, ar_w = 3 * unit, 2 * unit
-    ratio = 1.5
+    ar_h, ar_w, ratio = _non_square_case(parts)
     H, W = parts.output_size(ar_h, ar_w, ratio)
     bits = _random_bits(parts.vision, (ar_h // unit) * (ar_w // unit), seed=1)
     grid = (ar_h // vc.patch_size, ar_w // vc.patch_size)
     tok = (H // parts.scale // tr.cfg.patch_size, W // parts.scale // tr.cfg.patch_size)
+    assert grid[0] != grid[1] and tok != grid
     with torch.no_grad():
         cond = decoder.bits_to_condition(parts.vision, bits, ar_h, ar_w)
         g = torch.Generator().manual_seed(0)
@@ -194,7 +235,7 @@ def test_non_square_upsampling_equals_resampled_condition(golden, parts):
         ref = tr(x, pe, pooled, t, ref_cond)  # areas equal -> no resampling needed
         base = tr(x, pe, pooled, t, torch.zeros_like(cond), grid)
     assert torch.equal(ours, ref)
-    assert _max_err(ours, base) > 1e-3, "the condition must change the output"
+    assert _max_err(ours, base) > 1e-3 * base.abs().max().item(), "the condition must change the output"
     img = parts.decode(bits, ar_h, ar_w, upsampling_ratio=ratio, steps=1, guidance=1.5, seed=0)
     assert img.shape == (1, H, W, 3)
 
@@ -627,23 +668,23 @@ def test_bad_input_raises_clear_errors(golden, parts):
     s = golden.scenario("dec")
     idx = golden["dec.indices"]
     ar_h, ar_w = s["ar_height"], s["ar_width"]
-    need = max(16, parts.scale * parts.transformer.cfg.patch_size)
-    bad_ratio = next(r for r in (1.1, 1.2, 1.3, 1.4, 1.05, 1.15, 1.25, 1.35, 1.45)
-                     if round(ar_h * r) % need or round(ar_w * r) % need)
+    need = math.lcm(16, parts.scale * parts.transformer.cfg.patch_size)
+    ratios = (1.1, 1.2, 1.3, 1.4, 1.05, 1.15, 1.25, 1.35, 1.45, *(1 + k / 1000 for k in range(1, 1000)))
+    bad_ratio = next(r for r in ratios if round(ar_h * r) % need or round(ar_w * r) % need)  # any AR size has one
     with pytest.raises(ValueError, match=f"multiple of {need}"):
         parts.decode(idx, ar_h, ar_w, upsampling_ratio=bad_ratio, steps=1)
     for r in (0.5, 2.5):
         with pytest.raises(ValueError, match=r"upsampling_ratio must be in \[1, 2\]"):
             parts.decode(idx, ar_h, ar_w, upsampling_ratio=r, steps=1)
     bits = golden["dec.bits"]
+    ratio = s["upsampling_ratio"]  # a valid output size: only the defect named below is wrong
     with pytest.raises(ValueError, match="bits must be"):
-        parts.decode(bits[:, :-1], ar_h, ar_w, upsampling_ratio=1.0, steps=1)  # one token short for the grid
+        parts.decode(bits[:, :-1], ar_h, ar_w, upsampling_ratio=ratio, steps=1)  # one token short for the grid
     with pytest.raises(ValueError, match="bits must be"):
-        parts.decode(bits[..., :-1], ar_h, ar_w, upsampling_ratio=1.0, steps=1)  # wrong bsq_dim
+        parts.decode(bits[..., :-1], ar_h, ar_w, upsampling_ratio=ratio, steps=1)  # wrong bsq_dim
     P = parts.vision.cfg.patch_size
-    with pytest.raises(ValueError, match="AR size"):
-        parts.decode(bits, ar_h + P, ar_w, upsampling_ratio=1.0, steps=1)  # half a block
-    ratio = s["upsampling_ratio"]
+    with pytest.raises(ValueError, match="AR size"):  # half a block, at a ratio whose output size is valid
+        parts.decode(bits, ar_h + P, ar_w, upsampling_ratio=next(_ratios(parts, ar_h + P, ar_w)), steps=1)
     with pytest.raises(ValueError, match="noise must be"):
         parts.decode(bits, ar_h, ar_w, upsampling_ratio=ratio, steps=1, noise=golden["dec.pipe_noise"][..., :-1])
     with pytest.raises(ValueError, match="steps must be >= 1"):

@@ -143,13 +143,36 @@ def _ckpt_with(golden, tmp_path, content) -> Path:
     folder = tmp_path / "ckpt"
     folder.mkdir()
     for entry in golden.dir.iterdir():
-        (folder / entry.name).symlink_to(entry)
+        if entry.name != bsq.PREPROCESSOR_CONFIG:  # never written through a link into the fixture
+            (folder / entry.name).symlink_to(entry)
     if content is not None:
         (folder / bsq.PREPROCESSOR_CONFIG).write_text(content if isinstance(content, str) else json.dumps(content))
     return folder
 
 
 GOOD = bsq.ImageProcessorConfig().to_dict()
+
+
+def _fixture_processor(v: dict) -> dict:
+    """The released processor with the fixture's patch geometry (`vision_config` v): valid for its tower."""
+    return bsq.ImageProcessorConfig(patch_size=v["patch_size"], merge_size=v["spatial_merge_size"],
+                                    temporal_patch_size=v["temporal_patch_size"]).to_dict()
+
+
+def _patch_size_left_out(v: dict) -> tuple:
+    """patch_size left out reads as transformers' class default, 14: wrong for a tower of other patches (the shipped
+    ones have 16); for a tower of 14-px patches, a stated 16 is the wrong one."""
+    good = _fixture_processor(v)
+    if v["patch_size"] != 14:
+        return {k: x for k, x in good.items() if k != "patch_size"}, "patch_size 14 differs from the vision config's " \
+                                                                      "patch_size"
+    return {**good, "patch_size": 16}, "patch_size 16 differs from the vision config's patch_size"
+
+
+def _other_merge_size(v: dict) -> tuple:
+    m = 1 if v["spatial_merge_size"] != 1 else 2
+    return {**_fixture_processor(v), "merge_size": m}, f"merge_size {m} differs from the vision config's " \
+                                                       "spatial_merge_size"
 
 
 @pytest.mark.parametrize("content, message", [
@@ -160,9 +183,8 @@ GOOD = bsq.ImageProcessorConfig().to_dict()
                                                                                     "positive integer"),
     ({**GOOD, "max_pixels": "big"}, "max_pixels must be a positive integer"),
     ({**GOOD, "min_pixels": 9000, "max_pixels": 8000}, "min_pixels / size.shortest_edge 9000 > max_pixels"),
-    ({k: v for k, v in GOOD.items() if k != "patch_size"}, "patch_size 14 differs from the vision config's "
-                                                           "patch_size"),
-    ({**GOOD, "merge_size": 1}, "merge_size 1 differs from the vision config's spatial_merge_size"),
+    (_patch_size_left_out, None),  # the geometry cases are built for the fixture's tower
+    (_other_merge_size, None),
     ({k: v for k, v in GOOD.items() if k != "image_mean"}, "image_mean is missing"),
     ({**GOOD, "image_std": [0.26, 0.26, 0.27]}, "image_std [0.26, 0.26, 0.27] is not supported"),
     ({**GOOD, "do_resize": False}, "do_resize False is not supported"),
@@ -171,6 +193,8 @@ GOOD = bsq.ImageProcessorConfig().to_dict()
 def test_invalid_processor_file_is_a_clear_error(golden, tmp_path, capsys, content, message):
     """An invalid preprocessor_config.json: load_hf raises a ValueError naming the file and the field, and the
     command line prints it as `error: ...` with exit status 2."""
+    if callable(content):
+        content, message = content(golden.config["vision_config"])
     ckpt = _ckpt_with(golden, tmp_path, json.dumps(content) if not isinstance(content, str) else content)
     with pytest.raises(ValueError, match="preprocessor_config.json") as e:
         load_hf.load_ar(ckpt)
