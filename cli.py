@@ -5,6 +5,7 @@ the state and exit with 130 / 143; files are written atomically.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -121,6 +122,55 @@ def check_out_folder(path: Path, flag: str = "--out") -> Path:
     return p
 
 
+def check_out_writable(path: Path, flag: str = "--out") -> Path:
+    """An output folder this process may write into (it, or the nearest folder above it that exists): a read-only
+    file system or a folder without write permission is a UsageError before anything loads. (A full disk shows only
+    when writing: `cannot_write` words that error.)"""
+    p = Path(path)
+    for q in (p, *p.parents):
+        if q.exists():
+            if q.is_dir() and not os.access(q, os.W_OK | os.X_OK):
+                raise UsageError(f"{flag} {p}: cannot write in {q} (read-only file system or no permission); make it "
+                                 f"writable, or pass another {flag}")
+            break
+    return p
+
+
+def cannot_write(e: OSError, folder, flag: str = "--out", resume: bool = False) -> str:
+    """The one line for a write that failed in an output folder (disk full, read-only, no permission): the folder,
+    the system's reason and what to do. `resume`: the finished files stay and a rerun with --resume continues."""
+    reason = e.strerror or str(e) or type(e).__name__
+    if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        fix = "free some space"
+    elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        fix = "make it writable"
+    else:
+        fix = "fix that"
+    then = (f"{fix} and continue with the same flags and --resume (the finished files are kept), or pass another "
+            f"{flag}" if resume else f"{fix}, or pass another {flag}")
+    return f"{flag}: cannot write in {folder} ({reason}); {then}"
+
+
+def check_number(value, flag: str, lo=None, hi=None, *, lo_open: bool = False, hi_open: bool = False,
+                 integer: bool = False, multiple: int | None = None, hint: str = ""):
+    """A flag's value within its range, else a UsageError saying what is valid: a finite number (an integer with
+    `integer`, a multiple of `multiple`) from `lo` to `hi` (None: unbounded; `lo_open` / `hi_open`: the bound itself
+    excluded)."""
+    ok = (math.isfinite(value) and (lo is None or (value > lo if lo_open else value >= lo))
+          and (hi is None or (value < hi if hi_open else value <= hi)) and (not multiple or value % multiple == 0))
+    if ok:
+        return value
+    what = f"a multiple of {multiple}" if multiple else "an integer" if integer else "a finite number"
+    show = lambda v: str(v) if isinstance(v, int) else f"{v:g}"  # noqa: E731
+    if lo is not None and hi is not None:
+        span = f" in {'(' if lo_open else '['}{show(lo)}, {show(hi)}{')' if hi_open else ']'}"
+    elif lo is not None:
+        span = f" {'>' if lo_open else '>='} {show(lo)}"
+    else:
+        span = "" if hi is None else f" {'<' if hi_open else '<='} {show(hi)}"
+    raise UsageError(f"{flag} must be {what}{span}, got {value}" + (f" ({hint})" if hint else ""))
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # uniar_sample.json: how sample.py / train.py --eval / rl.py sample a project checkpoint
 # ---------------------------------------------------------------------------------------------------------------------
@@ -149,9 +199,36 @@ def _check_field(key: str, v):
     return None if _number(v) and math.isfinite(v) and lo <= v <= hi else f"a number in [{lo:g}, {hi:g}]"
 
 
+def finish_interrupted_save(folder) -> None:
+    """Before anything is read from a checkpoint folder: a save killed after its journal commit left it half
+    switched (some entries of the old checkpoint moved aside, the new ones not yet in), so the switch is finished
+    first (`recover_folder`, under the folder's lock). Only then is the folder written to: without a journal nothing
+    is, so a folder the user cannot write (a hub cache, a shared download) still loads. UsageError (one line) when
+    the switch cannot be finished: a folder that is not writable, or a damaged journal."""
+    folder = Path(folder)
+    journal = folder / JOURNAL
+    if not journal.is_file():
+        return
+    try:
+        recover_folder(folder)
+    except UsageError:
+        raise
+    except OSError as e:
+        raise UsageError(f"{journal}: a save into {folder} was interrupted and must be finished before the checkpoint "
+                         f"can be read, but {e.filename or folder} cannot be written ({e.strerror or e}); run this once "
+                         "as a user who may write the folder (or make it writable), or save the checkpoint again"
+                         ) from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"{journal}: the journal of an interrupted save into {folder} is damaged ({type(e).__name__}: "
+                         f"{e}); the new files are in the hidden .new-* folder beside it: save the checkpoint again, "
+                         "or move those files into the folder and delete the journal") from None
+
+
 def read_sample_settings(ckpt, *, required: bool = False, defaults: dict = OFFICIAL_SAMPLE_DEFAULTS) -> dict:
     """The checkpoint's `uniar_sample.json`, checked field by field (UsageError naming the file and field), over
-    `defaults` (the official ones); without the file, the defaults (or a UsageError when `required`)."""
+    `defaults` (the official ones); without the file, the defaults (or a UsageError when `required`). A save of the
+    checkpoint killed mid-switch is finished first (`finish_interrupted_save`): the settings are the new ones."""
+    finish_interrupted_save(ckpt)
     f = Path(ckpt) / SAMPLE_JSON
     out = dict(defaults)
     if not f.is_file():
@@ -220,11 +297,84 @@ def atomic_write(path: Path, write) -> Path:
 
 def remove_temp_files(folder: Path, stem: str = "*", suffix: str = "*", recursive: bool = False) -> None:
     """Delete the temporary files atomic_write left behind (for `stem` + `suffix`) when its process was killed; those
-    of a process still running are kept (it may be about to rename them)."""
-    for f in (Path(folder).rglob if recursive else Path(folder).glob)(f".{stem}.*.tmp{suffix}"):
+    of a process still running are kept (it may be about to rename them). Also the private folders of the same name
+    that atomic_save_file writes in (with whatever safetensors left inside)."""
+    for f in list((Path(folder).rglob if recursive else Path(folder).glob)(f".{stem}.*.tmp{suffix}")):
         m = re.search(r"\.(\d+)-[0-9a-f]{8}\.tmp", f.name)
         if m and f.is_file() and not _alive(int(m.group(1)), f):
             f.unlink(missing_ok=True)
+        elif m and f.is_dir() and not f.is_symlink() and not _alive(int(m.group(1)), f):
+            shutil.rmtree(f, ignore_errors=True)
+
+
+def atomic_save_file(path: Path, tensors: dict, metadata: dict | None = None) -> Path:
+    """safetensors' save_file, atomically and without leaving anything behind when killed: save_file writes its own
+    temporary file (`.tmpXXXXXX`, a name without an owner) beside its target and renames it, so the target here is
+    inside a private hidden folder named like atomic_write's temporary files (this process's id); the finished file
+    is then renamed over `path`. A save killed at any instant leaves `path` as it was, and the folder, with
+    safetensors' temporary file in it, is removed by remove_temp_files once its process is gone."""
+    path = Path(path)
+    stage = temp_name(path)
+    stage.mkdir()
+    try:
+        tmp = stage / path.name
+        save_file(tensors, str(tmp), metadata=metadata)
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    _fsync_dir(path.parent)
+    return path
+
+
+_SAFETENSORS_TEMP = re.compile(r"\.tmp[0-9A-Za-z]{6}")  # the Rust tempfile crate's name, which save_file uses
+
+
+def remove_safetensors_temps(folder: Path) -> list:
+    """Delete the temporary files safetensors' save_file left in `folder` (not in a folder of atomic_save_file: an
+    earlier version's saves, killed while writing). Their names carry no process id, so only the holder of the
+    folder's run_lock may call this: no save of a live run of this project writes there then. Only a file with that
+    exact name whose bytes are the start of a safetensors file (or too short to tell) goes. -> the files removed."""
+    gone = []
+    for f in Path(folder).iterdir():
+        if not (_SAFETENSORS_TEMP.fullmatch(f.name) and f.is_file() and not f.is_symlink()):
+            continue
+        try:
+            with open(f, "rb") as fh:
+                head = fh.read(9)
+        except OSError:
+            continue
+        if len(head) < 9 or (int.from_bytes(head[:8], "little") < 2**28 and head[8:9] == b"{"):
+            f.unlink(missing_ok=True)
+            gone.append(f)
+    return gone
+
+
+def io_failure(e: BaseException) -> str | None:
+    """Why a write failed (disk full, read-only file system, no permission, ...) for an OSError or safetensors' I/O
+    error (which carries the system's error number in its text); None for any other error."""
+    if isinstance(e, OSError):
+        return e.strerror or str(e) or type(e).__name__
+    if isinstance(e, SafetensorError):
+        m = re.search(r"\(os error (\d+)\)", str(e))
+        if m:
+            return os.strerror(int(m.group(1)))
+        if "I/O error" in str(e):
+            return str(e)
+    return None
+
+
+@contextmanager
+def writing(folder: Path, advice):
+    """A failed write inside the block (disk full, read-only, ...) becomes one UsageError line: `cannot write
+    <folder>: <reason>; <advice>` (`advice` a text, or a function giving it once the write has failed)."""
+    try:
+        yield
+    except (OSError, SafetensorError) as e:
+        reason = io_failure(e)
+        if reason is None:
+            raise
+        raise UsageError(f"cannot write {folder}: {reason}; {advice() if callable(advice) else advice}") from None
 
 
 # A set of entries replaced as a whole (a checkpoint folder, sample.py's outputs): the new entries are staged in a
@@ -282,6 +432,113 @@ def folder_lock(root: Path, timeout: float = 60.0):
         path.unlink(missing_ok=True)
 
 
+# A training run (train.py, rl.py) holds its run folder and its checkpoint folder for the whole run: a second run
+# given either is refused at once. The lock is the operating system's (flock; on Windows a locked byte), so a run
+# killed in any way releases it with its process, and the next run takes the folder over.
+RUN_LOCK = ".uniar-run-lock"
+_WIN_LOCK_BYTE = 1 << 20  # Windows locks are mandatory: lock a byte past the pid, which others read
+
+
+def _try_lock(fd: int) -> bool:
+    if os.name == "nt":
+        import msvcrt
+
+        os.lseek(fd, _WIN_LOCK_BYTE, os.SEEK_SET)
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+def _lock_owner(fd: int) -> int:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        return int(os.read(fd, 32).decode() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def _acquire_run_lock(folder: Path, flag: str) -> int:
+    path = folder / RUN_LOCK
+    deadline = time.monotonic() + 2.0  # only for a new owner to write its pid: never a wait for another run
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # the folder was removed as its previous run finished: make it again
+            folder.mkdir(parents=True, exist_ok=True)
+            continue
+        if _try_lock(fd):
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                same = False
+            if not same:  # the previous owner removed this file as it finished: lock the file now there
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, str(os.getpid()).encode())
+            return fd
+        owner = _lock_owner(fd)
+        os.close(fd)
+        if (owner and _alive(owner, path)) or time.monotonic() > deadline:
+            who = f"process {owner}" if owner else "another process"
+            raise UsageError(f"{flag} {folder} is in use by another run ({who}); wait for it to finish, or pass "
+                             f"another {flag}")
+        time.sleep(0.05)  # locked, but its owner has not written its pid yet
+
+
+def _release_run_lock(folder: Path, fd: int) -> None:
+    path = folder / RUN_LOCK
+    if os.name == "nt":  # an open file cannot be removed there: unlock, close, then remove unless reopened
+        import msvcrt
+
+        os.lseek(fd, _WIN_LOCK_BYTE, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+        os.close(fd)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass
+        return
+    try:
+        path.unlink(missing_ok=True)  # while still locked: a run that opened it meanwhile sees it gone, retries
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def run_lock(folder: Path, flag: str):
+    """Hold `folder` (a run folder, a checkpoint folder) for a whole run: created if absent, then locked; a folder
+    another live run holds is a UsageError at once, naming the flag, the folder and that run's process. A lock
+    left by a killed run is taken over. At the end the lock file goes, and the folder too when this run created
+    it and left it empty (a run stopped before it wrote there), with the empty folders above it it created."""
+    folder = Path(folder)
+    created = [d for d in (folder, *folder.parents) if not d.exists()]  # deepest first
+    with writing(folder, f"make it writable, or pass another {flag}"):
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = _acquire_run_lock(folder, flag)
+    try:
+        yield folder
+    finally:
+        _release_run_lock(folder, fd)
+        for d in created:
+            try:
+                d.rmdir()  # only when empty
+            except OSError:
+                break
+
+
 def replace_folder(root: Path, write, owned: str | None = None) -> Path:
     """write(staging) fills a new hidden folder inside `root` completely (flushed to disk); then, under the folder
     lock, a journal naming it is written atomically (the commit point), the entries it replaces move aside into a
@@ -305,12 +562,28 @@ def replace_folder(root: Path, write, owned: str | None = None) -> Path:
     except BaseException:
         shutil.rmtree(new, ignore_errors=True)
         raise
-    with folder_lock(root):
-        recover_folder(root, locked=True)
-        journal = {"new": new.name, "old": f".old-{tag}", "phase": 1, "owned": owned}
-        _write_journal(root, journal)
-        _finish_switch(root, journal)
+    try:
+        with folder_lock(root):
+            recover_folder(root, locked=True)
+            journal = {"new": new.name, "old": f".old-{tag}", "phase": 1, "owned": owned}
+            _write_journal(root, journal)
+            _finish_switch(root, journal)
+    except BaseException:
+        if not _committed(root, new):  # failed before the commit (a full disk, say): the folder stays as it was
+            shutil.rmtree(new, ignore_errors=True)
+        raise
     return root
+
+
+def _committed(root: Path, new: Path) -> bool:
+    """Whether the journal in `root` names the staging folder `new` (the switch to it is committed); a journal that
+    cannot be read counts as committed, so its staged entries are kept for the recovery."""
+    try:
+        return json.loads((root / JOURNAL).read_text()).get("new") == new.name
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError, AttributeError):
+        return True
 
 
 def _write_journal(root: Path, journal: dict) -> None:
@@ -377,11 +650,11 @@ _LEGACY_STATE = "state"  # the earlier layout: a folder state/ with state.json +
 
 def save_run_state(run_dir: Path, meta: dict, tensors: dict) -> Path:
     """The whole state in one file, written completely and then renamed over the previous one: at every instant the
-    run folder holds one complete state, the previous or the new."""
+    run folder holds one complete state, the previous or the new (atomic_save_file: a save killed midway leaves
+    nothing that the next run's clean_run_dir does not remove)."""
     run_dir = Path(run_dir)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    path = atomic_write(run_dir / STATE_FILE,
-                        lambda tmp: save_file(tensors, str(tmp), metadata={_STATE_KEY: json.dumps(meta)}))
+    path = atomic_save_file(run_dir / STATE_FILE, tensors, metadata={_STATE_KEY: json.dumps(meta)})
     for name in (_LEGACY_STATE, _LEGACY_STATE + ".old", _LEGACY_STATE + ".tmp"):  # superseded by the new file
         legacy = run_dir / name
         if legacy.is_dir() and {f.name for f in legacy.iterdir()} <= {"state.json", "state.safetensors"}:
@@ -490,8 +763,34 @@ def report_interrupted(e: "Interrupted", run_dir: Path | None, what: str = "trai
 
 
 def clean_run_dir(run_dir: Path) -> None:
-    """Remove the temporary state files that a process killed while saving left behind."""
-    remove_temp_files(run_dir, Path(STATE_FILE).stem, Path(STATE_FILE).suffix)
+    """Remove the temporary files and folders that processes killed while saving left in the run folder (the
+    state's, the plots', metrics.json's), and safetensors' own temporary files that saves of earlier versions left.
+    For the holder of the folder's run_lock (train.py / rl.py call it under the lock)."""
+    remove_temp_files(run_dir)
+    remove_safetensors_temps(run_dir)
+
+
+def check_out_apart(out: Path, run_dir: Path, flag: str = "--out") -> Path:
+    """A checkpoint folder that is neither the run folder nor above it: saving a checkpoint replaces every entry of
+    its folder, which would take the run's state (or the whole run folder) with it."""
+    o, r = Path(out).resolve(), Path(run_dir).resolve()
+    if o == r or o in r.parents:
+        raise UsageError(f"{flag} {out} {'is' if o == r else 'contains'} --run-dir {run_dir}: saving the checkpoint "
+                         f"replaces everything in {flag}; pass another {flag} (default: <run-dir>/checkpoint)")
+    return Path(out)
+
+
+def resume_advice(run_dir: Path) -> str:
+    """What to do after a write failed mid-run: where the last state saved is, and how to continue from it."""
+    try:
+        meta = run_state_meta(run_dir)
+    except UsageError:
+        meta = None
+    fix = "free some space (or make the folder writable)"
+    if meta is None:
+        return f"nothing was saved yet: {fix}, then run the same command again"
+    return (f"the state saved before ({meta.get('where', 'saved')}) is intact in {Path(run_dir) / STATE_FILE}: {fix}, "
+            "then run the same command with --resume")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

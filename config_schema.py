@@ -194,6 +194,33 @@ T5 = [  # sd3_pipeline/text_encoder_3/config.json (T5EncoderModel)
 ]
 
 
+# The AR model's tokenizer files (beside tokenizer.json, which the tokenizers library parses and checks): only the
+# fields pipeline.Tokenizer reads are checked; every other field is kept as it is.
+def _token(v) -> bool:
+    return isinstance(v, str) or (isinstance(v, dict) and isinstance(v.get("content"), str))
+
+
+_TOKEN = 'a token string or an object {"content": token string}'
+SPECIAL_TOKENS = [  # special_tokens_map.json, tokenizer_config.json
+    _field("pad_token", _TOKEN, _token, default=None, nullable=True),
+    _field("eos_token", _TOKEN, _token, default=None, nullable=True),
+]
+GENERATION = [  # generation_config.json
+    _field("eos_token_id", "a token id >= 0 or a list of them", lambda v: (_is_int(v) and v >= 0) or (
+        isinstance(v, list) and all(_is_int(x) and x >= 0 for x in v)), default=None, nullable=True),
+]
+
+
+def check_added_tokens(d, where) -> dict:
+    """added_tokens.json: a JSON object {token string: id >= 0}."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where} must hold a JSON object {{token: id}}, got {_shown(d)}")
+    for k, v in d.items():
+        if not (_is_int(v) and v >= 0):
+            raise ConfigError(f"{where}: the id of {json.dumps(k)} must be an integer >= 0, got {_shown(v)}")
+    return d
+
+
 def _ar_rules(d: dict) -> str | None:
     vocab = d["text_config"]["vocab_size"]
     for n in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):

@@ -15,6 +15,13 @@ assigned in place. Missing, unexpected and mis-shaped keys, tensors of a dtype t
 bool tensor where a float weight belongs) and weights holding NaN or inf are all reported in one error naming the
 file and the tensors; a shard index must agree with the shards' headers. Loading therefore never holds two copies
 of the weights, and a damaged checkpoint is an error, never wrong images.
+
+Before any weights: a missing part (bsq_encoder/, sd3_transformer/, sd3_pipeline/scheduler/, the VAE of a latent
+decoder) is named as such, never stood in for by the root's own config.json; the tokenizer files are read and checked
+(not JSON, wrong shape, truncated: an error naming the file), and config.json's token ids must be the ids the
+tokenizer gives <|image_pad|>, <|video_pad|>, <|vision_start|> and <|vision_end|>. A save of the folder killed after
+its journal commit is finished first (cli.finish_interrupted_save); nothing is written when there is none to finish.
+Every error is one line.
 """
 from __future__ import annotations
 
@@ -83,29 +90,74 @@ def resolve_checkpoint(name) -> Path:
                               f"({type(e).__name__}); download it with: {download_command(str(name))}") from None
 
 
+# The sub-folders of a checkpoint root and what each holds (for the message when one is missing).
+PARTS = {"bsq_encoder": "the decoder's copy of the visual tokenizer: bsq_encoder/config.json + model.safetensors",
+         "sd3_transformer": "the diffusion decoder: sd3_transformer/config.json + diffusion_pytorch_model.safetensors",
+         "sd3_pipeline": "the decoder's scheduler/ and vae/"}
+INCOMPLETE = "the checkpoint is incomplete: download it again"
+LAYOUT = "config.json, model.safetensors, tokenizer.json, bsq_encoder/, sd3_transformer/, sd3_pipeline/"  # one line
+
+
+def finish_interrupted_save(root) -> None:
+    """cli.finish_interrupted_save as a CheckpointError: a save killed mid-switch is finished before anything is
+    read (nothing is written when there is none to finish)."""
+    try:
+        cli.finish_interrupted_save(root)
+    except cli.UsageError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _is_checkpoint_root(root: Path) -> bool:
+    """Whether `root` is the root of a whole checkpoint (a decoder part then lives in its sub-folder, never in the
+    root itself): it has one of the parts' sub-folders, or its config.json is the AR model's."""
+    if any((root / sub).is_dir() for sub in PARTS):
+        return True
+    try:
+        d = json.loads((root / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and (d.get("model_type") == "uniar" or "text_config" in d)
+
+
 def resolve_part(root, sub: str, marker: str = "config.json") -> Path:
-    """`root/sub` if it is a folder, else `root` itself when it holds the part (as the official loader does)."""
+    """`root/sub` if it is a folder, else `root` itself when it holds the part (as the official loader does; never
+    for a decoder part of a whole checkpoint's root). A save of `root` killed mid-switch is finished first."""
     root = Path(root)
     if not root.exists():
-        raise CheckpointError(f"checkpoint folder not found: {root}\n{EXPECTED_LAYOUT}")
-    if (root / cli.JOURNAL).is_file():  # a save was killed mid-switch: finish it before reading
-        cli.recover_folder(root)
-    for cand in (root / sub, root):
-        if cand.is_dir() and (cand / marker).exists():
-            return cand
-    raise CheckpointError(f"part '{sub}' not found: neither {root / sub / marker} nor {root / marker} exists\n"
-                          f"{EXPECTED_LAYOUT}")
+        raise CheckpointError(f"checkpoint folder not found: {root}; give the folder a checkpoint was downloaded to "
+                              f"(expected layout: {LAYOUT})")
+    finish_interrupted_save(root)  # a save was killed mid-switch: finish it before reading
+    part = root / sub
+    if part.is_dir():
+        if (part / marker).exists():
+            return part
+        raise CheckpointError(f"{part / marker} not found ({PARTS.get(sub, 'the AR model')}); {INCOMPLETE}, or copy "
+                              f"{sub}/ from a complete copy")
+    if (root / marker).exists() and (sub not in PARTS or not _is_checkpoint_root(root)):
+        return root
+    if sub in PARTS and _is_checkpoint_root(root):
+        raise CheckpointError(f"{root}: the checkpoint has no {sub}/ folder ({PARTS[sub]}); {INCOMPLETE}, or copy "
+                              f"{sub}/ from a complete copy")
+    if sub not in PARTS and _is_checkpoint_root(root):
+        raise CheckpointError(f"{root / marker} not found (the AR model's config); {INCOMPLETE}")
+    raise CheckpointError(f"{root}: not a UniAR checkpoint folder (part '{sub}' not found: neither {part / marker} "
+                          f"nor {root / marker} exists); give the folder a checkpoint was downloaded to (expected "
+                          f"layout: {LAYOUT})")
 
 
 def read_config(path) -> dict:
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"config file not found: {path}\n{EXPECTED_LAYOUT}")
+        raise CheckpointError(f"{path} not found; {INCOMPLETE}")
     try:
         with open(path) as f:
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+        raise CheckpointError(f"{path} is not valid JSON ({e}); restore it from the checkpoint's original file "
+                              "(download it again)") from None
+    except OSError as e:
+        raise CheckpointError(f"{path} cannot be read ({e.strerror or e}); make it readable, or download the "
+                              "checkpoint again") from None
 
 
 def checked_config(d, where, check: Callable, *args) -> dict:
@@ -426,16 +478,98 @@ def vision_config(d: dict, where):
 AR_KEYMAP = KeyMap(drop=[r".*rotary_emb\.inv_freq", r".*rotary_pos_emb\.inv_freq"])
 
 
-def ar_config(root: Path):
-    """The root config.json -> model.UniARConfig, validated; the bit-head variant is read from the keys when the
-    config's flags do not say (or disagree with the file)."""
+# The config.json fields that name a token, and the token the tokenizer files give that id.
+TOKEN_FIELDS = {"image_token_id": P.IMAGE_PAD, "video_token_id": "<|video_pad|>",
+                "vision_start_token_id": P.VISION_START, "vision_end_token_id": P.VISION_END}
+RESTORE_TOKENIZER = "restore it from the checkpoint's original file (download it again)"
 
+
+def read_tokenizer(root) -> "P.Tokenizer":
+    """The AR model's tokenizer (pipeline.Tokenizer) from the checkpoint's tokenizer files, each checked first: a
+    file that is not JSON, JSON of the wrong shape or a truncated tokenizer.json is a CheckpointError naming it."""
+    root = Path(root)
+    path = root / "tokenizer.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found (the AR model's tokenizer); {INCOMPLETE}")
+    for name, check in (("special_tokens_map.json", lambda d, w: schema.check(d, w, schema.SPECIAL_TOKENS)),
+                        ("tokenizer_config.json", lambda d, w: schema.check(d, w, schema.SPECIAL_TOKENS)),
+                        ("added_tokens.json", schema.check_added_tokens),
+                        ("generation_config.json", lambda d, w: schema.check(d, w, schema.GENERATION))):
+        if (root / name).exists():
+            d = read_config(root / name)
+            try:
+                check(d, root / name)
+            except schema.ConfigError as e:
+                raise CheckpointError(f"{e}; {RESTORE_TOKENIZER}") from None
+    try:
+        return P.Tokenizer(root)
+    except ValueError as e:
+        raise CheckpointError(f"{root}: tokenizer files: {e}; restore them from the checkpoint's original files"
+                              ) from None
+    except Exception as e:  # the tokenizers library: one plain Exception for every unreadable tokenizer.json
+        if type(e) is not Exception:
+            raise
+        why = " ".join(str(e).split())
+        raise CheckpointError(f"{path} is not a readable tokenizer file ({why}); {RESTORE_TOKENIZER}") from None
+
+
+def check_tokenizer(path: Path, cfg, tok: "P.Tokenizer") -> None:
+    """The root config.json (`path`, parsed as `cfg`) against the checkpoint's tokenizer: each token-id field must be
+    the id the tokenizer files give its token (<|image_pad|>, <|video_pad|>, <|vision_start|>, <|vision_end|>),
+    added_tokens.json must agree with tokenizer.json, and every token id must have a row in the embedding
+    (text_config.vocab_size). A config from another checkpoint would otherwise run and draw wrong images."""
+    root = path.parent
+    vocab = tok.tk.get_vocab(with_added_tokens=True)
+    added = read_config(root / "added_tokens.json") if (root / "added_tokens.json").is_file() else {}
+    for t, i in added.items():
+        if vocab.get(t, i) != i:
+            raise CheckpointError(f"{root / 'added_tokens.json'} gives {t} the id {i}, but {root / 'tokenizer.json'} "
+                                  f"gives it {vocab[t]}; the tokenizer files are from different checkpoints: restore "
+                                  "them from the checkpoint's original files")
+    ids = {**vocab, **added}
+
+    def source(token):
+        return root / ("tokenizer.json" if token in vocab else "added_tokens.json")
+
+    have = {}
+    for name, token in TOKEN_FIELDS.items():
+        got, want = getattr(cfg, name), ids.get(token)
+        if want is None:  # a tokenizer without this token (only <|video_pad|> may be absent: pipeline.Tokenizer)
+            other = next((t for t, i in ids.items() if i == got), None)
+            if other is not None:
+                raise CheckpointError(f"{path}: field '{name}' is {got}, but the tokenizer has no {token} and gives "
+                                      f"that id to {other!r} ({source(other).name}); the config and the tokenizer "
+                                      "files disagree: restore them from the checkpoint's original files")
+            continue
+        if want in have:
+            raise CheckpointError(f"{source(token)}: {have[want]} and {token} have the same id {want}; the tokenizer "
+                                  f"file is damaged: {RESTORE_TOKENIZER}")
+        have[want] = token
+        if got != want:
+            raise CheckpointError(f"{path}: field '{name}' is {got}, but the tokenizer ({source(token).name}) gives "
+                                  f"{token} the id {want}; the config and the tokenizer files disagree: restore them "
+                                  "from the checkpoint's original files")
+    top, vocab_size = max(ids.items(), key=lambda kv: kv[1]), cfg.text.vocab_size
+    if top[1] >= vocab_size:
+        raise CheckpointError(f"{path}: field 'text_config.vocab_size' is {vocab_size}, but the tokenizer has token "
+                              f"ids up to {top[1]} ({top[0]!r} in {source(top[0]).name}), which the embedding has no "
+                              "row for; the config and the tokenizer files disagree: restore them from the "
+                              "checkpoint's original files")
+
+
+def _ar_config(root: Path):
+    """(model.UniARConfig, pipeline.Tokenizer) of the AR root, checked: config.json against its schema and against
+    the tokenizer files; the bit-head variant read from the keys."""
+    root = Path(root)
+    finish_interrupted_save(root)
     path = root / "config.json"
     d = checked_config(read_config(path), path, schema.check_ar)
     try:
         cfg = M.UniARConfig.from_dict(d)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: invalid config ({e})") from None
+    tok = read_tokenizer(root)
+    check_tokenizer(path, cfg, tok)
     keys = tensor_index(weight_files(root)).keys()
     try:
         variant = M.head_variant_from_keys(keys)
@@ -443,7 +577,14 @@ def ar_config(root: Path):
         raise CheckpointError(f"{root}: unknown bit-head variant: {e}") from None
     if variant != cfg.head_variant:
         cfg = cfg.with_head_variant(variant)
-    return cfg
+    return cfg, tok
+
+
+def ar_config(root: Path):
+    """The root config.json -> model.UniARConfig, validated (also against the checkpoint's tokenizer files, see
+    `check_tokenizer`); the bit-head variant is read from the keys when the config's flags do not say (or disagree
+    with the file)."""
+    return _ar_config(root)[0]
 
 
 def image_processor_config(root: Path, vcfg):
@@ -469,15 +610,11 @@ def load_ar(root, *, dtype=None, device="cpu"):
     carries the checkpoint's image preprocessing (`net.image_processor`, from preprocessor_config.json)."""
 
     root = resolve_part(root, "ar_model")
-    cfg = ar_config(root)
+    cfg, tok = _ar_config(root)  # the tokenizer files are checked with the config, before any weights load
     proc = image_processor_config(root, cfg.vision)
     net = build_on_meta(lambda: M.UniAR(cfg))
     net.image_processor = proc
     load_weights(net, weight_files(root), AR_KEYMAP, dtype=dtype, device=device, where=str(root))
-    try:
-        tok = P.Tokenizer(root)
-    except ValueError as e:
-        raise CheckpointError(f"{root}: tokenizer files: {e}") from None
     return net.eval(), tok
 
 
@@ -490,11 +627,21 @@ T5_KEYMAP = KeyMap(alias={"encoder.embed_tokens.weight": "shared.weight", "share
 
 def _pipeline_dir(root) -> Path:
     root = Path(root)
-    for cand in (root / "sd3_pipeline", root):
-        if (cand / "scheduler").is_dir():
-            return cand
-    raise CheckpointError(f"SD3 pipeline parts not found: expected {root / 'sd3_pipeline'}/vae/ and scheduler/\n"
-                          f"{EXPECTED_LAYOUT}")
+    finish_interrupted_save(root)
+    pipe = root / "sd3_pipeline"
+    if pipe.is_dir():
+        if not (pipe / "scheduler").is_dir():
+            raise CheckpointError(f"{pipe}: no scheduler/ folder (the decoder's sampling schedule: "
+                                  f"scheduler/scheduler_config.json); {INCOMPLETE}, or copy sd3_pipeline/scheduler/ "
+                                  "from a complete copy")
+        if not (pipe / "scheduler" / "scheduler_config.json").exists():
+            raise CheckpointError(f"{pipe / 'scheduler' / 'scheduler_config.json'} not found (the decoder's sampling "
+                                  f"schedule); {INCOMPLETE}, or copy sd3_pipeline/scheduler/ from a complete copy")
+        return pipe
+    if (root / "scheduler").is_dir():  # the pipeline's parts given at the root itself
+        return root
+    raise CheckpointError(f"{root}: the checkpoint has no sd3_pipeline/ folder ({PARTS['sd3_pipeline']}); "
+                          f"{INCOMPLETE}, or copy sd3_pipeline/ from a complete copy")
 
 
 # A project checkpoint may store the decoder's (learned or precomputed) prompt embeddings instead of text encoders.
@@ -531,10 +678,20 @@ def _part(factory_cfg, path: Path, check: Callable, *args):
 
 def transformer_config(root):
     """`sd3_transformer/config.json` -> decoder.MMDiTConfig, checked. A pixel-space decoder (no sd3_pipeline/vae/,
-    this project's own) must state its prediction_type; the released layout's has none and predicts velocity."""
+    this project's own) must state its prediction_type and make 3 channels; the released layout's has none and
+    predicts velocity. The decoder's other parts must be there too (bsq_encoder/, sd3_pipeline/scheduler/, the VAE
+    of a latent decoder): a checkpoint that lacks one is refused from its configs, before any weights load."""
 
     path = resolve_part(root, "sd3_transformer") / "config.json"
-    pixel_space = not (_pipeline_dir(root) / "vae").is_dir()
+    resolve_part(root, "bsq_encoder")
+    pipe = _pipeline_dir(root)
+    pixel_space = not (pipe / "vae").is_dir()
+    d = read_config(path)
+    channels = d.get("out_channels") if isinstance(d, dict) else None
+    if pixel_space and type(channels) is int and channels != 3:
+        raise CheckpointError(f"{pipe}: no vae/ folder, but {path} decodes {channels}-channel latents, which need the "
+                              f"VAE (sd3_pipeline/vae/config.json + diffusion_pytorch_model.safetensors); {INCOMPLETE}, "
+                              "or copy sd3_pipeline/vae/ from a complete copy")
     return _part(D.MMDiTConfig.from_dict, path, schema.check_mmdit, pixel_space)
 
 
@@ -559,18 +716,22 @@ def load_text_encoders(pipeline_dir, *, dtype=torch.float32, device="cpu", max_s
             if name == "t5":
                 out[name] = None
                 continue
-            raise CheckpointError(f"{root}: missing {enc}/ (the decoder prompt is encoded once with it, then cached)"
-                                  f"\n{EXPECTED_LAYOUT}")
+            raise CheckpointError(f"{root}: missing {enc}/ (the decoder prompt is encoded once with it, then cached); "
+                                  f"{INCOMPLETE}, or copy {root.name}/{enc}/ from a complete copy")
         parts.append((name, enc, tok, cls, _part(ccls.from_dict, root / enc / "config.json", schema.check, fields),
                       km))
-    for name, enc, tok, cls, cfg, km in parts:  # every config is checked before any weights are read
+    tokenizers = {}
+    for name, enc, tok, *_ in parts:  # every config and tokenizer is checked before any weights are read
+        try:
+            tokenizers[name] = TE.Tokenizer(root / tok, max_sequence_length if name == "t5" else None)
+        except ValueError as e:
+            msg = str(e)
+            raise CheckpointError(f"{msg if msg.startswith(str(root / tok)) else f'{root / tok}: {msg}'}; "
+                                  f"{RESTORE_TOKENIZER}") from None
+    for name, enc, tok, cls, cfg, km in parts:
         model = build_on_meta(lambda: cls(cfg))
         load_weights(model, weight_files(root / enc), km, dtype=dtype, device=device, where=str(root / enc))
-        try:
-            tokenizer = TE.Tokenizer(root / tok, max_sequence_length if name == "t5" else None)
-        except ValueError as e:
-            raise CheckpointError(f"{root / tok}: {e}") from None
-        out[name] = (model.eval(), tokenizer)
+        out[name] = (model.eval(), tokenizers[name])
     return out
 
 
@@ -618,9 +779,9 @@ def load_decoder(root, *, dtype=None, device="cpu", cache_dir=None, prompt_embed
     """
 
     root = Path(root)
+    tcfg = transformer_config(root)  # first: every part is there (the parts' configs before any weights)
     vision = load_vision(root, dtype=dtype, device=device, decoder_only=True)
     tdir = resolve_part(root, "sd3_transformer")
-    tcfg = transformer_config(root)
     transformer = build_on_meta(lambda: D.MMDiT(tcfg))
     load_weights(transformer, weight_files(tdir, "diffusion_pytorch_model"), dtype=dtype, device=device,
                  where=str(tdir))

@@ -52,11 +52,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import itertools
 import json
 import os
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -358,10 +360,10 @@ def load_policy_state(tensors: dict, net, opt) -> None:
 
 def main(argv=None) -> int:
     """Exit code 0; 2 with one `error: ...` line for bad input; 130 / 143 after Ctrl-C / SIGTERM (state saved)."""
-    with cli.SignalGuard() as guard:
+    with cli.SignalGuard() as guard, ExitStack() as locks:  # the run's folder locks go when it ends, however
         guard.run_dir = None
         try:
-            return _main(argv, guard)
+            return _main(argv, guard, locks)
         except cli.UsageError as e:
             return cli.fail(e)
         except cli.Interrupted as e:
@@ -390,20 +392,71 @@ def parse_args(argv) -> tuple[argparse.Namespace, RLConfig]:
     ap.add_argument("--no-eval", action="store_true", help="skip the before / after evaluations")
     for f in fields(RLConfig):
         ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None,
-                        help=f"default {f.default}")
+                        choices=CHOICES.get(f.name), help=f"default {f.default}")
     for name in REMOVED:
         ap.add_argument("--" + name.replace("_", "-"), default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     check_removed({k: getattr(args, k) for k in REMOVED if getattr(args, k) is not None})
+    given = {f.name: getattr(args, f.name) for f in fields(RLConfig) if getattr(args, f.name) is not None}
+    check_config({**{f.name: f.default for f in fields(RLConfig)}, **given})  # every setting in its range
+    cli.check_number(args.save_every, "--save-every", 1, integer=True)
+    if args.stop_after is not None:
+        cli.check_number(args.stop_after, "--stop-after", 1, integer=True, hint="steps in this process")
     try:
-        rc = RLConfig(**{f.name: getattr(args, f.name) for f in fields(RLConfig) if getattr(args, f.name) is not None})
+        rc = RLConfig(**given)
     except ValueError as e:
         raise cli.UsageError(str(e)) from None
-    cli.check_seed(rc.seed)
-    cli.check_int_range(args.save_every, "--save-every", 1)
-    cli.check_float_range(rc.temperature, "--temperature", *cli.TEMPERATURE_RANGE)
-    cli.check_float_range(rc.cfg, "--cfg", *cli.CFG_RANGE)
     return args, rc
+
+
+CHOICES = {"scale_rewards": SCALES, "prompt_split": PROMPT_SPLITS}
+
+
+def config_limits(values: dict) -> dict:
+    """The range of every RLConfig setting: keyword arguments of cli.check_number, or a check(value, flag)."""
+    n = train.heldout_prompt_count()
+    heldout = values["prompt_split"] == "heldout"
+
+    def one_of(name):
+        def check(v, flag):
+            if v not in CHOICES[name]:
+                raise cli.UsageError(f"{flag} must be one of {', '.join(CHOICES[name])}, got {v!r}")
+        return check
+
+    return {
+        "steps": dict(lo=0, integer=True),
+        "prompts_per_step": dict(lo=1, integer=True),
+        "group_size": dict(lo=2, integer=True, hint="advantages compare the samples of one prompt"),
+        "passes": dict(lo=1, integer=True),
+        "minibatch": dict(lo=1, integer=True),
+        "lr": dict(lo=0, hi=1, lo_open=True),
+        "warmup": dict(lo=0, integer=True),
+        "beta": dict(lo=0, hint="the weight of the KL penalty"),
+        "eps_low": dict(lo=0, hi=1, hi_open=True, hint="the ratio is clipped below at 1 - eps_low"),
+        "eps_high": dict(lo=0, hint="the ratio is clipped above at 1 + eps_high"),
+        "scale_rewards": one_of("scale_rewards"),
+        "temperature": dict(lo=cli.TEMPERATURE_RANGE[0], hi=cli.TEMPERATURE_RANGE[1]),
+        "cfg": dict(lo=cli.CFG_RANGE[0], hi=cli.CFG_RANGE[1]),
+        "seed": dict(lo=0, hi=cli.SEED_MAX, integer=True, hint="the range torch.Generator.manual_seed takes"),
+        "grad_clip": dict(lo=0, lo_open=True, hint="the largest gradient norm"),
+        "eval_n": dict(lo=1, hi=n - 1 if heldout else n, integer=True, hint=(
+            f"held-out examples per task; the toy world has {n} held-out generation prompts" +
+            (", and --prompt-split heldout rolls out those not evaluated" if heldout else ""))),
+        "prompt_split": one_of("prompt_split"),
+        "filter_groups": dict(lo=0, integer=True, hint="0: every group of one round trains"),
+        "max_rounds": dict(lo=1, integer=True),
+        "decode_steps": dict(lo=0, integer=True, hint="0: the checkpoint's"),
+    }
+
+
+def check_config(values: dict) -> None:
+    """Every setting within its range (UsageError naming the flag and what is valid), before anything loads."""
+    for name, limit in config_limits(values).items():
+        flag, value = "--" + name.replace("_", "-"), values[name]
+        if callable(limit):
+            limit(value, flag)
+        else:
+            cli.check_number(value, flag, **limit)
 
 
 def run_record(args, rc: RLConfig, run_dir: Path) -> dict:
@@ -425,12 +478,30 @@ def run_record(args, rc: RLConfig, run_dir: Path) -> dict:
     return meta
 
 
-def _main(argv, guard: cli.SignalGuard) -> int:
+def _main(argv, guard: cli.SignalGuard, locks: ExitStack) -> int:
     args, rc = parse_args(argv)
     device = cli.resolve_device(args.device)
     run_dir = cli.check_out_folder(args.run_dir, "--run-dir")
-    meta = run_record(args, rc, run_dir)
-    out = cli.check_checkpoint_out(args.out or run_dir / "checkpoint", meta["run_id"], args.overwrite)
+    cli.check_out_writable(run_dir, "--run-dir")
+    out_flag = args.out or run_dir / "checkpoint"
+    cli.check_out_folder(out_flag)
+    cli.check_out_apart(out_flag, run_dir)
+    cli.check_out_writable(out_flag)
+
+    def begin() -> tuple[dict, Path]:
+        meta = run_record(args, rc, run_dir)
+        return meta, cli.check_checkpoint_out(out_flag, meta["run_id"], args.overwrite)
+
+    # One run at a time per run folder and per checkpoint folder: a run folder in use is refused first; the checks
+    # are made again once both are held, as the folders may have changed in between.
+    held = run_dir.is_dir()
+    if held:
+        locks.enter_context(cli.run_lock(run_dir, "--run-dir"))
+    begin()
+    if not held:
+        locks.enter_context(cli.run_lock(run_dir, "--run-dir"))
+    locks.enter_context(cli.run_lock(out_flag, "--out"))
+    meta, out = begin()
     try:
         net, tok = load_hf.load_ar(args.ckpt, device=device)
         if not args.no_eval:
@@ -440,10 +511,12 @@ def _main(argv, guard: cli.SignalGuard) -> int:
     except (load_hf.CheckpointError, ValueError) as e:
         raise cli.UsageError(str(e)) from None
     tensors = cli.load_run_state(run_dir)[1] if args.resume else None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cli.clean_run_dir(run_dir)
-    if args.overwrite and not args.resume:  # starting over, as the user asked: the earlier state goes
-        (run_dir / cli.STATE_FILE).unlink(missing_ok=True)
+    advice = functools.partial(cli.resume_advice, run_dir)  # after a failed write: where the last state is
+    with cli.writing(run_dir, advice):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cli.clean_run_dir(run_dir)
+        if args.overwrite and not args.resume:  # starting over, as the user asked: the earlier state goes
+            (run_dir / cli.STATE_FILE).unlink(missing_ok=True)
     torch.manual_seed(rc.seed)
     ref = copy.deepcopy(net).eval()
     for p in ref.parameters():
@@ -473,8 +546,9 @@ def _main(argv, guard: cli.SignalGuard) -> int:
 
     def save_state() -> None:
         meta["where"] = f"step {meta['step']} of {rc.steps}"
-        cli.save_run_state(run_dir, meta, {**policy_state(net, opt), "rng.generator": gen.get_state(),
-                                           "rng.torch": torch.get_rng_state()})
+        with cli.writing(run_dir, advice):
+            cli.save_run_state(run_dir, meta, {**policy_state(net, opt), "rng.generator": gen.get_state(),
+                                               "rng.torch": torch.get_rng_state()})
 
     guard.run_dir = run_dir
     bar = tqdm(range(meta["step"], rc.steps), desc="GRPO", initial=meta["step"], total=rc.steps, dynamic_ncols=True)
@@ -505,8 +579,9 @@ def _main(argv, guard: cli.SignalGuard) -> int:
             if stop:
                 return 0
     bar.close()
-    load_hf.save_checkpoint(out, ar=net, tokenizer_dir=args.ckpt, vision=net.visual, decoder=dec,
-                            sample_defaults=settings, run_id=meta["run_id"])
+    with cli.writing(out, advice):
+        load_hf.save_checkpoint(out, ar=net, tokenizer_dir=args.ckpt, vision=net.visual, decoder=dec,
+                                sample_defaults=settings, run_id=meta["run_id"])
     metrics = {"config": asdict(rc), "start": str(args.ckpt), "train_s": round(meta.get("train_s", 0.0), 1),
                "history": meta["history"]}
     if not args.no_eval:
@@ -516,9 +591,10 @@ def _main(argv, guard: cli.SignalGuard) -> int:
         metrics.update(before=before, after=after)
         print(f"held-out generation {before['generation']:.3f} -> {after['generation']:.3f}, understanding "
               f"{before['understanding']:.3f} -> {after['understanding']:.3f}", file=sys.stderr)
-    cli.atomic_write(run_dir / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
-    if meta["history"]:
-        plot(meta["history"], run_dir)
+    with cli.writing(run_dir, advice):
+        cli.atomic_write(run_dir / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
+        if meta["history"]:
+            plot(meta["history"], run_dir)
     print(f"checkpoint: {out}  run folder: {run_dir}  (GRPO {metrics['train_s']:.0f}s)", file=sys.stderr)
     return 0
 

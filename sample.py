@@ -15,11 +15,15 @@ uniar_sample.json (--help shows those of the checkpoint --ckpt names). Every fla
 from __future__ import annotations
 
 import argparse
+import errno
 import gc
+import itertools
 import json
 import os
+import re
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 # Apple's GPU: an operation the installed torch lacks on MPS runs on the CPU instead of stopping the run (torch reads
@@ -164,14 +168,30 @@ def build_parser(d: dict, ckpt: Path, has_json: bool) -> argparse.ArgumentParser
 
 
 def main(argv=None) -> int:
-    """Exit code 0, or 2 with one `error: ...` line for bad input (checked before anything loads)."""
+    """Exit code 0; 2 with one `error: ...` line for bad input (checked before anything loads) or an output folder
+    that cannot be written; 130 / 143 with one line after Ctrl-C / SIGTERM (every file written so far is kept)."""
+    status = {"note": ""}  # what the interrupted line adds: where the finished files are, how to continue
+    with cli.SignalGuard():
+        try:
+            return _main(sys.argv[1:] if argv is None else list(argv), status)
+        except cli.UsageError as e:
+            return cli.fail(e)
+        except cli.Interrupted as e:
+            print(f"interrupted by {e.name}{status['note']}", file=sys.stderr)
+            return e.exit_code
+
+
+@contextmanager
+def writing(folder: Path, resume: bool = False):
+    """A write into an output folder that fails (disk full, read-only, no permission) becomes one error line naming
+    the folder; the files are written atomically, so nothing finished before is lost."""
     try:
-        return _main(sys.argv[1:] if argv is None else list(argv))
-    except cli.UsageError as e:
-        return cli.fail(e)
+        yield
+    except OSError as e:
+        raise cli.UsageError(cli.cannot_write(e, folder, resume=resume)) from None
 
 
-def _main(argv: list) -> int:
+def _main(argv: list, status: dict) -> int:
     named = _ckpt_from_argv(argv)
     if named is not None:
         try:
@@ -191,10 +211,14 @@ def _main(argv: list) -> int:
     for name in ("cfg", "temperature", "steps", "decoder_cfg"):
         if getattr(args, name) is None:
             setattr(args, name, defaults[name])
+    for flag, what in (("prompt", "the text to draw (or, with --image, the edit instruction)"),
+                       ("question", "a question about --image")):
+        if getattr(args, flag) is not None and not getattr(args, flag).strip():
+            raise cli.UsageError(f"--{flag} is empty; give {what}")
     if args.prompts is not None:
-        return run_prompts(args, ckpt, defaults)
+        return run_prompts(args, ckpt, defaults, status)
     if args.chat or args.chat_file is not None:
-        return run_chat(args, ckpt, defaults)
+        return run_chat(args, ckpt, defaults, status)
     default_prompt = False
     if args.question is None and args.prompt is None and args.image is None and defaults.get("prompt"):
         args.prompt = defaults["prompt"]  # `python sample.py` alone: the checkpoint's example prompt
@@ -261,8 +285,9 @@ def _main(argv: list) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     t_dec = time.perf_counter()
-    paths = write_outputs(args.out, images.cpu(), bits if args.save_bits else None,
-                          {"prompt": args.prompt or "", "ar_size": f"{ar_h}x{ar_w}", "seed": str(args.seed)})
+    with writing(args.out):
+        paths = write_outputs(args.out, images.cpu(), bits if args.save_bits else None,
+                              {"prompt": args.prompt or "", "ar_size": f"{ar_h}x{ar_w}", "seed": str(args.seed)})
     print("\n".join(str(p) for p in paths))
     print(f"[AR: load {t_load - t0:.1f}s, {ar_h // 32 * (ar_w // 32)} steps {t_ar - t_load:.1f}s | decoder: load "
           f"{t_dload - t_ar:.1f}s, {args.steps} steps {t_dec - t_dload:.1f}s | {peak_memory(device)}]",
@@ -316,13 +341,15 @@ def check_flags(args, upsample: float) -> tuple[torch.device, torch.dtype]:
         cli.check_float_range(upsample, "--upsample", 1.0, 2.0, "decoder output size / AR size")
         cli.check_int_range(args.steps, "--steps", 1, hint="decoder denoising steps")
         cli.check_float_range(args.decoder_cfg, "--decoder-cfg", *cli.CFG_RANGE, "1 = no guidance")
-    else:
-        cli.check_float_range(args.answer_temperature, "--answer-temperature", 0.0, cli.TEMPERATURE_RANGE[1],
-                              "0 = greedy")
-        if args.max_new_tokens is not None:
-            cli.check_int_range(args.max_new_tokens, "--max-new-tokens", 1)
+    # the answer flags: used by --question and by the conversations (--chat / --chat-file), checked whenever given
+    cli.check_float_range(args.answer_temperature, "--answer-temperature", 0.0, cli.TEMPERATURE_RANGE[1],
+                          "0 = greedy")
+    if args.max_new_tokens is not None:
+        cli.check_int_range(args.max_new_tokens, "--max-new-tokens", 1)
     device = cli.resolve_device(args.device)
     cli.check_out_folder(args.out)
+    if args.question is None:  # an answer writes nothing
+        cli.check_out_writable(args.out)
     return device, resolve_dtype(args.dtype, device)
 
 
@@ -429,39 +456,83 @@ def check_understanding_plan(ckpt: Path, args) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def read_prompts(path: Path) -> list:
+SAMPLES_MAX = 10000  # --samples-per-prompt: samples are named <k:04d>.png, k < 10000
+IDX_MAX = 2**63 - 1  # a record's idx (its folder <idx:05d>: at most 19 digits)
+DEPTH_MAX = 100  # how deeply a record may nest lists / objects (its meta is copied to metadata.json)
+RUN_SETTINGS = ".uniar-settings.json"  # in a run folder: the settings of its samples (--resume checks them)
+SETTING_FLAGS = {"ckpt": "--ckpt", "seed": "--seed", "cfg": "--cfg", "temperature": "--temperature",
+                 "ar_size": "--ar-size", "upsample": "--upsample", "steps": "--steps", "decoder_cfg": "--decoder-cfg",
+                 "dtype": "--dtype", "image_key": "--image-key"}
+SAMPLE_NAME = re.compile(r"(\d{4})\.png")
+
+
+def split_lines(text: str) -> list:
+    """Lines ended by \\n, \\r\\n or \\r only: str.splitlines would also split a prompt at the Unicode line and
+    paragraph separators (U+2028, U+0085, ...), which JSON strings and prompts may hold as text."""
+    return re.split(r"\r\n|\r|\n", text)
+
+
+def _depth(value) -> int:
+    """How deeply `value` nests lists / objects (1 for a flat object), counted without recursion; stops past
+    DEPTH_MAX."""
+    deepest, stack = 0, [(value, 1)]
+    while stack and deepest <= DEPTH_MAX:
+        v, d = stack.pop()
+        if isinstance(v, (dict, list)):
+            deepest = max(deepest, d)
+            stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
+def _shown(value) -> str:
+    s = json.dumps(value)
+    return s if len(s) <= 40 else f"{s[:20]}... ({len(s)} characters)"
+
+
+def read_prompts(path: Path) -> tuple[list, list]:
     """A .jsonl of {"idx", "prompt", "meta"} records (the official format; idx defaults to the record's position),
-    or a text file with one prompt per line -> records. UsageError naming the file and line."""
+    or a text file with one prompt per line -> (records, the line number of each). UsageError naming the file and
+    line."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = split_lines(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as e:
         raise cli.UsageError(f"--prompts {path}: cannot read it ({e})") from None
-    records, seen = [], set()
+    records, numbers, seen = [], [], set()
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
+        where = f"--prompts {path} line {n}"
         if Path(path).suffix != ".jsonl":
             rec = {"idx": len(records), "prompt": line.strip()}
         else:
+            too_deep = (f"{where}: the record nests lists / objects more than {DEPTH_MAX} levels deep; flatten it "
+                        "(its meta is copied to metadata.json)")
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise cli.UsageError(f"--prompts {path} line {n}: not JSON ({e.msg})") from None
+                raise cli.UsageError(f"{where}: not JSON ({e.msg})") from None
+            except RecursionError:  # deeper than the JSON reader goes
+                raise cli.UsageError(too_deep) from None
+            except ValueError as e:  # an integer of more than sys.get_int_max_str_digits() digits
+                raise cli.UsageError(f"{where}: not JSON the reader takes ({str(e).split(':')[0]})") from None
+            if _depth(rec) > DEPTH_MAX:
+                raise cli.UsageError(too_deep)
             if not isinstance(rec, dict):
-                raise cli.UsageError(f"--prompts {path} line {n}: a record must be a JSON object")
+                raise cli.UsageError(f"{where}: a record must be a JSON object")
             rec = {"idx": len(records), **rec}
         idx, prompt = rec["idx"], rec.get("prompt")
-        if not isinstance(idx, int) or isinstance(idx, bool) or idx < 0:
-            raise cli.UsageError(f"--prompts {path} line {n}: 'idx' must be an integer >= 0, got {json.dumps(idx)}")
+        if not isinstance(idx, int) or isinstance(idx, bool) or not 0 <= idx <= IDX_MAX:
+            raise cli.UsageError(f"{where}: 'idx' must be an integer in [0, {IDX_MAX}], got {_shown(idx)}")
         if not isinstance(prompt, str) or not prompt.strip():
-            raise cli.UsageError(f"--prompts {path} line {n}: 'prompt' must be a non-empty string")
+            raise cli.UsageError(f"{where}: 'prompt' must be a non-empty string")
         if idx in seen:
-            raise cli.UsageError(f"--prompts {path} line {n}: idx {idx} appears twice")
+            raise cli.UsageError(f"{where}: idx {idx} appears twice")
         seen.add(idx)
         records.append(rec)
+        numbers.append(n)
     if not records:
         raise cli.UsageError(f"--prompts {path}: no prompt in it")
-    return records
+    return records, numbers
 
 
 def input_image_path(rec: dict, root: Path, key: str) -> Path:
@@ -477,8 +548,123 @@ def input_image_path(rec: dict, root: Path, key: str) -> Path:
     return Path(root) / rel
 
 
+def input_images(args, records: list, numbers: list) -> dict:
+    """Editing records: {idx: input image}, each checked to be a readable image before anything loads (a
+    UsageError naming the prompt file's line)."""
+    images, bad = {}, {}
+    for rec, n in zip(records, numbers):
+        f = images[rec["idx"]] = input_image_path(rec, args.image_root, args.image_key)
+        where = f"--prompts {args.prompts} line {n}: the input image of record idx {rec['idx']}"
+        if not f.is_file():
+            raise cli.UsageError(f"{where} does not exist: {f} (--image-root {args.image_root})")
+        if f not in bad:
+            try:
+                bsq.load_image(f)
+                bad[f] = None
+            except ValueError as e:
+                bad[f] = str(e)
+        if bad[f] is not None:
+            raise cli.UsageError(f"{where}: {bad[f]}")
+    return images
+
+
+def run_name(args) -> str:
+    """The run's folder under --out: --run-name, else the prompt file's name; one plain folder name, so that
+    nothing is ever written outside --out."""
+    name = args.run_name if args.run_name is not None else Path(args.prompts).stem
+    if (name and name not in (".", "..") and not name.startswith(".") and not re.search(r"[/\\\x00-\x1f\x7f]", name)
+            and (os.altsep is None or os.altsep not in name)):
+        return name
+    rule = "one plain folder name: not empty, no '/' or '\\', no control characters, not starting with '.'"
+    if args.run_name is not None:
+        raise cli.UsageError(f"--run-name {name!r} must be {rule} (the run is written to <out>/<run-name>)")
+    raise cli.UsageError(f"--prompts {args.prompts}: its name gives the run folder {name!r}, which is not {rule}; "
+                         "pass --run-name NAME")
+
+
 def sample_path(run_dir: Path, idx: int, k: int) -> Path:
     return run_dir / f"{idx:05d}" / "samples" / f"{k:04d}.png"
+
+
+def finished_samples(run_dir: Path, records: list, per_prompt: int) -> dict:
+    """{idx: {k, ...}} of the samples the run folder already holds (each PNG is written atomically, so a file there
+    is a finished sample), read from the folders' listings: time and memory follow the files present, not the
+    number of samples asked for."""
+    done = {}
+    if not run_dir.is_dir():
+        return done
+    for rec in records:
+        folder = run_dir / f"{rec['idx']:05d}" / "samples"
+        try:
+            with os.scandir(folder) as entries:
+                ks = {int(m[1]) for e in entries if (m := SAMPLE_NAME.fullmatch(e.name)) and int(m[1]) < per_prompt
+                      and e.is_file()}
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as e:
+            raise cli.UsageError(f"--out: cannot read {folder} ({e.strerror or e})") from None
+        if ks:
+            done[rec["idx"]] = ks
+    return done
+
+
+def pending_samples(records: list, per_prompt: int, done: dict):
+    """(record, k) of every sample not in `done`, in file order, generated one at a time (never a list of them
+    all: --samples-per-prompt times the records may be large)."""
+    for rec in records:
+        got = done.get(rec["idx"], ())
+        for k in range(per_prompt):
+            if k not in got:
+                yield rec, k
+
+
+def check_run_folder(args, run_dir: Path, records: list, numbers: list, settings: dict, n_done: int) -> set:
+    """What the run folder already holds must be what this run would write: samples drawn with other settings
+    (--resume) or another record in an <idx:05d>/metadata.json are refused, never mixed with new ones or renamed under
+    new metadata. -> the idx of the records whose metadata.json is already there."""
+    if not run_dir.is_dir():
+        return set()
+    f = run_dir / RUN_SETTINGS
+    saved = None
+    if f.is_file():
+        try:
+            saved = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            saved = e
+        if not isinstance(saved, dict):
+            raise cli.UsageError(f"{f} is damaged ({type(saved).__name__}); it records the settings the samples in "
+                                 f"{run_dir} were drawn with: pass another --run-name / --out") from None
+    if n_done and args.resume:
+        if saved is None:
+            print(f"warning: {run_dir} has no {RUN_SETTINGS} (an earlier sample.py wrote the run): --resume cannot "
+                  "check that its samples were drawn with this run's settings, and continues with them",
+                  file=sys.stderr)
+        else:
+            diff = [k for k in SETTING_FLAGS if saved.get(k) != settings.get(k)]
+            if diff:
+                def show(s: dict) -> str:
+                    return ", ".join(f"{SETTING_FLAGS[k]} " + ("x".join(map(str, s[k])) if k == "ar_size" and
+                                                               isinstance(s.get(k), list) else str(s.get(k)))
+                                     for k in diff)
+
+                raise cli.UsageError(f"--resume: the {n_done} samples in {run_dir} were drawn with {show(saved)}; this "
+                                     f"run has {show(settings)}; resume with the settings they were drawn with, or "
+                                     "pass another --run-name / --out")
+    have = set()
+    for rec, n in zip(records, numbers):
+        meta = run_dir / f"{rec['idx']:05d}" / "metadata.json"
+        if not meta.exists():
+            continue
+        try:
+            same = json.loads(meta.read_text(encoding="utf-8")) == rec
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            raise cli.UsageError(f"--prompts {args.prompts} line {n}: {meta} holds another record than this line "
+                                 f"(idx {rec['idx']}), the one the samples in its folder belong to; run the prompt "
+                                 "file the run was drawn from, or pass another --run-name / --out")
+        have.add(rec["idx"])
+    return have
 
 
 def setup_ranks(device: torch.device) -> tuple[int, int, torch.device]:
@@ -499,71 +685,96 @@ def barrier(world: int) -> None:
         dist.barrier()
 
 
-def run_prompts(args, ckpt: Path, defaults: dict) -> int:
+def run_prompts(args, ckpt: Path, defaults: dict, status: dict) -> int:
     """--prompts: every (prompt, sample) of the file, batched; each process of a torchrun takes every world-th
-    pending sample; each PNG is written atomically, so --resume skips exactly the finished ones."""
+    pending sample; a record's metadata.json is written as its first sample starts, each PNG atomically, so --resume
+    skips exactly the finished ones (after checking the folder holds this file's records, drawn with these
+    settings)."""
     for flag in ("prompt", "image", "question"):
         if getattr(args, flag) is not None:
             raise cli.UsageError(f"--prompts runs a prompt file; drop --{flag}")
-    cli.check_int_range(args.samples_per_prompt, "--samples-per-prompt", 1)
+    if args.sampler != "multinomial":
+        raise cli.UsageError(f"--sampler {args.sampler}: --prompts draws each image from its own seeds (the same image "
+                             "in any batch), which takes --sampler multinomial")
+    cli.check_int_range(args.samples_per_prompt, "--samples-per-prompt", 1, SAMPLES_MAX,
+                        "samples are named <k:04d>.png")
     cli.check_int_range(args.batch_size, "--batch-size", 1)
     if (args.image_root is None) != (args.image_key is None):
         raise cli.UsageError("--image-root and --image-key go together (editing records)")
+    name = run_name(args)
     ar_h, ar_w = args.ar_size or defaults["ar_size"]
     upsample = args.upsample if args.upsample is not None else defaults["upsample"]
-    records = read_prompts(args.prompts)
+    records, numbers = read_prompts(args.prompts)
     editing = args.image_root is not None
-    images = {r["idx"]: input_image_path(r, args.image_root, args.image_key) for r in records} if editing else {}
-    for idx, f in images.items():
-        if not f.is_file():
-            raise cli.UsageError(f"--image-root: the input image of record idx {idx} does not exist: {f}")
+    images = input_images(args, records, numbers) if editing else {}
     device, dtype = check_flags(args, upsample)
 
     try:
         check_generation_plan(ckpt, args, ar_h, ar_w, upsample, [r["prompt"] for r in records], editing)
     except (load_hf.CheckpointError, ValueError) as e:
         raise cli.UsageError(str(e)) from None
-    run_dir = args.out / (args.run_name or Path(args.prompts).stem)
-    jobs = [(r, k) for r in records for k in range(args.samples_per_prompt)]
-    done = sum(sample_path(run_dir, r["idx"], k).is_file() for r, k in jobs)
-    if done and not args.resume:
-        raise cli.UsageError(f"{run_dir} already holds {done} of this file's samples; pass --resume to skip them, or "
+    run_dir = args.out / name
+    settings = json.loads(json.dumps({
+        "ckpt": str(Path(ckpt).resolve()), "seed": args.seed, "cfg": args.cfg, "temperature": args.temperature,
+        "ar_size": [ar_h, ar_w], "upsample": upsample, "steps": args.steps, "decoder_cfg": args.decoder_cfg,
+        "dtype": str(dtype).removeprefix("torch."), "image_key": args.image_key}))
+    per_prompt = args.samples_per_prompt
+    done = finished_samples(run_dir, records, per_prompt)
+    n_done = sum(map(len, done.values()))
+    if n_done and not args.resume:
+        raise cli.UsageError(f"{run_dir} already holds {n_done} of this file's samples; pass --resume to skip them, or "
                              "another --run-name / --out")
+    have_meta = check_run_folder(args, run_dir, records, numbers, settings, n_done)
     rank, world, device = setup_ranks(device)
-    if rank == 0 and run_dir.is_dir():
-        cli.remove_temp_files(run_dir, recursive=True)  # left by a killed run
-    pending = [(r, k) for r, k in jobs if not sample_path(run_dir, r["idx"], k).is_file()]
-    barrier(world)  # every process has listed the pending samples before any is written
+    status["note"] = f": the finished samples are kept in {run_dir}; continue with the same flags and --resume"
     if rank == 0:
-        for r in records:
-            (run_dir / f"{r['idx']:05d}").mkdir(parents=True, exist_ok=True)
-            cli.atomic_write(run_dir / f"{r['idx']:05d}" / "metadata.json", lambda tmp: Path(tmp).write_text(
-                json.dumps(r, indent=2, ensure_ascii=False), encoding="utf-8"))
-    mine = pending[rank::world]
+        with writing(run_dir, resume=True):
+            if run_dir.is_dir():
+                cli.remove_temp_files(run_dir, recursive=True)  # left by a killed run
+            run_dir.mkdir(parents=True, exist_ok=True)
+            f = run_dir / RUN_SETTINGS
+            if not f.is_file() or json.loads(f.read_text(encoding="utf-8")) != settings:
+                cli.atomic_write(f, lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=2), encoding="utf-8"))
+    barrier(world)  # every process has listed the finished samples before any is written
+    n_pending = len(records) * per_prompt - n_done
+    mine = itertools.islice(pending_samples(records, per_prompt, done), rank, None, world)
     net, tok = load_hf.load_ar(ckpt, dtype=dtype, device=device)
     dec = load_hf.load_decoder(ckpt, dtype=dtype, device=device, cache_dir=args.cache_dir)
 
-    bar = tqdm(total=len(mine), desc="samples", unit="img", disable=rank != 0 and world > 1)
-    for i in range(0, len(mine), args.batch_size):
-        batch = mine[i:i + args.batch_size]
-        seeds = [P.sample_seed(args.seed, r["idx"], k) for r, k in batch]
-        inputs = [images[r["idx"]] for r, _ in batch] if editing else None
-        bits = P.generate_bits(net, tok, [r["prompt"] for r, _ in batch], ar_height=ar_h, ar_width=ar_w,
-                               cfg_scale=args.cfg, temperature=args.temperature, seed=seeds, input_images=inputs)
-        out = dec.decode(bits, ar_h, ar_w, upsampling_ratio=upsample, steps=args.steps, guidance=args.decoder_cfg,
-                         seed=seeds).cpu()
-        for (r, k), im in zip(batch, out):
-            path = sample_path(run_dir, r["idx"], k)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            cli.atomic_write(path, lambda tmp: Image.fromarray(im.numpy()).save(tmp, format="PNG"))
-            print(path, flush=True)
-        bar.update(len(batch))
-    bar.close()
+    bar = tqdm(total=len(range(rank, n_pending, world)), desc="samples", unit="img",
+               disable=rank != 0 and world > 1)
+    try:
+        while batch := list(itertools.islice(mine, args.batch_size)):
+            with writing(run_dir, resume=True):
+                for r, _ in batch:  # a record's metadata.json as its first sample starts
+                    if r["idx"] not in have_meta:
+                        folder = run_dir / f"{r['idx']:05d}"
+                        folder.mkdir(exist_ok=True)
+                        cli.atomic_write(folder / "metadata.json", lambda tmp: Path(tmp).write_text(
+                            json.dumps(r, indent=2, ensure_ascii=False), encoding="utf-8"))
+                        have_meta.add(r["idx"])
+            seeds = [P.sample_seed(args.seed, r["idx"], k) for r, k in batch]
+            inputs = [images[r["idx"]] for r, _ in batch] if editing else None
+            bits = P.generate_bits(net, tok, [r["prompt"] for r, _ in batch], ar_height=ar_h, ar_width=ar_w,
+                                   cfg_scale=args.cfg, temperature=args.temperature, seed=seeds, input_images=inputs)
+            out = dec.decode(bits, ar_h, ar_w, upsampling_ratio=upsample, steps=args.steps, guidance=args.decoder_cfg,
+                             seed=seeds).cpu()
+            for (r, k), im in zip(batch, out):
+                path = sample_path(run_dir, r["idx"], k)
+                with writing(run_dir, resume=True):
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    cli.atomic_write(path, lambda tmp: Image.fromarray(im.numpy()).save(tmp, format="PNG"))
+                print(path, flush=True)
+            bar.update(len(batch))
+    finally:
+        bar.close()
     barrier(world)
     if rank == 0:
-        missing = [(r["idx"], k) for r, k in jobs if not sample_path(run_dir, r["idx"], k).is_file()]
-        print(f"{run_dir}: {len(jobs) - len(missing)} of {len(jobs)} samples" +
-              (f"; missing: {missing[:5]}" if missing else ""), file=sys.stderr)
+        done = finished_samples(run_dir, records, per_prompt)
+        total = len(records) * per_prompt
+        missing = [(r["idx"], k) for r, k in itertools.islice(pending_samples(records, per_prompt, done), 5)]
+        print(f"{run_dir}: {sum(map(len, done.values()))} of {total} samples" +
+              (f"; missing: {missing}" if missing else ""), file=sys.stderr)
     if world > 1:
         dist.destroy_process_group()
     return 0
@@ -577,31 +788,64 @@ def chat_lines(args):
     """(line number or None, text) of the scripted file, or of stdin as it is typed."""
     if args.chat_file is not None:
         try:
-            text = args.chat_file.read_text()
+            text = args.chat_file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise cli.UsageError(f"--chat-file {args.chat_file}: cannot read it ({e})") from None
-        yield from ((n, line) for n, line in enumerate(text.splitlines(), 1))
+        yield from ((n, line) for n, line in enumerate(split_lines(text), 1))
         return
     print(f"chat: {CHAT_HELP}", file=sys.stderr)
     for line in sys.stdin:
         yield None, line.rstrip("\n")
 
 
-def next_free(out: Path, stem: str) -> Path:
-    """out/stem_NN.png with the first NN no file has: a chat never replaces a file."""
-    k = 0
-    while (out / f"{stem}_{k:02d}.png").exists():
-        k += 1
-    return out / f"{stem}_{k:02d}.png"
+def save_new(out: Path, stem: str, write) -> Path:
+    """write(tmp) into a temporary file in `out`, then give it the name out/stem_NN.png with the first NN no file has,
+    claimed atomically: a hard link fails when the name exists (then the next NN is tried), so concurrent runs never
+    get the same name and a chat never replaces a file. (Where the file system has no hard links, the name is claimed
+    by creating it exclusively, then the file is renamed over the claim.)"""
+    out = Path(out)
+    tmp = cli.temp_name(out / f"{stem}.png")
+    try:
+        write(tmp)
+        cli._fsync_file(tmp)
+        for k in itertools.count():
+            path = out / f"{stem}_{k:02d}.png"
+            try:
+                os.link(tmp, path)
+                break
+            except FileExistsError:
+                continue
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.ENOSYS):
+                    raise
+            try:  # no hard links here: claim the name by creating it exclusively
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                continue
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                path.unlink(missing_ok=True)
+                raise
+            break
+    finally:
+        tmp.unlink(missing_ok=True)
+    cli._fsync_dir(out)
+    return path
 
 
-def run_chat(args, ckpt: Path, defaults: dict) -> int:
+def run_chat(args, ckpt: Path, defaults: dict, status: dict) -> int:
     """A conversation in one shared context (pipeline.Conversation): each '/draw' is drawn into the context and decoded
     to a PNG in --out (its path printed), each other line answered from the context, which holds every earlier turn
     and image. A mistake in a scripted file is one error line naming the file and line (exit 2); typed, it is said
     and the chat goes on."""
     if args.chat and args.chat_file is not None:
         raise cli.UsageError("give --chat (typed) or --chat-file FILE (scripted), not both")
+    for flag, turn in (("prompt", "'/draw TEXT'"), ("image", "'/image PATH'"), ("question", "a line of text")):
+        if getattr(args, flag) is not None:
+            raise cli.UsageError(f"--chat / --chat-file: drop --{flag}; in a conversation that is a turn: {turn}")
+    if args.sampler != "multinomial":
+        raise cli.UsageError(f"--sampler {args.sampler}: a conversation draws with --sampler multinomial")
     ar_h, ar_w = args.ar_size or defaults["ar_size"]
     upsample = args.upsample if args.upsample is not None else defaults["upsample"]
     device, dtype = check_flags(args, upsample)
@@ -612,7 +856,8 @@ def run_chat(args, ckpt: Path, defaults: dict) -> int:
         dec = load_hf.load_decoder(ckpt, dtype=dtype, device=device, cache_dir=args.cache_dir)
     except (load_hf.CheckpointError, ValueError) as e:
         return cli.fail(str(e))
-    args.out.mkdir(parents=True, exist_ok=True)
+    with writing(args.out):
+        args.out.mkdir(parents=True, exist_ok=True)
     conv, picture, drawn = P.Conversation(net, tok), None, 0
     for n, line in chat_lines(args):
         where = f"--chat-file {args.chat_file}, line {n}: " if n is not None else ""
@@ -634,15 +879,18 @@ def run_chat(args, ckpt: Path, defaults: dict) -> int:
                 continue
             if line.startswith("/draw"):
                 text = line[len("/draw"):].strip()
+                if not text:
+                    raise ValueError("/draw needs the text to draw (or the edit instruction): /draw TEXT")
                 warn_unknown_words(tok, text, "/draw", ckpt)
                 seed = P.sample_seed(args.seed, drawn)
                 bits = conv.draw(text, picture, ar_height=ar_h, ar_width=ar_w, cfg_scale=args.cfg,
                                  temperature=args.temperature, seed=seed)
                 image = dec.decode(bits, ar_h, ar_w, upsampling_ratio=upsample, steps=args.steps,
                                    guidance=args.decoder_cfg, seed=[seed])[0].cpu().numpy()
-                path = next_free(args.out, "chat")
-                cli.atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
+                with writing(args.out):
+                    path = save_new(args.out, "chat", lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
                 drawn += 1
+                status["note"] = f": the drawings so far are kept in {args.out}"
                 print(f"model: {path}")
             elif line.startswith("/"):
                 raise ValueError(f"unknown command {line.split()[0]!r}; the commands: {CHAT_HELP}")
@@ -650,6 +898,8 @@ def run_chat(args, ckpt: Path, defaults: dict) -> int:
                 warn_unknown_words(tok, line, "question", ckpt)
                 print(f"model: {conv.ask(line, picture, max_new_tokens=args.max_new_tokens or 256, temperature=args.answer_temperature, seed=args.seed)}")
             picture = None
+        except cli.UsageError:
+            raise
         except ValueError as e:
             if n is not None:
                 return cli.fail(f"{where}{e}")

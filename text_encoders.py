@@ -15,6 +15,7 @@ Departures from the reference libraries:
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,13 +188,35 @@ class T5Encoder(nn.Module):
         return self.encoder.final_layer_norm(x)
 
 
+def _json_object(path: Path) -> dict:
+    """A tokenizer folder's JSON file -> its object (ValueError naming the file when it is not one)."""
+    try:
+        d = read_json(path)
+    except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {json.dumps(d)[:80]}")
+    return d
+
+
 def _clip_bpe(folder: Path, special: Callable):
     """CLIP's byte-level BPE built from vocab.json + merges.txt (folders saved without tokenizer.json), the same
     pipeline transformers' CLIPTokenizerFast conversion builds."""
-    with open(folder / "merges.txt", encoding="utf-8") as f:
-        merges = [tuple(m.split()) for m in f.read().strip().split("\n")[1:49152 - 256 - 2 + 1]]  # as CLIPTokenizer
-    tok = _Tok(models.BPE(read_json(folder / "vocab.json"), merges, continuing_subword_prefix="",
-                          end_of_word_suffix="</w>", fuse_unk=False, unk_token=special("unk_token")))
+    try:
+        with open(folder / "merges.txt", encoding="utf-8") as f:
+            merges = [tuple(m.split()) for m in f.read().strip().split("\n")[1:49152 - 256 - 2 + 1]]  # as CLIPTokenizer
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{folder / 'merges.txt'} is not a text file ({e})") from None
+    vocab = _json_object(folder / "vocab.json")
+    try:
+        model = models.BPE(vocab, merges, continuing_subword_prefix="", end_of_word_suffix="</w>", fuse_unk=False,
+                           unk_token=special("unk_token"))
+    except Exception as e:  # the tokenizers library: a merge of tokens outside the vocabulary, a wrong id type
+        if type(e) is not Exception and not isinstance(e, TypeError):
+            raise
+        raise ValueError(f"{folder / 'vocab.json'} and {folder / 'merges.txt'} do not make a BPE tokenizer "
+                         f"({' '.join(str(e).split())})") from None
+    tok = _Tok(model)
     tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
                                            normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -214,26 +237,37 @@ class Tokenizer:
     library, padded and truncated to a fixed length like the pipeline's tokenizer calls."""
 
     def __init__(self, folder, max_length: int | None = None):
+        """ValueError naming the file for a file that is missing, not JSON, of the wrong shape or truncated."""
         folder = Path(folder)
         conf = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):
             if (folder / name).is_file():
-                conf.update(read_json(folder / name))
+                conf.update(_json_object(folder / name))
 
         def special(key):
             t = conf.get(key)
             return t.get("content") if isinstance(t, dict) else t
 
         if (folder / "tokenizer.json").is_file():
-            self.tok = _Tok.from_file(str(folder / "tokenizer.json"))
+            try:
+                self.tok = _Tok.from_file(str(folder / "tokenizer.json"))
+            except Exception as e:  # the tokenizers library: one plain Exception for every unreadable file
+                if type(e) is not Exception:
+                    raise
+                raise ValueError(f"{folder / 'tokenizer.json'} is not a readable tokenizer file "
+                                 f"({' '.join(str(e).split())})") from None
         elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
             self.tok = _clip_bpe(folder, special)
         else:
             raise ValueError(f"{folder}: needs tokenizer.json (or vocab.json + merges.txt for CLIP)")
         pad = special("pad_token")
-        if pad is None or self.tok.token_to_id(pad) is None:
+        if not isinstance(pad, str) or self.tok.token_to_id(pad) is None:
             raise ValueError(f"{folder}: pad token {pad!r} missing from tokenizer_config.json or the vocabulary")
-        self.max_length = int(max_length or conf.get("model_max_length", 77))
+        length = max_length or conf.get("model_max_length", 77)
+        if not (isinstance(length, (int, float)) and not isinstance(length, bool) and 1 <= length < 2**31):
+            raise ValueError(f"{folder / 'tokenizer_config.json'}: field 'model_max_length' must be an integer >= 1, "
+                             f"got {json.dumps(length)}")
+        self.max_length = int(length)
         self.tok.enable_truncation(self.max_length)
         self.tok.enable_padding(length=self.max_length, pad_id=self.tok.token_to_id(pad), pad_token=pad)
 

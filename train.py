@@ -45,12 +45,14 @@ Letters: B batch, S image side (px), N AR tokens per image, L levels, U merge un
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import json
 import math
 import os
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import NamedTuple
@@ -557,7 +559,8 @@ def where(meta: dict) -> str:
 def checkpoint_state(ctx: dict, opt) -> None:
     if ctx["rank"] == 0:
         ctx["meta"]["where"] = where(ctx["meta"])
-        cli.save_run_state(ctx["run_dir"], ctx["meta"], state_tensors(*ctx["models"], opt))
+        with cli.writing(ctx["run_dir"], functools.partial(cli.resume_advice, ctx["run_dir"])):
+            cli.save_run_state(ctx["run_dir"], ctx["meta"], state_tensors(*ctx["models"], opt))
     if ctx["world"] > 1:
         dist.barrier()
 
@@ -783,13 +786,98 @@ def score_run(run_dir: Path) -> dict:
 
 
 SEED_MAX = 2**32 - 1  # step_seed multiplies the seed by ~6.4e7: this keeps every step's seed within manual_seed's range
+# The largest image side: the evaluation edits at it, and an edit's context (the input image's (S / 32)^2 tokens, the
+# instruction, the drawn image's (S / 32)^2 tokens) must fit the model's max_position_embeddings = 512 (at 480: 476
+# positions for the longest held-out instruction; at 512: 538). tests/test_train.py checks both.
+SIZE_MAX = 480
+PROBABILITY_HALF = dict(lo=0, hi=0.5, hi_open=True)
+
+
+@functools.lru_cache(maxsize=None)
+def heldout_prompt_count() -> int:
+    """How many held-out generation prompts toy.heldout_prompts can give (the largest evaluation n): every held-out
+    object alone, then every distinct two-object scene with at least one held-out object."""
+    objs = [(c, s, p) for c in toy.COLORS for s in toy.SHAPES for p in toy.POSITIONS]
+    pairs = {toy.caption(sc) for sc in (toy.make_scene([a, b]) for a, b in itertools.permutations(objs, 2)
+                                       if a[2] != b[2] and a[:2] != b[:2]) if toy.is_heldout(sc)}
+    return len(toy.HELDOUT_OBJECTS) + len(pairs)
+
+
+def _lm_width(w: int, flag: str) -> None:
+    heads = w // 32  # ar_config: 32-dim heads, half as many key/value heads (at least 1), which must divide them
+    if w < 32 or w % 32 or (heads > 3 and heads % 2):
+        raise cli.UsageError(f"{flag} must be a multiple of 32 giving 1, 2, 3 or an even number of 32-dim attention "
+                             f"heads (32, 64, 96, 128, 192, 256, ...), got {w} (half as many key/value heads must "
+                             "divide the heads)")
+
+
+def _dit_patch(tc: "TrainConfig"):
+    def check(p: int, flag: str) -> None:
+        if p < 1 or tc.size % p:
+            divisors = ", ".join(str(d) for d in range(1, tc.size + 1) if tc.size % d == 0)
+            raise cli.UsageError(f"{flag} must be one of {divisors}, got {p} (the decoder's pixel patches must tile "
+                                 f"the {tc.size}-px image of --size)")
+    return check
+
+
+def config_limits(tc: "TrainConfig") -> dict:
+    """The range of every TrainConfig setting: keyword arguments of cli.check_number, or a check(value, flag)."""
+    return {
+        "seed": dict(lo=0, hi=SEED_MAX, integer=True),
+        "size": dict(lo=64, hi=SIZE_MAX, multiple=32, hint="one AR token covers 32x32 px, the toy world needs 2x2 of "
+                     "them, and the evaluation's edits must fit the model's 512 positions"),
+        "stage1_steps": dict(lo=1, integer=True),
+        "stage1_batch": dict(lo=1, integer=True),
+        "stage1_lr": dict(lo=0, hi=1, lo_open=True),
+        "bsq_weight": dict(lo=0),
+        "flip_prob": dict(**PROBABILITY_HALF, hint="each bit of the decoder's condition flipped with this probability; "
+                          "at 0.5 the condition carries nothing"),
+        "stage2_steps": dict(lo=1, integer=True),
+        "stage2_batch": dict(lo=1, integer=True),
+        "stage2_lr": dict(lo=0, hi=1, lo_open=True),
+        "cfg_drop": dict(lo=0, hi=1, hi_open=True, hint="the probability of dropping a prompt's text; at 1 the model "
+                         "never sees one"),
+        "read_flip_prob": dict(**PROBABILITY_HALF, hint="each bit the AR model reads flipped with this probability; "
+                               "at 0.5 it reads noise"),
+        "edit_weight": dict(lo=0),
+        "warmup": dict(lo=0, integer=True),
+        "weight_decay": dict(lo=0, hi=1),
+        "grad_clip": dict(lo=0, lo_open=True, hint="the largest gradient norm"),
+        "vit_width": dict(lo=16, multiple=16, hint="4 attention heads, each a multiple of 4 wide for the 2-D rotary "
+                          "embedding"),
+        "vit_depth": dict(lo=3, integer=True, hint="the DeepStack levels tap blocks 0, 1 and 2"),
+        "lm_width": _lm_width,
+        "lm_layers": dict(lo=1, integer=True),
+        "lm_mlp": dict(lo=1, integer=True),
+        "visual_decoder_depth": dict(lo=1, integer=True),
+        "dit_width": dict(lo=32, multiple=32, hint="attention heads of 32 dims"),
+        "dit_layers": dict(lo=1, integer=True),
+        "dit_patch": _dit_patch(tc),
+        "cfg": dict(lo=cli.CFG_RANGE[0], hi=cli.CFG_RANGE[1]),
+        "temperature": dict(lo=cli.TEMPERATURE_RANGE[0], hi=cli.TEMPERATURE_RANGE[1]),
+        "decoder_steps": dict(lo=1, integer=True, hint="denoising steps"),
+        "decoder_cfg": dict(lo=cli.CFG_RANGE[0], hi=cli.CFG_RANGE[1]),
+        "eval_n": dict(lo=1, hi=heldout_prompt_count(), integer=True, hint="held-out examples per task; the toy world "
+                       f"has {heldout_prompt_count()} held-out generation prompts"),
+        "save_every": dict(lo=1, integer=True),
+    }
+
+
+def check_config(tc: "TrainConfig") -> None:
+    """Every setting within its range (UsageError naming the flag and what is valid), before anything is built."""
+    for name, limit in config_limits(tc).items():
+        flag, value = "--" + name.replace("_", "-"), getattr(tc, name)
+        if callable(limit):
+            limit(value, flag)
+        else:
+            cli.check_number(value, flag, **limit)
 
 
 def main(argv=None) -> int:
     """Exit code 0; 2 with one `error: ...` line for bad input; 130 / 143 after Ctrl-C / SIGTERM (state saved)."""
-    with cli.SignalGuard() as guard:
+    with cli.SignalGuard() as guard, ExitStack() as locks:  # the run's folder locks go when it ends, however
         try:
-            return _main(argv, guard)
+            return _main(argv, guard, locks)
         except cli.UsageError as e:
             return cli.fail(e)
         except cli.Interrupted as e:
@@ -806,7 +894,9 @@ def stage1_report(vision, dec, settings: dict, meta: dict, run_dir: Path, size: 
     print(f"stage 1: held-out images decoded back to their scene: {rec:.1%}", file=sys.stderr)
 
 
-BOOKKEEPING = ("save_every", "eval_n")  # settings a resumed run may change: they do not change the weights
+# Settings a resumed run may change: they do not change the weights. The sampling settings are used only by the
+# evaluation, the sample grids and the checkpoint's uniar_sample.json.
+BOOKKEEPING = ("save_every", "eval_n", "cfg", "temperature", "decoder_steps", "decoder_cfg")
 
 
 def changed(saved: dict, now: dict) -> list:
@@ -818,7 +908,7 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _main(argv, guard: cli.SignalGuard) -> int:
+def _main(argv, guard: cli.SignalGuard, locks: ExitStack) -> int:
     guard.run_dir = None
     ap = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_run_flags(ap, ROOT / "runs" / "toy", "plots, metrics, training state", "final checkpoint")
@@ -837,47 +927,68 @@ def _main(argv, guard: cli.SignalGuard) -> int:
         ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None,
                         help=f"default {f.default}" + (" (held-out examples per task)" if f.name == "eval_n" else ""))
     args = ap.parse_args(argv)
+    tc = TrainConfig.smoke() if args.smoke else TrainConfig()
+    tc = TrainConfig(**{**asdict(tc), **{f.name: getattr(args, f.name) for f in fields(TrainConfig)
+                                         if getattr(args, f.name) is not None}})
+    check_config(tc)  # every setting in its range before anything runs
+    if args.stop_after is not None:
+        cli.check_number(args.stop_after, "--stop-after", 1, integer=True, hint="steps in total")
 
     if args.score is not None:
         print(json.dumps(score_run(args.score)))
         return 0
     device = cli.resolve_device(args.device)
-    if args.eval_n is not None:
-        cli.check_int_range(args.eval_n, "--eval-n", 1, hint="held-out examples per task")
-    if args.seed is not None:
-        cli.check_int_range(args.seed, "--seed", 0, SEED_MAX)
     if args.eval is not None:
         return eval_main(args.eval, device, args.eval_n or TrainConfig().eval_n)
-    tc = TrainConfig.smoke() if args.smoke else TrainConfig()
-    tc = TrainConfig(**{**asdict(tc), **{f.name: getattr(args, f.name) for f in fields(TrainConfig)
-                                         if getattr(args, f.name) is not None}})
     bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda")
     if bf16 and device.type != "cuda":
         raise cli.UsageError("--dtype bfloat16 needs a CUDA GPU (training on the CPU or Apple's MPS runs in float32); "
                              "use --dtype float32 or auto")
     run_dir = args.run_dir
     cli.check_out_folder(run_dir, "--run-dir")
-    meta = cli.check_run_start(run_dir, args.resume, args.overwrite)
-    if meta is not None and (meta.get("world") != world_size() or changed(meta["config"], asdict(tc))):
-        raise cli.UsageError(f"--resume: the state in {run_dir / cli.STATE_FILE} was written with other settings "
-                             f"(different: {', '.join(changed(meta['config'], asdict(tc))) or 'world size'}); pass "
-                             "the same flags")
-    if meta is None:
-        meta = {"stage": 1, "step": 0, "history": {}, "config": asdict(tc), "world": world_size(),
-                "run_id": cli.new_run_id()}
-    meta["config"] = asdict(tc)  # bookkeeping settings may change on resume
-    out = cli.check_checkpoint_out(args.out or run_dir / "checkpoint", meta.setdefault("run_id", cli.new_run_id()),
-                                   args.overwrite)
+    cli.check_out_writable(run_dir, "--run-dir")
+    out_flag = args.out or run_dir / "checkpoint"
+    cli.check_out_folder(out_flag)
+    cli.check_out_apart(out_flag, run_dir)
+    cli.check_out_writable(out_flag)
+
+    def begin() -> tuple[dict, Path]:
+        """The run's record (new, or the saved one to resume) and its checkpoint folder, both checked."""
+        meta = cli.check_run_start(run_dir, args.resume, args.overwrite)
+        if meta is not None and (meta.get("world") != world_size() or changed(meta["config"], asdict(tc))):
+            raise cli.UsageError(f"--resume: the state in {run_dir / cli.STATE_FILE} was written with other settings "
+                                 f"(different: {', '.join(changed(meta['config'], asdict(tc))) or 'world size'}); "
+                                 "pass the same flags")
+        if meta is None:
+            meta = {"stage": 1, "step": 0, "history": {}, "config": asdict(tc), "world": world_size(),
+                    "run_id": cli.new_run_id()}
+        meta["config"] = asdict(tc)  # bookkeeping settings may change on resume
+        return meta, cli.check_checkpoint_out(out_flag, meta.setdefault("run_id", cli.new_run_id()), args.overwrite)
+
+    # One run at a time per run folder and per checkpoint folder (rank 0 holds them for a data-parallel run): a run
+    # folder in use is refused first; the checks are made again once both are held, as the folders may have changed.
+    lead = int(os.environ.get("RANK", "0")) == 0
+    held = lead and run_dir.is_dir()
+    if held:
+        locks.enter_context(cli.run_lock(run_dir, "--run-dir"))
+    meta, out = begin()
+    if lead:
+        if not held:
+            locks.enter_context(cli.run_lock(run_dir, "--run-dir"))
+        locks.enter_context(cli.run_lock(out, "--out"))
+        meta, out = begin()
     rank, world = setup_distributed(device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     tok_dir = run_dir / "tokenizer"
+    advice = functools.partial(cli.resume_advice, run_dir)  # after a failed write: where the last state is
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cli.clean_run_dir(run_dir)
-        if args.overwrite and not args.resume:  # starting over, as the user asked: the earlier state goes
-            (run_dir / cli.STATE_FILE).unlink(missing_ok=True)
-        toy.save_tokenizer(tok_dir)
+        with cli.writing(run_dir, advice):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            cli.clean_run_dir(run_dir)
+            if args.overwrite and not args.resume:  # starting over, as the user asked: the earlier state goes
+                (run_dir / cli.STATE_FILE).unlink(missing_ok=True)
+            toy.save_tokenizer(tok_dir)
     if world > 1:
         dist.barrier()
     tok = P.Tokenizer(tok_dir)
@@ -906,7 +1017,8 @@ def _main(argv, guard: cli.SignalGuard) -> int:
             return 0
         opt_tensors = None
     if rank == 0 and "reconstruction_heldout" not in meta:  # also after a resume that skipped the stage-1 report
-        stage1_report(vision, dec, settings, meta, run_dir, tc.size)
+        with cli.writing(run_dir, advice):
+            stage1_report(vision, dec, settings, meta, run_dir, tc.size)
     if meta["stage"] == 2:
         net.train()
         params = stage_params(2, vision, net, dec)
@@ -921,10 +1033,13 @@ def _main(argv, guard: cli.SignalGuard) -> int:
             raise RuntimeError(f"rank {rank}: weights diverged from rank 0")
     if rank == 0:
         net.eval(), dec.eval()
-        load_hf.save_checkpoint(out, ar=net, tokenizer_dir=tok_dir, vision=vision, decoder=dec,
-                                sample_defaults=settings, run_id=meta["run_id"])
+        with cli.writing(out, advice):
+            load_hf.save_checkpoint(out, ar=net, tokenizer_dir=tok_dir, vision=vision, decoder=dec,
+                                    sample_defaults=settings, run_id=meta["run_id"])
         prompts = toy.heldout_prompts(16)
-        cli.save_grid(generate(net, tok, dec, prompts, settings), run_dir / "stage2_samples.png", 8, 2, 2)
+        samples = generate(net, tok, dec, prompts, settings)
+        with cli.writing(run_dir, advice):
+            cli.save_grid(samples, run_dir / "stage2_samples.png", 8, 2, 2)
         seconds = meta.get("time_s", {})
         metrics = {"config": asdict(tc), "world": world, "time_stage1_s": round(seconds.get("stage1", 0.0), 1),
                    "time_stage2_s": round(seconds.get("stage2", 0.0), 1),
@@ -933,8 +1048,10 @@ def _main(argv, guard: cli.SignalGuard) -> int:
         if not args.no_eval:
             metrics["eval"] = evaluate(net, tok, dec, settings=settings, n=tc.eval_n)
             print(json.dumps(metrics["eval"]))
-        cli.atomic_write(run_dir / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
-        plot_history(meta, run_dir)
+        with cli.writing(run_dir, advice):
+            cli.atomic_write(run_dir / "metrics.json",
+                             lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
+            plot_history(meta, run_dir)
         print(f"checkpoint: {out}  run folder: {run_dir}  (training time: stage 1 {metrics['time_stage1_s']:.0f}s, "
               f"stage 2 {metrics['time_stage2_s']:.0f}s)", file=sys.stderr)
     if world > 1:

@@ -216,3 +216,55 @@ def test_folder_lock_waits_for_a_live_writer_and_takes_over_a_dead_one(tmp_path)
     os.utime(lock, (lock.stat().st_atime - 10, lock.stat().st_mtime - 10))
     with cli.folder_lock(tmp_path, timeout=0.5):
         assert lock.read_text() == str(os.getpid())
+
+
+@needs_fork
+def test_a_state_save_killed_inside_safetensors_leaves_nothing_the_next_run_keeps(tmp_path):
+    """safetensors' save_file writes its own temporary file (`.tmpXXXXXX`, no owner in its name) beside its target.
+    A state save SIGKILLed while that file is being written leaves it inside a folder named with the dead process's
+    id, which clean_run_dir (run by train.py / rl.py at start, under the run's lock) removes; so are bare `.tmpXXXXXX`
+    files an earlier version left in the run folder, while a live process's save and a user's own files stay. The
+    resumed run then continues the saved state."""
+    import re
+    import time
+
+    from safetensors.torch import save_file
+
+    import train
+
+    run = tmp_path / "run"
+    flags = ["--smoke", "--stage1-steps", "3", "--stage2-steps", "1", "--save-every", "1", "--no-eval",
+             "--run-dir", str(run), "--out", str(tmp_path / "ckpt")]
+    assert train.main(flags + ["--stop-after", "1"]) == 0
+    meta, tensors = cli.load_run_state(run)
+    tensors["pad"] = torch.zeros(2**23)  # 32 MB: time to catch the save inside safetensors
+    pid = os.fork()
+    if pid == 0:
+        try:
+            while True:
+                cli.save_run_state(run, meta, tensors)
+        finally:
+            os._exit(0)
+    deadline, caught = time.time() + 120, []
+    while not caught:
+        caught = [p for p in run.rglob(".tmp*") if re.fullmatch(r"\.tmp[0-9A-Za-z]{6}", p.name)]
+        assert time.time() < deadline, "never caught a save inside safetensors"
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    leftovers = [p for p in run.rglob(".*")]
+    assert leftovers and all(str(pid) in str(p.relative_to(run)) for p in leftovers), leftovers  # in its folder
+    meta_now, tensors_now = cli.load_run_state(run)  # the state file is a complete one
+    assert meta_now == meta
+    # what an earlier version left: safetensors' file bare in the run folder (a partial state), beside a user's
+    # files of similar names and a live process's save in progress
+    (run / ".tmpAb3dE9").write_bytes((run / cli.STATE_FILE).read_bytes()[:4096])
+    (run / ".tmpQ0").write_bytes(b"")
+    (run / ".tmpNotes").write_text("mine")
+    (run / ".tmpZZZZZZ").write_text("mine too: not a safetensors file")
+    live = run / f".state.{os.getpid()}-0123abcd.tmp.safetensors"
+    live.mkdir()
+    save_file({"w": torch.zeros(1)}, str(live / "x.safetensors"))
+    assert train.main(flags + ["--resume", "--stop-after", "1"]) == 0
+    assert sorted(p.name for p in run.rglob(".*")) == sorted([".tmpQ0", ".tmpNotes", ".tmpZZZZZZ", live.name])
+    assert (live / "x.safetensors").is_file()
+    assert len(cli.run_state_meta(run)["history"]["stage1"]) == 2

@@ -1,6 +1,9 @@
 """load_hf.py: strict, memory-mapped loading of the released layout, and clear errors for bad checkpoints."""
 import json
+import os
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -59,10 +62,15 @@ def _copy_part(golden, tmp_path):
 
 
 def test_missing_folder_and_part(tmp_path):
-    with pytest.raises(load_hf.CheckpointError, match="checkpoint folder not found.*\n.*expected layout"):
+    with pytest.raises(load_hf.CheckpointError) as e:
         load_hf.load_vision(tmp_path / "nowhere")
-    with pytest.raises(load_hf.CheckpointError, match="part 'bsq_encoder' not found"):
+    assert str(e.value) == (f"checkpoint folder not found: {tmp_path / 'nowhere'}; give the folder a checkpoint was "
+                            f"downloaded to (expected layout: {load_hf.LAYOUT})")
+    with pytest.raises(load_hf.CheckpointError) as e:
         load_hf.load_vision(tmp_path)
+    assert str(e.value) == (f"{tmp_path}: not a UniAR checkpoint folder (part 'bsq_encoder' not found: neither "
+                            f"{tmp_path / 'bsq_encoder' / 'config.json'} nor {tmp_path / 'config.json'} exists); give "
+                            f"the folder a checkpoint was downloaded to (expected layout: {load_hf.LAYOUT})")
 
 
 def test_truncated_and_corrupt_files(tmp_path, golden):
@@ -117,6 +125,7 @@ def _tc(d):
     return d["text_config"]
 
 
+DISAGREE = "the config and the tokenizer files disagree: restore them from the checkpoint's original files"
 AR_DEFECTS = {  # change of the root config.json -> the message after "<file>: " (values read from the fixture)
     "missing rope_theta": (lambda d: _tc(d).pop("rope_theta"),
                            f"required field 'text_config.rope_theta' is missing: it must be a finite number > 0; "
@@ -153,7 +162,33 @@ AR_DEFECTS = {  # change of the root config.json -> the message after "<file>: "
     "generation off": (lambda d: d.update(visual_transformer_decoder=False),
                        "field 'visual_transformer_decoder' must be true (UniAR generation needs the visual-decoder "
                        "stack), got false"),
+    # token ids that are valid ids, but not the ids the tokenizer files give those tokens (the fixture's config and
+    # tokenizer agree: {image_token_id} is the tokenizer's <|image_pad|>, ...): formerly wrong images, exit code 0
+    "image token id of <|vision_start|>": (lambda d: d.update(image_token_id=d["vision_start_token_id"]),
+                                           "field 'image_token_id' is {vision_start_token_id}, but the tokenizer "
+                                           "(tokenizer.json) gives <|image_pad|> the id {image_token_id}; " + DISAGREE),
+    "image token id of an ordinary token": (lambda d: d.update(image_token_id=_ordinary_token_id()),
+                                            "field 'image_token_id' is {ordinary}, but the tokenizer (tokenizer.json) "
+                                            "gives <|image_pad|> the id {image_token_id}; " + DISAGREE),
+    "video token id of <|image_pad|>": (lambda d: d.update(video_token_id=d["image_token_id"]),
+                                        "field 'video_token_id' is {image_token_id}, but the tokenizer "
+                                        "(tokenizer.json) gives <|video_pad|> the id {video_token_id}; " + DISAGREE),
+    "vision start and end swapped": (lambda d: d.update(vision_start_token_id=d["vision_end_token_id"],
+                                                        vision_end_token_id=d["vision_start_token_id"]),
+                                     "field 'vision_start_token_id' is {vision_end_token_id}, but the tokenizer "
+                                     "(tokenizer.json) gives <|vision_start|> the id {vision_start_token_id}; "
+                                     + DISAGREE),
 }
+
+
+def _ordinary_token_id() -> int:
+    """The smallest id of the fixture tokenizer's own vocabulary (an ordinary token, not an added one)."""
+    return min(json.loads((golden_dir() / "tokenizer.json").read_text())["model"]["vocab"].values())
+
+
+def _config_values(golden) -> dict:
+    """The fixture config's values by field name (text_config's and the top level's) for the messages."""
+    return {**golden.config, **golden.config["text_config"], "ordinary": _ordinary_token_id()}
 
 
 @pytest.mark.parametrize("defect", list(AR_DEFECTS))
@@ -163,7 +198,7 @@ def test_ar_config_defects_name_the_file_and_field(tmp_path, golden, defect):
     _edit_json(root / "config.json", change)
     with pytest.raises(load_hf.CheckpointError) as e:
         load_hf.load_ar(root)
-    assert str(e.value) == f"{root / 'config.json'}: " + message.format(**golden.config["text_config"])
+    assert str(e.value) == f"{root / 'config.json'}: " + message.format(**_config_values(golden))
 
 
 def test_config_that_is_not_an_object(tmp_path, golden):
@@ -248,6 +283,219 @@ def test_text_encoder_config_defects(tmp_path, golden, encoder, field):
     with pytest.raises(load_hf.CheckpointError) as e:
         load_hf.load_decoder(root, cache_dir=tmp_path / "cache")
     assert str(e.value) == f"{path}: required field '{field}' is missing: it must be {want}; {RESTORE}"
+
+
+# ----- the tokenizer files, and the parts of a checkpoint: through sample.py as a user runs it -----
+
+def _sample(root, tmp_path, capsys, *extra) -> tuple:
+    """`sample.py --ckpt root --prompt ...` at the fixture's e2e size -> (exit code, stdout, stderr)."""
+    import sample
+
+    from conftest import Golden
+
+    s = Golden(golden_dir()).scenario("e2e")
+    rc = sample.main(["--ckpt", str(root), "--prompt", "a cube", "--ar-size", f"{s['ar_height']}x{s['ar_width']}",
+                      "--upsample", "1", "--device", "cpu", "--out", str(tmp_path / "out"), *extra])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def _write(text: str):
+    return lambda path: path.write_text(text)
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _edit(change):
+    return lambda path: _edit_json(path, change)
+
+
+UNREADABLE = r"is not a readable tokenizer file \(.+\); restore it from the checkpoint's original file \(download " \
+             r"it again\)"
+RESTORE_TOK = "restore it from the checkpoint's original file (download it again)"
+TOKENIZER_DEFECTS = {  # file, damage -> the message after "<root>/<file>" (a regex: the library's words vary)
+    "tokenizer not JSON": ("tokenizer.json", _write("{ not json"), " " + UNREADABLE),
+    "tokenizer JSON list": ("tokenizer.json", _write("[1, 2]"), " " + UNREADABLE),
+    "tokenizer wrong shape": ("tokenizer.json", _write('{"model": 3}'), " " + UNREADABLE),
+    "tokenizer without model": ("tokenizer.json", _write("{}"), " " + UNREADABLE),
+    "tokenizer truncated": ("tokenizer.json", _truncate, " " + UNREADABLE),
+    "tokenizer empty": ("tokenizer.json", _write(""), " " + UNREADABLE),
+    "tokenizer binary": ("tokenizer.json", lambda p: p.write_bytes(b"\xff\xfe\x00garbage"), " " + UNREADABLE),
+    "tokenizer missing": ("tokenizer.json", lambda p: p.unlink(),
+                          re.escape(" not found (the AR model's tokenizer); the checkpoint is incomplete: download "
+                                    "it again")),
+    "special tokens not JSON": ("special_tokens_map.json", _write("{ bad"),
+                                r" is not valid JSON \(.+\); " + re.escape(RESTORE_TOK)),
+    "special token of the wrong shape": ("special_tokens_map.json", _edit(lambda d: d.update(pad_token={"x": 1})),
+                                         re.escape(': field \'pad_token\' must be a token string or an object '
+                                                   '{"content": token string} or null, got {"x": 1}; ' + RESTORE_TOK)),
+    "tokenizer config a list": ("tokenizer_config.json", _write("[1]"),
+                                re.escape(" must hold a JSON object (a config), got [1]; " + RESTORE_TOK)),
+    "eos token a number": ("tokenizer_config.json", _edit(lambda d: d.update(eos_token=5)),
+                           re.escape(": field 'eos_token' must be a token string or an object {\"content\": token "
+                                     "string} or null, got 5; " + RESTORE_TOK)),
+    "added tokens a list": ("added_tokens.json", _write("[1]"),
+                            re.escape(" must hold a JSON object {token: id}, got [1]; " + RESTORE_TOK)),
+    "added token id a string": ("added_tokens.json", _edit(lambda d: d.update({"<|image_pad|>": "x"})),
+                                re.escape(': the id of "<|image_pad|>" must be an integer >= 0, got "x"; '
+                                          + RESTORE_TOK)),
+    "generation config truncated": ("generation_config.json", _truncate,
+                                    r" is not valid JSON \(.+\); " + re.escape(RESTORE_TOK)),
+    "generation eos a string": ("generation_config.json", _edit(lambda d: d.update(eos_token_id="a")),
+                                re.escape(": field 'eos_token_id' must be a token id >= 0 or a list of them or null, "
+                                          "got \"a\"; " + RESTORE_TOK)),
+}
+
+
+@pytest.mark.parametrize("defect", list(TOKENIZER_DEFECTS))
+def test_damaged_tokenizer_files_are_one_error_line(tmp_path, golden, capsys, defect):
+    """A tokenizer file that is not JSON, JSON of the wrong shape or truncated: formerly a traceback from the
+    tokenizers library (or from a missing key); now one line naming the file, before anything loads, from sample.py
+    and from load_hf.load_ar alike."""
+    name, damage, message = TOKENIZER_DEFECTS[defect]
+    root = _checkpoint_copy(golden.dir, tmp_path)
+    damage(root / name)
+    line = re.escape(str(root / name)) + message
+    rc, out, err = _sample(root, tmp_path, capsys)
+    assert (rc, out) == (2, "") and re.fullmatch(f"error: {line}\n", err), err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(load_hf.CheckpointError) as e:
+        load_hf.load_ar(root)
+    assert re.fullmatch(line, str(e.value)), str(e.value)
+
+
+@pytest.mark.parametrize("field, token", [("image_token_id", "vision_start_token_id"),
+                                          ("image_token_id", "ordinary"), ("vision_end_token_id", "image_token_id")])
+def test_token_id_disagreeing_with_the_tokenizer_is_refused_by_sample(tmp_path, golden, capsys, field, token):
+    """config.json naming another valid token as <|image_pad|> (or <|vision_end|>): formerly sample.py ran and drew
+    from a wrong prompt layout; now one line naming the field and the tokenizer's id, before the AR model loads."""
+    values = _config_values(golden)
+    tokens = {"image_token_id": "<|image_pad|>", "vision_end_token_id": "<|vision_end|>"}
+    root = _checkpoint_copy(golden.dir, tmp_path)
+    _edit_json(root / "config.json", lambda d: d.update({field: values[token]}))
+    rc, out, err = _sample(root, tmp_path, capsys)
+    assert (rc, out, err) == (2, "", f"error: {root / 'config.json'}: field '{field}' is {values[token]}, but the "
+                                     f"tokenizer (tokenizer.json) gives {tokens[field]} the id {values[field]}; "
+                                     f"{DISAGREE}\n")
+
+
+def test_tokenizer_ids_beyond_the_embedding_are_refused(tmp_path, golden):
+    """A tokenizer with ids the model's embedding has no row for (text_config.vocab_size): formerly an index error
+    in the middle of a run when such a token came up."""
+    root = _checkpoint_copy(golden.dir, tmp_path)
+    vocab_size = golden.config["text_config"]["vocab_size"]
+    vocab = json.loads((root / "tokenizer.json").read_text())["model"]["vocab"]
+    top = max(vocab, key=vocab.get)  # the ordinary token of the largest id gets the first id beyond the embedding
+    _edit_json(root / "tokenizer.json", lambda d: d["model"]["vocab"].update({top: vocab_size}))
+    with pytest.raises(load_hf.CheckpointError) as e:
+        load_hf.load_ar(root)
+    assert str(e.value) == (f"{root / 'config.json'}: field 'text_config.vocab_size' is {vocab_size}, but the "
+                            f"tokenizer has token ids up to {vocab_size} ({top!r} in tokenizer.json), which the "
+                            f"embedding has no row for; {DISAGREE}")
+
+
+def test_added_tokens_disagreeing_with_tokenizer_json(tmp_path, golden):
+    root = _checkpoint_copy(golden.dir, tmp_path)
+    ids = json.loads((root / "added_tokens.json").read_text())
+    _edit_json(root / "added_tokens.json", lambda d: d.update({"<|image_pad|>": ids["<|vision_start|>"]}))
+    with pytest.raises(load_hf.CheckpointError) as e:
+        load_hf.load_ar(root)
+    assert str(e.value) == (f"{root / 'added_tokens.json'} gives <|image_pad|> the id {ids['<|vision_start|>']}, but "
+                            f"{root / 'tokenizer.json'} gives it {ids['<|image_pad|>']}; the tokenizer files are from "
+                            "different checkpoints: restore them from the checkpoint's original files")
+
+
+INCOMPLETE = "the checkpoint is incomplete: download it again"
+MISSING_PARTS = {  # what is deleted -> (the path the message starts with, the rest)
+    "bsq_encoder/": ("", ": the checkpoint has no bsq_encoder/ folder (the decoder's copy of the visual tokenizer: "
+                         f"bsq_encoder/config.json + model.safetensors); {INCOMPLETE}, or copy bsq_encoder/ from a "
+                         "complete copy"),
+    "bsq_encoder/config.json": ("bsq_encoder/config.json",
+                                " not found (the decoder's copy of the visual tokenizer: bsq_encoder/config.json + "
+                                f"model.safetensors); {INCOMPLETE}, or copy bsq_encoder/ from a complete copy"),
+    "sd3_transformer/": ("", ": the checkpoint has no sd3_transformer/ folder (the diffusion decoder: "
+                             "sd3_transformer/config.json + diffusion_pytorch_model.safetensors); "
+                             f"{INCOMPLETE}, or copy sd3_transformer/ from a complete copy"),
+    "sd3_transformer/config.json": ("sd3_transformer/config.json",
+                                    " not found (the diffusion decoder: sd3_transformer/config.json + "
+                                    f"diffusion_pytorch_model.safetensors); {INCOMPLETE}, or copy sd3_transformer/ "
+                                    "from a complete copy"),
+    "sd3_pipeline/": ("", ": the checkpoint has no sd3_pipeline/ folder (the decoder's scheduler/ and vae/); "
+                          f"{INCOMPLETE}, or copy sd3_pipeline/ from a complete copy"),
+    "sd3_pipeline/scheduler/": ("sd3_pipeline", ": no scheduler/ folder (the decoder's sampling schedule: "
+                                                "scheduler/scheduler_config.json); "
+                                                f"{INCOMPLETE}, or copy sd3_pipeline/scheduler/ from a complete copy"),
+    "sd3_pipeline/scheduler/scheduler_config.json": ("sd3_pipeline/scheduler/scheduler_config.json",
+                                                     " not found (the decoder's sampling schedule); "
+                                                     f"{INCOMPLETE}, or copy sd3_pipeline/scheduler/ from a complete "
+                                                     "copy"),
+    "sd3_pipeline/vae/": ("sd3_pipeline", ": no vae/ folder, but {root}/sd3_transformer/config.json decodes "
+                                          "{out_channels}-channel latents, which need the VAE "
+                                          "(sd3_pipeline/vae/config.json + diffusion_pytorch_model.safetensors); "
+                                          f"{INCOMPLETE}, or copy sd3_pipeline/vae/ from a complete copy"),
+    "sd3_pipeline/vae/config.json": ("sd3_pipeline/vae/config.json", f" not found; {INCOMPLETE}"),
+}
+
+
+@pytest.mark.parametrize("part", list(MISSING_PARTS))
+def test_missing_part_is_named(tmp_path, golden, capsys, part):
+    """A checkpoint without one of its parts: formerly the root's config.json was read in its place (a message about
+    the wrong file, after the AR model had run) or several lines; now one line naming the missing folder or file,
+    from sample.py before anything loads and from load_hf.load_decoder."""
+    root = _checkpoint_copy(golden.dir, tmp_path)
+    target = root / part
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    start, rest = MISSING_PARTS[part]
+    tr = json.loads((golden.dir / "sd3_transformer" / "config.json").read_text())
+    message = f"{root / start if start else root}" + rest.format(root=root, **tr)
+    rc, out, err = _sample(root, tmp_path, capsys)
+    assert (rc, out, err) == (2, "", f"error: {message}\n")
+    with pytest.raises(load_hf.CheckpointError) as e:
+        load_hf.load_decoder(root, cache_dir=tmp_path / "cache")
+    assert str(e.value) == message
+
+
+PIPELINE_TOKENIZER_DEFECTS = {  # folder, file, damage -> the message after "<folder>/<file>"
+    "CLIP-L tokenizer.json not JSON": ("tokenizer", "tokenizer.json", _write("{ not json"), " " + UNREADABLE),
+    "CLIP-G tokenizer config a list": ("tokenizer_2", "tokenizer_config.json", _write("[1]"),
+                                       re.escape(f" must hold a JSON object, got [1]; {RESTORE_TOK}")),
+    "CLIP-G special tokens not JSON": ("tokenizer_2", "special_tokens_map.json", _write("{ bad"),
+                                       r" is not valid JSON \(.+\); " + re.escape(RESTORE_TOK)),
+    "T5 tokenizer.json truncated": ("tokenizer_3", "tokenizer.json", _truncate, " " + UNREADABLE),
+    "CLIP-L length beyond any": ("tokenizer", "tokenizer_config.json", _edit(lambda d: d.update(model_max_length=1e30)),
+                                 re.escape(": field 'model_max_length' must be an integer >= 1, got 1e+30; "
+                                           + RESTORE_TOK)),
+}
+
+
+@pytest.mark.parametrize("defect", list(PIPELINE_TOKENIZER_DEFECTS))
+def test_damaged_pipeline_tokenizer_is_named(tmp_path, golden, defect):
+    """The SD3 pipeline's tokenizer folders (read once, to cache the decoder prompt's embeddings): a damaged file is
+    one error naming it, before any text-encoder weights are read (formerly a traceback from the tokenizers library
+    or the json module, after the weights)."""
+    import dataclasses
+
+    import text_encoders as TE
+
+    folder, name, damage, message = PIPELINE_TOKENIZER_DEFECTS[defect]
+    root = _checkpoint_copy(golden.dir, tmp_path)
+    pipe = root / "sd3_pipeline"
+    for enc, cfg in (("text_encoder", TE.CLIPTextConfig.tiny()), ("text_encoder_2", TE.CLIPTextConfig.tiny()),
+                     ("text_encoder_3", TE.T5Config.tiny())):
+        (pipe / enc).mkdir()
+        (pipe / enc / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))  # no weights: never read
+    for tok in ("tokenizer", "tokenizer_2", "tokenizer_3"):  # the fixture's own tokenizer files stand in for them
+        (pipe / tok).mkdir()
+        for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            shutil.copy(golden.dir / f, pipe / tok / f)
+        _edit_json(pipe / tok / "tokenizer_config.json", lambda d: d.update(model_max_length=77))  # as CLIP's
+    damage(pipe / folder / name)
+    with pytest.raises(load_hf.CheckpointError) as e:
+        load_hf.load_decoder(root, cache_dir=tmp_path / "cache")
+    assert re.fullmatch(re.escape(str(pipe / folder / name)) + message, str(e.value)), str(e.value)
 
 
 # ----- tensors: shard index, dtypes, finiteness -----
@@ -491,6 +739,128 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         load_hf.save_checkpoint(root, ar=net, tokenizer_dir=tok_dir)
     assert (root / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "tok"]  # no temporary folder left behind
+
+
+# ----- a save killed after its journal commit is finished before anything is read -----
+
+needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="kills a forked child (POSIX)")
+
+
+def _killed_at(k: int, fn, log=None) -> bool:
+    """fn in a forked child SIGKILLed at its k-th file-system call (tests/killpoints.py; k = 0: never, each call
+    listed in the file `log`) -> whether it was killed."""
+    import signal
+
+    import killpoints
+
+    pid = os.fork()
+    if pid == 0:  # the child: no cleanup code runs, as after a real kill
+        try:
+            with open(log or os.devnull, "w") as f:
+                killpoints.install(k, f)
+                fn()
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+
+
+def _files(folder) -> dict:
+    """Every file under folder, hidden ones included -> its bytes."""
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(Path(folder).rglob("*")) if f.is_file()}
+
+
+def _put(files: dict):
+    """A writer of `files`: {name: bytes, or a file to link to}."""
+    def write(folder):
+        for name, data in files.items():
+            (Path(folder) / name).parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(data, Path):
+                (Path(folder) / name).symlink_to(data)
+            else:
+                (Path(folder) / name).write_bytes(data)
+    return write
+
+
+@needs_fork
+def test_sample_finishes_an_interrupted_save_before_reading(tmp_path, golden, capsys, monkeypatch):
+    """A checkpoint saved again with new sample settings (uniar_sample.json: 4 decoder steps; the old one has none:
+    the official 28), the save (cli.replace_folder, what train.py's save_checkpoint writes through) killed at each of
+    its file-system calls after the journal commit. sample.py finishes the switch before it reads anything, so it
+    draws with the new settings; formerly it read uniar_sample.json first and drew with 28 steps. At the other kill
+    points read_sample_settings alone (train.py --eval, rl.py) finishes the switch and reads the new settings."""
+    import cli
+    import decoder
+
+    src = _checkpoint_copy(golden.dir, tmp_path)
+    save_file({"prompt_embeds": golden["dec.pipe_prompt_embeds"], "pooled": golden["dec.pipe_pooled"]},
+              str(src / "sd3_pipeline" / load_hf.PROMPT_EMBEDS_FILE))  # the decoder prompt without text encoders
+    settings = json.dumps({"steps": 4}).encode()
+    want = {**_files(src), cli.SAMPLE_JSON: settings}
+    old = {n: src / n if len(data) > 2**16 else data for n, data in _files(src).items()}  # weights: links
+    new = {**old, cli.SAMPLE_JSON: settings}
+    assert cli.read_sample_settings(src)["steps"] == 28
+    steps = []
+    real = decoder.Decoder.decode
+    monkeypatch.setattr(decoder.Decoder, "decode", lambda self, *a, **kw: steps.append(kw["steps"]) or
+                        real(self, *a, **kw))
+    root, log = tmp_path / "ckpt2", tmp_path / "calls.log"
+    _put(old)(root)
+    assert not _killed_at(0, lambda: cli.replace_folder(root, _put(new)), log)  # the calls of a whole save
+    calls = [line.split(" ", 2) for line in log.read_text().splitlines()]
+    journal_tmp = "." + Path(cli.JOURNAL).stem + "."  # the journal's temporary file (cli.temp_name)
+    k = next(int(n) for n, name, arg in calls if name == "replace" and Path(arg).name.startswith(journal_tmp))
+    committed = runs = 0  # k: the journal's rename, the commit point; every later call is killed in turn
+    while True:
+        k += 1
+        shutil.rmtree(root)
+        _put(old)(root)
+        if not _killed_at(k, lambda: cli.replace_folder(root, _put(new))) or not (root / cli.JOURNAL).is_file():
+            break  # the switch was done before the kill
+        committed += 1
+        if committed == 1 or (runs == 1 and not (root / "config.json").exists()):  # nothing moved yet; half moved
+            rc, out, err = _sample(root, tmp_path, capsys)
+            assert rc == 0 and steps[-1] == 4, (k, rc, steps, err[-500:])
+            runs += 1
+        else:
+            assert cli.read_sample_settings(root)["steps"] == 4, k
+        assert _files(root) == want, k  # the switch finished; no journal, lock, staging folder or temporary file
+    assert committed > 10 and runs == 2
+
+
+@pytest.mark.parametrize("how", ["read-only folder", "no write access"])
+def test_interrupted_save_in_a_folder_the_user_cannot_write(tmp_path, golden, capsys, monkeypatch, request, how):
+    """An interrupted save must be finished before the checkpoint is read, which takes a lock file in the folder: in
+    a folder the user cannot write that is one line saying so (formerly a PermissionError traceback)."""
+    import errno
+
+    import cli
+
+    root = _checkpoint_copy(golden.dir, tmp_path)
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt  # as a kill right after the journal commit
+
+    with monkeypatch.context() as m:
+        m.setattr(cli, "_finish_switch", killed)
+        with pytest.raises(KeyboardInterrupt):
+            cli.replace_folder(root, _put({cli.SAMPLE_JSON: b'{"steps": 4}'}))
+    assert (root / cli.JOURNAL).is_file()
+    if how == "read-only folder":
+        if os.name != "posix" or os.geteuid() == 0:
+            pytest.skip("needs a user that file permissions apply to (not root)")
+        root.chmod(0o555)
+        request.addfinalizer(lambda: root.chmod(0o755))
+    else:  # what a read-only folder does to a user that permissions apply to
+        def no_lock(folder, timeout=60.0):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(Path(folder) / cli.LOCK))
+
+        monkeypatch.setattr(cli, "folder_lock", no_lock)
+    rc, out, err = _sample(root, tmp_path, capsys)
+    assert (rc, out, err) == (2, "", f"error: {root / cli.JOURNAL}: a save into {root} was interrupted and must be "
+                                     f"finished before the checkpoint can be read, but {root / cli.LOCK} cannot be "
+                                     f"written ({os.strerror(errno.EACCES)}); run this once as a user who may write "
+                                     "the folder (or make it writable), or save the checkpoint again\n")
 
 
 def _unusual_config(cfg):

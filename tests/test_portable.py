@@ -259,3 +259,39 @@ def test_train_and_rl_turn_on_the_mps_cpu_fallback_unless_the_user_chose(monkeyp
             monkeypatch.setenv("PYTORCH_ENABLE_MPS_FALLBACK", user)
         runpy.run_path(str(ROOT / script), run_name="loaded_by_the_test")  # the module's top level, not main()
         assert os.environ.get("PYTORCH_ENABLE_MPS_FALLBACK") == want
+
+
+# ----- a checkpoint folder the user cannot write -----
+
+def test_checkpoint_in_a_folder_the_user_cannot_write_loads(tmp_path, capsys, monkeypatch):
+    """A checkpoint the user may read but not write (a hub cache, a shared download; the toy checkpoint here, made
+    read-only): `sample.py` draws from it. Loading finishes a save that a kill interrupted, which takes a lock file in
+    the folder, but only when there is one to finish: with none, nothing there is written (finishing is refused here,
+    as a folder without write access would, and the folder stays byte for byte as it was)."""
+    import shutil
+    from pathlib import Path
+
+    ckpt = tmp_path / "toy"
+    shutil.copytree(ROOT / "checkpoints" / "toy", ckpt)
+    before = {f: f.read_bytes() for f in ckpt.rglob("*") if f.is_file()}
+
+    def refused(real):
+        def call(folder, *a, **k):
+            if Path(folder).resolve() == ckpt.resolve():
+                raise PermissionError(13, "Permission denied", str(Path(folder) / cli.LOCK))
+            return real(folder, *a, **k)  # --out is written as usual
+        return call
+
+    monkeypatch.setattr(cli, "folder_lock", refused(cli.folder_lock))
+    monkeypatch.setattr(cli, "recover_folder", refused(cli.recover_folder))
+    modes = {p: p.stat().st_mode for p in [ckpt, *ckpt.rglob("*")]}
+    for p in modes:
+        p.chmod(modes[p] & ~0o222)  # read-only for its owner too (root writes there anyway: the patches above)
+    try:
+        rc = sample.main(["--ckpt", str(ckpt), "--steps", "1", "--device", "cpu", "--out", str(tmp_path / "o")])
+    finally:
+        for p, mode in modes.items():
+            p.chmod(mode)
+    assert rc == 0, capsys.readouterr().err[-2000:]
+    assert (tmp_path / "o" / "sample_00.png").is_file()
+    assert {f: f.read_bytes() for f in ckpt.rglob("*") if f.is_file()} == before

@@ -59,7 +59,11 @@ def test_layout_and_metadata_are_the_official_ones(reference):
     d, _, got, r = reference
     want = {f"{rec['idx']:05d}/{name}" for rec in RECORDS for name in ("metadata.json", "samples/0000.png",
                                                                         "samples/0001.png")}
-    assert set(got) == want
+    assert set(got) == want | {sample.RUN_SETTINGS}  # and the settings the samples were drawn with (for --resume)
+    toy_settings = cli.read_sample_settings(TOY, required=True, defaults={})
+    assert json.loads(got[sample.RUN_SETTINGS]) == {
+        "ckpt": str(TOY.resolve()), "seed": 0, "ar_size": list(toy_settings["ar_size"]), "dtype": "float32",
+        "image_key": None, **{k: toy_settings[k] for k in ("cfg", "temperature", "upsample", "steps", "decoder_cfg")}}
     for rec in RECORDS:
         assert json.loads(got[f"{rec['idx']:05d}/metadata.json"]) == rec
     assert sorted(r.stdout.split()) == sorted(str(d / "out" / "p" / n) for n in want if n.endswith(".png"))
@@ -113,8 +117,8 @@ def test_resume_after_a_kill(reference, tmp_path):
         finished = now
         for p in now:
             Image.open(p).load()  # every PNG present is whole
-        if r.returncode == 0:  # a run that finished cleaned what the killed ones left
-            assert not [p for p in out.rglob("*") if p.name.startswith(".")]
+        if r.returncode == 0:  # a run that finished cleaned what the killed ones left (its settings record stays)
+            assert not [p for p in out.rglob("*") if p.name.startswith(".") and p.name != sample.RUN_SETTINGS]
     assert files(out / "p") == want
     r = run(["--ckpt", TOY, "--prompts", prompts, "--samples-per-prompt", 2, "--out", out], check=False)
     assert (r.returncode, r.stderr) == (2, f"error: {out / 'p'} already holds 6 of this file's samples; pass --resume "
@@ -151,16 +155,38 @@ def test_editing_records_find_their_input_image(tmp_path):
 @pytest.mark.parametrize("content, flags, message", [
     ('{"idx": 0, "prompt": "a"}\n{"prompt": }\n', [], "--prompts {f} line 2: not JSON (Expecting value)"),
     ('{"idx": 0, "prompt": "a"}\n{"idx": 0, "prompt": "b"}\n', [], "--prompts {f} line 2: idx 0 appears twice"),
-    ('{"idx": -1, "prompt": "a"}\n', [], "--prompts {f} line 1: 'idx' must be an integer >= 0, got -1"),
+    ('{"idx": -1, "prompt": "a"}\n', [], "--prompts {f} line 1: 'idx' must be an integer in [0, 9223372036854775807], "
+                                        "got -1"),
+    pytest.param('{"idx": %s, "prompt": "a"}\n' % ("9" * 300), [], "--prompts {f} line 1: 'idx' must be an integer in "
+                 "[0, 9223372036854775807], got 99999999999999999999... (300 characters)", id="idx-300-digits"),
+    pytest.param('{"idx": %s, "prompt": "a"}\n' % ("9" * 5000), [], "--prompts {f} line 1: not JSON the reader takes "
+                 "(Exceeds the limit (4300 digits) for integer string conversion)", id="idx-5000-digits"),
+    pytest.param('{"idx": 0, "prompt": "a", "meta": %s}\n' % ("[" * 100000 + "]" * 100000), [], "--prompts {f} line 1: "
+                 "the record nests lists / objects more than 100 levels deep; flatten it (its meta is copied to "
+                 "metadata.json)", id="meta-100000-deep"),
+    pytest.param('{"idx": 0, "prompt": "a"}\n{"idx": 1, "prompt": "b", "meta": %s}\n' % ('{"a": ' * 100 + "0" +
+                 "}" * 100), [], "--prompts {f} line 2: the record nests lists / objects more than 100 levels deep; "
+                 "flatten it (its meta is copied to metadata.json)", id="meta-101-deep"),
     ('{"idx": 0}\n', [], "--prompts {f} line 1: 'prompt' must be a non-empty string"),
     ('{"idx": 0, "prompt": "a", "meta": {"img": "x.png"}}\n', ["--image-root", "{d}", "--image-key", "img"],
-     "--image-root: the input image of record idx 0 does not exist: {d}/x.png"),
+     "--prompts {f} line 1: the input image of record idx 0 does not exist: {d}/x.png (--image-root {d})"),
+    ('{"idx": 0, "prompt": "a", "img": "good.png"}\n\n{"idx": 3, "prompt": "b", "meta": {"img": "bad.png"}}\n',
+     ["--image-root", "{d}", "--image-key", "img"],
+     "--prompts {f} line 3: the input image of record idx 3: {d}/bad.png is not a readable image file ({pil})"),
     ('{"idx": 0, "prompt": "a"}\n', ["--image-root", "{d}", "--image-key", "img"],
      "--image-key 'img': record idx 0 has no such field (looked in meta and at the top level)"),
     ('{"idx": 0, "prompt": "a"}\n', ["--image-root", "{d}"], "--image-root and --image-key go together (editing "
                                                               "records)"),
     ('{"idx": 0, "prompt": "a"}\n', ["--prompt", "b"], "--prompts runs a prompt file; drop --prompt"),
     ('{"idx": 0, "prompt": "a"}\n', ["--batch-size", "0"], "--batch-size must be an integer >= 1, got 0"),
+    ('{"idx": 0, "prompt": "a"}\n', ["--samples-per-prompt", "10001"],
+     "--samples-per-prompt must be an integer in [1, 10000], got 10001 (samples are named <k:04d>.png)"),
+    ('{"idx": 0, "prompt": "a"}\n', ["--sampler", "kernel"], "--sampler kernel: --prompts draws each image from its "
+     "own seeds (the same image in any batch), which takes --sampler multinomial"),
+] + [  # the run folder is one folder inside --out: nothing is ever written outside it
+    ('{"idx": 0, "prompt": "a"}\n', ["--run-name", name], f"--run-name {name!r} must be one plain folder name: not "
+     "empty, no '/' or '\\', no control characters, not starting with '.' (the run is written to <out>/<run-name>)")
+    for name in ["../x", "{d}/abs", "..", ".", "", "a/b", "a\\b", ".hidden", "a\nb"]
 ])
 def test_prompt_file_mistakes_are_one_line_errors(tmp_path, capsys, monkeypatch, content, flags, message):
     import load_hf
@@ -168,10 +194,126 @@ def test_prompt_file_mistakes_are_one_line_errors(tmp_path, capsys, monkeypatch,
     monkeypatch.setattr(load_hf, "load_ar", lambda *a, **k: pytest.fail("loaded before checking"))
     f = tmp_path / "p.jsonl"
     f.write_text(content)
-    fill = lambda x: x.replace("{f}", str(f)).replace("{d}", str(tmp_path))
+    (tmp_path / "bad.png").write_text("not an image")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "good.png")
+    try:
+        Image.open(tmp_path / "bad.png")
+    except Exception as e:
+        pil = str(e)
+    fill = lambda x: x.replace("{f}", str(f)).replace("{d}", str(tmp_path)).replace("{pil}", pil)
     assert sample.main(["--ckpt", str(TOY), "--prompts", str(f), "--out", str(tmp_path / "o")] +
                        [fill(a) for a in flags]) == 2
     assert capsys.readouterr().err == f"error: {fill(message)}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.png", "good.png", "p.jsonl"]  # nothing written, anywhere
+
+
+@pytest.mark.parametrize("name, run", [("...jsonl", ".."), ("..jsonl", "."), (".hidden.jsonl", ".hidden")])
+def test_prompt_file_name_that_is_no_folder_name_needs_run_name(tmp_path, capsys, monkeypatch, name, run):
+    """The run folder defaults to the prompt file's name; a file named `...jsonl` used to write its run into the
+    parent of --out (run name '..'). Such a name is refused before loading, asking for --run-name."""
+    import load_hf
+
+    monkeypatch.setattr(load_hf, "load_ar", lambda *a, **k: pytest.fail("loaded before checking"))
+    (tmp_path / "in").mkdir()
+    f = tmp_path / "in" / name
+    f.write_text('{"idx": 0, "prompt": "a blue circle at the bottom right"}\n')
+    assert sample.main(["--ckpt", str(TOY), "--prompts", str(f), "--out", str(tmp_path / "in" / "o")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --prompts {f}: its name gives the run folder {run!r}, which is not one plain folder name: not empty, "
+        "no '/' or '\\', no control characters, not starting with '.'; pass --run-name NAME\n")
+    assert [p.name for p in tmp_path.rglob("*")] == ["in", name]
+
+
+def test_resume_refuses_another_prompt_file_or_other_settings(reference, tmp_path, capsys, monkeypatch):
+    """--resume over samples drawn from another prompt file, or with another seed / cfg / steps, used to keep the old
+    PNGs under the new metadata (a run scoring 1.0 then read 0.0). The run folder records the settings (and each
+    record its metadata.json): a difference is one error line before loading, and nothing in the folder changes."""
+    import shutil
+
+    import load_hf
+
+    d, prompts, want, _ = reference
+    shutil.copytree(d / "out", tmp_path / "out")
+    run_dir = tmp_path / "out" / "p"
+    monkeypatch.setattr(load_hf, "load_ar", lambda *a, **k: pytest.fail("loaded before checking"))
+    same = ["--ckpt", str(TOY), "--samples-per-prompt", "2", "--batch-size", "1", "--out", str(tmp_path / "out"),
+            "--resume"]
+    other = write_jsonl((tmp_path / "other").mkdir() or tmp_path / "other" / "p.jsonl",
+                        [RECORDS[0], {**RECORDS[1], "prompt": "a green circle at the top left"}, RECORDS[2]])
+    assert sample.main(same + ["--prompts", str(other)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --prompts {other} line 2: {run_dir / '00007' / 'metadata.json'} holds another record than this line "
+        "(idx 7), the one the samples in its folder belong to; run the prompt file the run was drawn from, or pass "
+        "another --run-name / --out\n")
+    assert sample.main(same + ["--prompts", str(prompts), "--seed", "1"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --resume: the 6 samples in {run_dir} were drawn with --seed 0; this run has --seed 1; resume with "
+        "the settings they were drawn with, or pass another --run-name / --out\n")
+    assert sample.main(same + ["--prompts", str(prompts), "--cfg", "2", "--steps", "3", "--ar-size", "32x32"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --resume: the 6 samples in {run_dir} were drawn with --cfg 1.5, --ar-size 64x64, --steps 10; this run "
+        "has --cfg 2.0, --ar-size 32x32, --steps 3; resume with the settings they were drawn with, or pass another "
+        "--run-name / --out\n")
+    assert files(run_dir) == want
+
+
+def test_prompt_file_work_is_lazy(tmp_path, monkeypatch):
+    """2000 prompts x 1000 samples: no list of every sample is built and no metadata.json is written up front (a
+    100k-line file used to spend minutes writing and syncing metadata before its first image); a record's
+    metadata.json is written as its first sample starts."""
+    import load_hf
+    import pipeline as P
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def first_batch(net, tok, prompts, **k):
+        seen.update(prompts=prompts, seeds=k["seed"])
+        raise Stop
+
+    monkeypatch.setattr(load_hf, "load_ar", lambda *a, **k: (None, None))
+    monkeypatch.setattr(load_hf, "load_decoder", lambda *a, **k: None)
+    monkeypatch.setattr(P, "generate_bits", first_batch)
+    f = tmp_path / "many.txt"
+    f.write_text("".join(f"a {c} circle at the top left\n" for c in ["red", "blue"] * 1000))
+    with pytest.raises(Stop):
+        sample.main(["--ckpt", str(TOY), "--prompts", str(f), "--samples-per-prompt", "1000", "--batch-size", "4",
+                     "--out", str(tmp_path / "o")])
+    assert seen == {"prompts": ["a red circle at the top left"] * 4,
+                    "seeds": [P.sample_seed(0, 0, k) for k in range(4)]}
+    assert sorted(str(p.relative_to(tmp_path / "o")) for p in (tmp_path / "o").rglob("*")) == [
+        "many", f"many/{sample.RUN_SETTINGS}", "many/00000", "many/00000/metadata.json"]
+
+
+def test_ctrl_c_keeps_the_finished_samples_and_resume_completes(reference, tmp_path):
+    """Ctrl-C while a prompt file runs: one line saying where the finished samples are and how to continue, exit
+    code 130, no traceback; the records not started yet have no metadata.json; --resume then writes exactly the
+    missing samples, the same bytes as an uninterrupted run."""
+    import signal
+
+    d, prompts, want, _ = reference
+    out = tmp_path / "out"
+    args = ["--ckpt", TOY, "--prompts", prompts, "--samples-per-prompt", 12, "--batch-size", 1, "--out", out]
+    p = subprocess.Popen([sys.executable, str(ROOT / "sample.py")] + [str(a) for a in args], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    first = p.stdout.readline()  # the first sample is written
+    assert first.strip() == str(out / "p" / "00000" / "samples" / "0000.png"), p.stderr.read()[-2000:]
+    p.send_signal(signal.SIGINT)
+    rest, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err[-2000:]
+    *bar, last = [line for line in err.replace("\r", "\n").split("\n") if line]
+    assert last == (f"interrupted by SIGINT: the finished samples are kept in {out / 'p'}; continue with the same "
+                    "flags and --resume")
+    assert all(line.startswith("samples:") for line in bar), err  # only the progress bar before it
+    assert not (out / "p" / "00002").exists()  # the third record had not started
+    written = {first.strip()} | set(rest.split())
+    r = run(args + ["--resume"])
+    assert not written & set(r.stdout.split())  # nothing finished is written again
+    got = files(out / "p")
+    assert len([n for n in got if n.endswith(".png")]) == 36
+    assert {n: got[n] for n in want} == want
 
 
 def test_score_reads_a_run_back(reference, capsys):

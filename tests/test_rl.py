@@ -410,3 +410,124 @@ def test_signal_saves_the_grpo_state_and_resume_continues(small_ckpt, tmp_path):
                         "continue with the same flags and --resume\n")
     assert rl.main(flags + ["--resume", "--stop-after", "1"]) == 0
     assert cli.run_state_meta(run)["step"] == saved + 1
+
+
+RL_EVAL_N = ("--eval-n must be an integer in [1, {hi}], got {v} (held-out examples per task; the toy world has 561 "
+             "held-out generation prompts{more})")
+HELDOUT = ", and --prompt-split heldout rolls out those not evaluated"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--beta", "-1"], "--beta must be a finite number >= 0, got -1.0 (the weight of the KL penalty)"),
+    (["--lr", "nan"], "--lr must be a finite number in (0, 1], got nan"),
+    (["--lr", "0"], "--lr must be a finite number in (0, 1], got 0.0"),
+    (["--eval-n", "0"], RL_EVAL_N.format(hi=560, v=0, more=HELDOUT)),
+    (["--eval-n", "561"], RL_EVAL_N.format(hi=560, v=561, more=HELDOUT)),  # no prompt left to roll out
+    (["--eval-n", "562", "--prompt-split", "train"], RL_EVAL_N.format(hi=561, v=562, more="")),
+    (["--steps", "-1"], "--steps must be an integer >= 0, got -1"),
+    (["--prompts-per-step", "0"], "--prompts-per-step must be an integer >= 1, got 0"),
+    (["--group-size", "1"], "--group-size must be an integer >= 2, got 1 (advantages compare the samples of one "
+                            "prompt)"),
+    (["--passes", "0"], "--passes must be an integer >= 1, got 0"),
+    (["--minibatch", "0"], "--minibatch must be an integer >= 1, got 0"),
+    (["--warmup", "-1"], "--warmup must be an integer >= 0, got -1"),
+    (["--eps-low", "1"], "--eps-low must be a finite number in [0, 1), got 1.0 (the ratio is clipped below at "
+                         "1 - eps_low)"),
+    (["--eps-high", "nan"], "--eps-high must be a finite number >= 0, got nan (the ratio is clipped above at "
+                            "1 + eps_high)"),
+    (["--scale-rewards", "bogus"], "argument --scale-rewards: invalid choice: 'bogus' (choose from 'group', 'batch', "
+                                   "'none')"),
+    (["--prompt-split", "test"], "argument --prompt-split: invalid choice: 'test' (choose from 'heldout', 'train')"),
+    (["--temperature", "0"], "--temperature must be a finite number in [0.01, 100], got 0.0"),
+    (["--cfg", "0.5"], "--cfg must be a finite number in [1, 100], got 0.5"),
+    (["--seed", "-1"], "--seed must be an integer in [0, 18446744073709551615], got -1 (the range "
+                       "torch.Generator.manual_seed takes)"),
+    (["--grad-clip", "0"], "--grad-clip must be a finite number > 0, got 0.0 (the largest gradient norm)"),
+    (["--filter-groups", "-1"], "--filter-groups must be an integer >= 0, got -1 (0: every group of one round trains)"),
+    (["--max-rounds", "0"], "--max-rounds must be an integer >= 1, got 0"),
+    (["--decode-steps", "-1"], "--decode-steps must be an integer >= 0, got -1 (0: the checkpoint's)"),
+    (["--save-every", "0"], "--save-every must be an integer >= 1, got 0"),
+    (["--stop-after", "0"], "--stop-after must be an integer >= 1, got 0 (steps in this process)"),
+    (["--out", "{run}"], "--out {run} is --run-dir {run}: saving the checkpoint replaces everything in --out; pass "
+                         "another --out (default: <run-dir>/checkpoint)"),
+])
+def test_mistakes_are_one_line_errors(tmp_path, capsys, monkeypatch, flags, message):
+    """One `error:` line naming the flag and what is valid, exit code 2, before the checkpoint is loaded and before
+    any folder is made."""
+    def loaded(*a, **k):
+        raise AssertionError("a check came after loading")
+
+    monkeypatch.setattr(load_hf, "load_ar", loaded)
+    run = tmp_path / "run"
+    fill = lambda a: a.replace("{run}", str(run))
+    rc = rl.main(["--ckpt", str(tmp_path / "ckpt"), "--run-dir", str(run), "--out", str(tmp_path / "o")] +
+                 [fill(a) for a in flags])
+    assert (rc, capsys.readouterr().err) == (2, f"error: {fill(message)}\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_every_setting_has_a_range_that_its_defaults_meet():
+    from dataclasses import asdict, fields
+
+    values = asdict(rl.RLConfig())
+    assert list(rl.config_limits(values)) == [f.name for f in fields(rl.RLConfig)]
+    rl.check_config(values)
+
+
+def test_one_grpo_run_at_a_time_per_run_dir(small_ckpt, tmp_path, capsys):
+    """While GRPO runs, a second rl.py on its --run-dir is refused at once with one line naming the folder and the
+    running process (exit code 2); after the first is killed (SIGKILL), --resume takes the folder over and continues
+    the state the first saved."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import cli
+    from conftest import ROOT
+    from test_train import wait_for_a_step
+
+    run = tmp_path / "run"
+    flags = ["--ckpt", str(small_ckpt[0]), "--run-dir", str(run), "--save-every", "1"] + RL_TINY[:1] + \
+        ["--steps", "200"] + RL_TINY[3:]
+    p = subprocess.Popen([sys.executable, str(ROOT / "rl.py")] + flags, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        wait_for_a_step(p, 200)
+        assert rl.main(flags + ["--resume", "--stop-after", "1"]) == 2
+        assert capsys.readouterr().err == (f"error: --run-dir {run} is in use by another run (process {p.pid}); wait "
+                                           "for it to finish, or pass another --run-dir\n")
+        assert p.poll() is None
+    finally:
+        p.kill()
+        p.communicate(timeout=60)
+    saved = cli.run_state_meta(run)
+    assert rl.main(flags + ["--resume", "--stop-after", "1"]) == 0
+    after = cli.run_state_meta(run)
+    assert after["run_id"] == saved["run_id"] and after["step"] == saved["step"] + 1
+    assert after["history"][:saved["step"]] == saved["history"]
+    assert sorted(p.name for p in run.rglob(".*")) == []
+
+
+def test_a_full_disk_during_a_grpo_state_save_is_one_line(small_ckpt, tmp_path, capsys, monkeypatch):
+    """The disk fills up at the second GRPO state save: one `error:` line naming the run folder, the reason and
+    where the last state is (exit code 2); that state is intact, nothing half written is left, and --resume
+    continues from it."""
+    import errno
+
+    import cli
+    from test_train import disk_full
+
+    run = tmp_path / "run"
+    flags = ["--ckpt", str(small_ckpt[0]), "--run-dir", str(run), "--save-every", "1"] + RL_TINY + ["--max-rounds", "1"]
+    monkeypatch.setattr(cli, "save_file", disk_full(errno.ENOSPC, after=1))
+    assert rl.main(flags) == 2
+    assert capsys.readouterr().err.splitlines()[-1:] == [
+        f"error: cannot write {run}: No space left on device; the state saved before (step 1 of 4) is intact in "
+        f"{run / cli.STATE_FILE}: free some space (or make the folder writable), then run the same command with "
+        "--resume"]
+    assert cli.run_state_meta(run)["step"] == 1
+    assert sorted(p.name for p in run.rglob(".*")) == [] and not (run / "checkpoint").exists()
+    monkeypatch.undo()
+    assert rl.main(flags + ["--resume", "--stop-after", "1"]) == 0
+    assert cli.run_state_meta(run)["step"] == 2

@@ -162,6 +162,22 @@ CFG_HINT = "(cfg must be >= 1, 1 = no guidance; larger guidance overflows the gu
     (["--ar-size", "100x64"], "--ar-size: AR size 100x64 must be positive multiples of 32 px"),
     (["--question", "q", "--image", "{img}", "--max-new-tokens", "0"], "--max-new-tokens must be an integer >= 1, got 0"),
     (["--question", "q", "--image", "{file}"], "--image: {file} is not a readable image file ({pil})"),
+    # empty text is refused, not drawn / answered
+    (["--prompt", ""], "--prompt is empty; give the text to draw (or, with --image, the edit instruction)"),
+    (["--prompt", " \t "], "--prompt is empty; give the text to draw (or, with --image, the edit instruction)"),
+    (["--question", "", "--image", "{img}"], "--question is empty; give a question about --image"),
+    (["--question", "  ", "--image", "{img}"], "--question is empty; give a question about --image"),
+    # conversations answer too: their answer flags are checked (they ran, or crashed after loading)
+    (["--chat-file", "{chat}", "--answer-temperature", "-1"],
+     "--answer-temperature must be a finite number in [0, 100], got -1.0 (0 = greedy)"),
+    (["--chat-file", "{chat}", "--answer-temperature", "nan"],
+     "--answer-temperature must be a finite number in [0, 100], got nan (0 = greedy)"),
+    (["--chat-file", "{chat}", "--max-new-tokens", "-5"], "--max-new-tokens must be an integer >= 1, got -5"),
+    (["--chat", "--max-new-tokens", "0"], "--max-new-tokens must be an integer >= 1, got 0"),
+    (["--chat-file", "{chat}", "--prompt", "x"],
+     "--chat / --chat-file: drop --prompt; in a conversation that is a turn: '/draw TEXT'"),
+    (["--chat-file", "{chat}", "--sampler", "kernel"],
+     "--sampler kernel: a conversation draws with --sampler multinomial"),
 ])
 def test_mistakes_are_one_line_errors_before_loading(golden, tmp_path, capsys, no_loading, flags, message):
     """The golden checkpoint (no uniar_sample.json: the official defaults); the loaders raise if reached."""
@@ -179,7 +195,10 @@ def test_mistakes_are_one_line_errors_before_loading(golden, tmp_path, capsys, n
     vae = json.loads((golden.dir / "sd3_pipeline" / "vae" / "config.json").read_text())
     unit = tr["patch_size"] * 2 ** (len(vae["block_out_channels"]) - 1)  # pixels per transformer token
     assert 1024 > tr["pos_embed_max_size"] * unit  # the oversized case stays oversized on this fixture
-    fill = {"{file}": str(f), "{img}": str(img), "{pil}": pil, "{side}": str(tr["pos_embed_max_size"] * unit),
+    chat = tmp_path / "turns.txt"
+    chat.write_text("/draw a red circle at the top left\nwhat color is it?\n")
+    fill = {"{file}": str(f), "{img}": str(img), "{pil}": pil, "{chat}": str(chat),
+            "{side}": str(tr["pos_embed_max_size"] * unit),
             "{grid}": str(tr["pos_embed_max_size"]), "{unit}": str(unit)}
 
     def sub(s):
@@ -187,7 +206,7 @@ def test_mistakes_are_one_line_errors_before_loading(golden, tmp_path, capsys, n
             s = s.replace(k, val)
         return s
 
-    flags = flags if "--question" in flags else ["--prompt", "x"] + flags
+    flags = flags if {"--question", "--chat", "--chat-file"} & set(flags) else ["--prompt", "x"] + flags
     out = tmp_path / "o"
     rc = sample.main(["--ckpt", str(golden.dir), "--out", str(out), "--device", "cpu"] + [sub(a) for a in flags])
     assert (rc, capsys.readouterr().err) == (2, f"error: {sub(message)}\n")
@@ -440,3 +459,145 @@ def test_hub_id_without_huggingface_hub_prints_the_download_command(tmp_path, ca
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "needs the optional huggingface_hub" in err
     assert "pip install huggingface_hub && huggingface-cli download ShareLab-SII/UniAR-RL --local-dir UniAR-RL" in err
+
+
+# ----- outputs: a drawing never replaces a file, a failed write is one line and loses nothing, Ctrl-C is one line -----
+
+def test_chat_never_replaces_a_file_written_meanwhile(tmp_path, capsys, monkeypatch):
+    """Another run (a second `--chat-file ... --out` on the same folder) writes chat_00.png while this one is saving
+    its drawing: this drawing takes the next free name, and the other file is kept byte for byte (the name used to
+    be chosen before the write and the file renamed over whatever had appeared there)."""
+    from PIL import Image as PILImage
+
+    out, turns = tmp_path / "chat", tmp_path / "turns.txt"
+    turns.write_text("/draw a red circle at the top left\n")
+    real_save = PILImage.Image.save
+
+    def save(self, fp, *a, **k):
+        if not (out / "chat_00.png").exists():
+            (out / "chat_00.png").write_bytes(b"the other run's drawing")
+        return real_save(self, fp, *a, **k)
+
+    monkeypatch.setattr(PILImage.Image, "save", save)
+    assert sample.main(["--chat-file", str(turns), "--out", str(out), "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"model: {out / 'chat_01.png'}"
+    assert (out / "chat_00.png").read_bytes() == b"the other run's drawing"
+    assert np.asarray(Image.open(out / "chat_01.png")).shape == (64, 64, 3)
+    assert sorted(p.name for p in out.iterdir()) == ["chat_00.png", "chat_01.png"]
+
+
+def test_concurrent_drawings_get_distinct_names(tmp_path):
+    """The name claim races: 4 writers saving 25 drawings each into one folder at once get 100 distinct names,
+    and every file holds what its writer wrote."""
+    import threading
+
+    got, start = {}, threading.Barrier(4)
+
+    def writer(w):
+        start.wait()
+        for i in range(25):
+            body = f"{w}-{i}".encode()
+            got[body] = sample.save_new(tmp_path, "chat", lambda tmp: Path(tmp).write_bytes(body))
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 100 and len(set(got.values())) == 100
+    assert all(path.read_bytes() == body for body, path in got.items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"chat_{k:02d}.png" for k in range(100)]
+
+
+@pytest.mark.parametrize("code, reason, fix", [
+    ("ENOSPC", "No space left on device", "free some space"),
+    ("EROFS", "Read-only file system", "make it writable"),
+])
+@pytest.mark.parametrize("mode", ["single", "chat", "prompts"])
+def test_failed_write_is_one_line_and_loses_nothing(tmp_path, capsys, monkeypatch, mode, code, reason, fix):
+    """Disk full / read-only while the images are written (simulated: the PNG write raises what the system would):
+    one error line naming the folder, exit code 2, no traceback; what the folder held before (an earlier run's
+    set, a drawing, the finished samples) is intact and no temporary file is left."""
+    import errno
+
+    from PIL import Image as PILImage
+
+    out = tmp_path / "o"
+    turns, prompts = tmp_path / "turns.txt", tmp_path / "p.jsonl"
+    turns.write_text("/draw a red circle at the top left\n")
+    prompts.write_text('{"idx": 0, "prompt": "a blue circle at the bottom right"}\n')
+    args = {"single": ["--seed", "1"], "chat": ["--chat-file", str(turns)],
+            "prompts": ["--prompts", str(prompts), "--samples-per-prompt", "2", "--batch-size", "2"]}[mode]
+    out.mkdir()
+    if mode == "single":
+        assert sample.main(["--out", str(out), "--device", "cpu"]) == 0  # an earlier run's set
+    elif mode == "chat":
+        (out / "chat_00.png").write_bytes(b"an earlier drawing")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real_save, saves = PILImage.Image.save, []
+
+    def save(self, fp, *a, **k):
+        saves.append(fp)
+        if mode != "prompts" or len(saves) > 1:  # --prompts: the first sample is written, the second fails
+            raise OSError(getattr(errno, code), reason)
+        return real_save(self, fp, *a, **k)
+
+    monkeypatch.setattr(PILImage.Image, "save", save)
+    capsys.readouterr()
+    rc = sample.main(args + ["--out", str(out), "--device", "cpu"])
+    err = capsys.readouterr().err
+    where = out / "p" if mode == "prompts" else out
+    then = (f"{fix} and continue with the same flags and --resume (the finished files are kept), or pass another --out"
+            if mode == "prompts" else f"{fix}, or pass another --out")
+    assert (rc, err.splitlines()[-1]) == (2, f"error: --out: cannot write in {where} ({reason}); {then}"), err
+    assert err.count("error:") == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    if mode == "prompts":
+        sample_dir = out / "p" / "00000" / "samples"
+        assert [p.name for p in sample_dir.iterdir()] == ["0000.png"]
+        Image.open(sample_dir / "0000.png").load()  # whole
+    assert not [p for p in out.rglob(".*") if p.name not in (sample.OUTPUTS, sample.RUN_SETTINGS)]
+
+
+@pytest.mark.parametrize("mode", [["--prompt", "x"], ["--chat-file", "{turns}"], ["--prompts", "{prompts}"]])
+def test_read_only_out_is_refused_before_loading(golden, tmp_path, capsys, monkeypatch, no_loading, mode):
+    """A read-only (or not writable) --out folder is refused before anything loads, not after the drawing."""
+    import os
+
+    (tmp_path / "turns.txt").write_text("/draw a cube\n")
+    (tmp_path / "p.jsonl").write_text('{"idx": 0, "prompt": "a cube"}\n')
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, m, *a, **k: Path(p) != tmp_path and real_access(p, m, *a, **k))
+    mode = [a.replace("{turns}", str(tmp_path / "turns.txt")).replace("{prompts}", str(tmp_path / "p.jsonl"))
+            for a in mode]
+    out = tmp_path / "o"
+    rc = sample.main(["--ckpt", str(golden.dir), "--out", str(out), "--device", "cpu"] + mode)
+    assert (rc, capsys.readouterr().err) == (2, f"error: --out {out}: cannot write in {tmp_path} (read-only file "
+                                                "system or no permission); make it writable, or pass another --out\n")
+    assert not out.exists()
+
+
+def test_ctrl_c_in_a_chat_is_one_line(tmp_path):
+    """Ctrl-C during `--chat-file`: one line saying where the drawings are, exit code 130, no traceback; every
+    drawing written is whole and no temporary file is left."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    turns, out = tmp_path / "turns.txt", tmp_path / "chat"
+    turns.write_text("/draw a red circle at the top left\n" * 300)
+    p = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), "--chat-file", str(turns), "--out", str(out),
+                          "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    while not (line := p.stdout.readline()).startswith("model: "):  # the first drawing is written
+        assert line, p.stderr.read()[-2000:]
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert (p.returncode, err) == (130, f"interrupted by SIGINT: the drawings so far are kept in {out}\n")
+    drawn = sorted(out.iterdir())
+    assert 1 <= len(drawn) < 300 and all(f.name.startswith("chat_") for f in drawn)
+    for f in drawn:
+        Image.open(f).load()

@@ -344,20 +344,78 @@ def test_answer_tokens_are_the_answers_and_the_end_of_turn(smoke_net):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+EVAL_N = ("--eval-n must be an integer in [1, 561], got {} (held-out examples per task; the toy world has 561 "
+          "held-out generation prompts)")
+LM_WIDTH = ("--lm-width must be a multiple of 32 giving 1, 2, 3 or an even number of 32-dim attention heads (32, 64, "
+            "96, 128, 192, 256, ...), got {} (half as many key/value heads must divide the heads)")
+SIZE = ("--size must be a multiple of 32 in [64, 480], got {} (one AR token covers 32x32 px, the toy world needs 2x2 "
+        "of them, and the evaluation's edits must fit the model's 512 positions)")
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--resume"], "--resume: no training state in {run} yet (state.safetensors); start without --resume, or give "
                    "the --run-dir of the interrupted run"),
     (["--seed", "-1"], "--seed must be an integer in [0, 4294967295], got -1"),
     (["--seed", str(2**32)], f"--seed must be an integer in [0, 4294967295], got {2**32}"),
-    (["--eval-n", "0"], "--eval-n must be an integer >= 1, got 0 (held-out examples per task)"),
-    (["--eval", "{ckpt}", "--eval-n", "0"], "--eval-n must be an integer >= 1, got 0 (held-out examples per task)"),
+    (["--eval-n", "0"], EVAL_N.format(0)),
+    (["--eval-n", "562"], EVAL_N.format(562)),  # heldout_prompts(562) would never return
+    (["--eval", "{ckpt}", "--eval-n", "0"], EVAL_N.format(0)),
     (["--eval", "{ckpt}"], "{ckpt}/uniar_sample.json: field 'steps' must be an integer >= 1, got 0"),
     (["--device", "banana"], "--device 'banana' is not a device; use auto, cpu, cuda, cuda:N or mps"),
     (["--device", "cpu", "--dtype", "bfloat16"], "--dtype bfloat16 needs a CUDA GPU (training on the CPU or Apple's "
                                                  "MPS runs in float32); use --dtype float32 or auto"),
     (["--stage1-steps", "x"], "argument --stage1-steps: invalid int value: 'x'"),
+    # flags that ran and wrote an unusable checkpoint
+    (["--lm-width", "0"], LM_WIDTH.format(0)),
+    (["--lm-width", "160"], LM_WIDTH.format(160)),  # 5 heads, 2 key/value heads
+    (["--lm-layers", "0"], "--lm-layers must be an integer >= 1, got 0"),
+    (["--stage1-steps", "-1"], "--stage1-steps must be an integer >= 1, got -1"),  # stage 1 was skipped
+    (["--stage2-steps", "0"], "--stage2-steps must be an integer >= 1, got 0"),
+    (["--flip-prob", "2"], "--flip-prob must be a finite number in [0, 0.5), got 2.0 (each bit of the decoder's "
+                           "condition flipped with this probability; at 0.5 the condition carries nothing)"),
+    (["--read-flip-prob", "0.5"], "--read-flip-prob must be a finite number in [0, 0.5), got 0.5 (each bit the AR "
+                                  "model reads flipped with this probability; at 0.5 it reads noise)"),
+    (["--grad-clip", "-1"], "--grad-clip must be a finite number > 0, got -1.0 (the largest gradient norm)"),
+    (["--cfg-drop", "1"], "--cfg-drop must be a finite number in [0, 1), got 1.0 (the probability of dropping a "
+                          "prompt's text; at 1 the model never sees one)"),
+    (["--bsq-weight", "-0.1"], "--bsq-weight must be a finite number >= 0, got -0.1"),
+    (["--edit-weight", "inf"], "--edit-weight must be a finite number >= 0, got inf"),
+    (["--weight-decay", "2"], "--weight-decay must be a finite number in [0, 1], got 2.0"),
+    (["--warmup", "-1"], "--warmup must be an integer >= 0, got -1"),
+    (["--lm-mlp", "0"], "--lm-mlp must be an integer >= 1, got 0"),
+    (["--visual-decoder-depth", "0"], "--visual-decoder-depth must be an integer >= 1, got 0"),
+    (["--vit-depth", "2"], "--vit-depth must be an integer >= 3, got 2 (the DeepStack levels tap blocks 0, 1 and 2)"),
+    (["--dit-layers", "0"], "--dit-layers must be an integer >= 1, got 0"),
+    (["--dit-width", "48"], "--dit-width must be a multiple of 32 >= 32, got 48 (attention heads of 32 dims)"),
+    (["--stage2-lr", "0"], "--stage2-lr must be a finite number in (0, 1], got 0.0"),
+    (["--decoder-cfg", "0.5"], "--decoder-cfg must be a finite number in [1, 100], got 0.5"),
+    (["--stop-after", "0"], "--stop-after must be an integer >= 1, got 0 (steps in total)"),
+    # flags that gave a traceback (--cfg and --temperature only after training, at the evaluation)
+    (["--stage1-batch", "0"], "--stage1-batch must be an integer >= 1, got 0"),
+    (["--stage1-lr", "nan"], "--stage1-lr must be a finite number in (0, 1], got nan"),
+    (["--stage2-batch", "-2"], "--stage2-batch must be an integer >= 1, got -2"),
+    (["--size", "0"], SIZE.format(0)),
+    (["--size", "33"], SIZE.format(33)),
+    (["--size", "512"], SIZE.format(512)),  # the evaluation's edits would not fit the 512 positions
+    (["--dit-patch", "0"], "--dit-patch must be one of 1, 2, 4, 8, 16, 32, 64, got 0 (the decoder's pixel patches "
+                           "must tile the 64-px image of --size)"),
+    (["--size", "96", "--dit-patch", "64"], "--dit-patch must be one of 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 96, got "
+                                            "64 (the decoder's pixel patches must tile the 96-px image of --size)"),
+    (["--save-every", "0"], "--save-every must be an integer >= 1, got 0"),
+    (["--vit-width", "33"], "--vit-width must be a multiple of 16 >= 16, got 33 (4 attention heads, each a multiple of "
+                            "4 wide for the 2-D rotary embedding)"),
+    (["--decoder-steps", "0"], "--decoder-steps must be an integer >= 1, got 0 (denoising steps)"),
+    (["--cfg", "0"], "--cfg must be a finite number in [1, 100], got 0.0"),
+    (["--temperature", "0"], "--temperature must be a finite number in [0.01, 100], got 0.0"),
+    # a checkpoint save replaces everything in --out: never the run folder, nor a folder holding it
+    (["--out", "{run}"], "--out {run} is --run-dir {run}: saving the checkpoint replaces everything in --out; pass "
+                         "another --out (default: <run-dir>/checkpoint)"),
+    (["--out", "{tmp}"], "--out {tmp} contains --run-dir {run}: saving the checkpoint replaces everything in --out; "
+                         "pass another --out (default: <run-dir>/checkpoint)"),
 ])
 def test_mistakes_are_one_line_errors(tmp_path, capsys, monkeypatch, flags, message):
+    """One `error:` line naming the flag and what is valid, exit code 2, before anything is built or loaded and
+    before any folder is made."""
     def built(*a, **k):
         raise AssertionError("a check came after building / loading")
 
@@ -367,9 +425,58 @@ def test_mistakes_are_one_line_errors(tmp_path, capsys, monkeypatch, flags, mess
     ckpt.mkdir()
     (ckpt / "config.json").write_text("{}")
     (ckpt / "uniar_sample.json").write_text('{"steps": 0}')
-    fill = lambda a: a.replace("{run}", str(tmp_path / "run")).replace("{ckpt}", str(ckpt))
+    fill = lambda a: a.replace("{run}", str(tmp_path / "run")).replace("{ckpt}", str(ckpt)).replace("{tmp}",
+                                                                                                  str(tmp_path))
     rc = train.main(["--smoke", "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "o")] + [fill(a) for a in flags])
     assert (rc, capsys.readouterr().err) == (2, f"error: {fill(message)}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no run folder, no checkpoint folder
+
+
+def test_every_setting_has_a_range_that_its_defaults_meet():
+    """Every TrainConfig field (every numeric flag) has an entry in the table of ranges; the defaults and the smoke
+    configuration are inside them."""
+    for tc in (train.TrainConfig(), train.TrainConfig.smoke()):
+        assert list(train.config_limits(tc)) == [f.name for f in dataclasses.fields(train.TrainConfig)]
+        train.check_config(tc)
+
+
+def test_the_ranges_follow_the_config_math():
+    """The edges of the ranges: settings at the accepted edge train a step of both stages and draw an image; the
+    first ones outside fail inside the model code (which the checks now keep them from reaching). --size 480 is the
+    largest side whose evaluation edits fit the model's 512 positions; 561 is the number of held-out prompts."""
+    import pipeline as P
+
+    tok = P.Tokenizer(toy.save_tokenizer(__import__("tempfile").mkdtemp()))
+    base = dataclasses.replace(train.TrainConfig.smoke(), stage1_batch=1, stage2_batch=1)
+
+    def one_step(**kw):
+        tc = dataclasses.replace(base, **kw)
+        vision, net, dec = train.build(tc, tok, torch.device("cpu"))
+        g = torch.Generator().manual_seed(0)
+        l1, _ = train.TokenizerLoss(vision, dec, tc.bsq_weight, tc.flip_prob)(
+            np.stack([toy.t2i_example(0, "train", 0, tc.size).image]), g)
+        l2, _ = train.ARLoss(net, tok, tc)(0, 0, 1, g)
+        (l1 + l2).backward()
+        train.generate(net.eval(), tok, dec.eval(), ["a red circle at the top left"], train.sample_defaults(tc))
+
+    for ok in (dict(vit_width=16, lm_width=96, dit_width=32, dit_patch=64),  # 3 heads, 1 key/value head
+               dict(vit_width=48, lm_width=192, size=96, dit_patch=3)):  # 6 heads, 3 key/value heads
+        tc = dataclasses.replace(base, **ok)
+        train.check_config(tc)
+        one_step(**ok)
+    for bad in (dict(vit_width=24), dict(lm_width=160), dict(dit_width=48), dict(dit_patch=3)):
+        with pytest.raises(cli.UsageError):
+            train.check_config(dataclasses.replace(base, **bad))
+        with pytest.raises((RuntimeError, ValueError, AssertionError)):
+            one_step(**bad)
+    edits = toy.heldout_edits(train.heldout_prompt_count())  # every edit an evaluation can make
+    for size, fits in ((480, True), (512, False)):
+        gh = size // 32
+        longest = max(len(tok.encode(P.render_generation_prompt(e.instruction, gh, gh, gh * gh))) for e in edits)
+        assert (longest + gh * gh <= 512) == fits, size
+    assert train.SIZE_MAX == 480
+    n = train.heldout_prompt_count()
+    assert n == 561 and len(set(toy.heldout_prompts(n))) == n
 
 
 def test_device_cuda_without_cuda(tmp_path, capsys):
@@ -410,3 +517,141 @@ def test_signal_saves_the_state_and_resume_continues(tmp_path, sig):
                         "continue with the same flags and --resume\n")
     assert train.main(flags + ["--resume", "--stop-after", "1"]) == 0
     assert len(history(run)["stage1"]) == saved + 1
+
+
+def wait_for_a_step(p, total: int) -> None:
+    """Read the child's stderr until tqdm has logged a finished step (its state is saved by then with
+    --save-every 1)."""
+    import re
+    import time
+
+    buf, deadline = b"", time.time() + 240
+    while not re.search(rb" [1-9]\d*/%d " % total, buf):
+        chunk = os.read(p.stderr.fileno(), 4096)
+        assert chunk and time.time() < deadline, buf.decode()[-2000:]
+        buf += chunk
+
+
+def test_one_run_at_a_time_per_run_dir_and_per_out(tmp_path, capsys):
+    """While a run trains, a second run given its --run-dir (to continue it, or to start over) or its --out is
+    refused at once with one line naming the folder and the running process (exit code 2), and changes nothing;
+    the first keeps training. Once the first is killed (SIGKILL: its lock file stays), a run takes the folder over
+    and continues the first run's saved state."""
+    import signal
+    import time
+
+    run, out = tmp_path / "run", tmp_path / "ckpt"
+    flags = ["--smoke", "--stage1-steps", "200", "--stage1-batch", "2", "--save-every", "1", "--no-eval",
+             "--run-dir", str(run), "--out", str(out)]
+    p = subprocess.Popen([sys.executable, str(ROOT / "train.py")] + flags, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        wait_for_a_step(p, 200)
+        busy = f"is in use by another run (process {p.pid}); wait for it to finish, or pass another"
+        for extra in (["--resume"], ["--overwrite"]):
+            t0 = time.monotonic()
+            assert train.main(flags + extra + ["--stop-after", "1"]) == 2
+            assert capsys.readouterr().err == f"error: --run-dir {run} {busy} --run-dir\n"
+            assert time.monotonic() - t0 < 10  # no waiting for the other run
+        other = ["--run-dir", str(tmp_path / "run2"), "--out", str(out), "--stop-after", "1"]
+        assert train.main(flags[:-4] + other) == 2
+        assert capsys.readouterr().err == f"error: --out {out} {busy} --out\n"
+        assert not (tmp_path / "run2").exists()  # made for the attempt, left empty: removed
+        assert p.poll() is None  # the first run trains on
+        meta = cli.run_state_meta(run)
+        assert meta is not None
+    finally:
+        p.kill()
+        p.communicate(timeout=60)
+    assert p.returncode == -signal.SIGKILL
+    meta = cli.run_state_meta(run)  # what the first run saved last
+    saved = len(meta["history"]["stage1"])
+    assert (run / cli.RUN_LOCK).is_file() and saved >= 1
+    assert train.main(flags + ["--resume", "--stop-after", "1"]) == 0  # the killed run's lock is taken over
+    after = cli.run_state_meta(run)
+    assert after["run_id"] == meta["run_id"] and after["history"]["stage1"][:saved] == meta["history"]["stage1"]
+    assert len(after["history"]["stage1"]) == saved + 1
+    assert sorted(p.name for p in run.rglob(".*")) == [] and list(out.iterdir()) == []  # no lock left anywhere
+
+
+TINY = ["--smoke", "--stage1-steps", "2", "--stage2-steps", "2", "--save-every", "1", "--no-eval"]
+
+
+def disk_full(code: int, after: int = 0):
+    """safetensors' save_file as it fails on a full disk (os error 28) or a read-only file system (30), as measured
+    on a tmpfs: a SafetensorError naming the system's error, its own temporary file removed; the first `after` calls
+    succeed."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    calls = []
+
+    def save(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) > after:
+            raise SafetensorError(f"Error while serializing: I/O error: {os.strerror(code)} (os error {code})")
+        return save_file(tensors, filename, metadata=metadata)
+
+    return save
+
+
+def test_a_full_disk_during_a_state_save_is_one_line_and_keeps_the_last_state(tmp_path, capsys, monkeypatch):
+    """The disk fills up at the second state save: one `error:` line naming the run folder, the reason and where the
+    last state is (exit code 2, no traceback); that state is intact and nothing half written is left; with space
+    again, --resume finishes the run."""
+    import errno
+
+    run = tmp_path / "run"
+    flags = TINY + ["--run-dir", str(run), "--out", str(tmp_path / "ckpt")]
+    monkeypatch.setattr(cli, "save_file", disk_full(errno.ENOSPC, after=1))
+    assert train.main(flags) == 2
+    assert capsys.readouterr().err.splitlines()[-1:] == [
+        f"error: cannot write {run}: No space left on device; the state saved before (stage 1 step 1) is intact in "
+        f"{run / cli.STATE_FILE}: free some space (or make the folder writable), then run the same command with "
+        "--resume"]
+    assert cli.run_state_meta(run)["where"] == "stage 1 step 1"
+    assert sorted(p.name for p in run.rglob(".*")) == [] and not (tmp_path / "ckpt").exists()
+    monkeypatch.undo()
+    assert train.main(flags + ["--resume", "--stop-after", "1"]) == 0
+    assert cli.run_state_meta(run)["where"] == "stage 1 step 2"
+
+
+def test_a_failed_checkpoint_save_is_one_line_and_keeps_the_checkpoint(smoke, tmp_path, capsys, monkeypatch):
+    """The checkpoint cannot be written (a full disk, a read-only folder) when a finished run writes it again: one
+    `error:` line naming the checkpoint folder and the reason (exit code 2); the checkpoint there is the previous
+    one, byte for byte, with nothing staged left beside it, and the finished state stays for --resume."""
+    import errno
+    import shutil
+
+    run, out = tmp_path / "run", tmp_path / "ckpt"
+    shutil.copytree(smoke / "run", run)
+    shutil.copytree(smoke / "ckpt", out)
+    flags = ["--smoke", "--run-dir", str(run), "--out", str(out), "--no-eval", "--resume"]
+    before = {str(f.relative_to(out)): f.read_bytes() for f in out.rglob("*") if f.is_file()}
+    for code in (errno.ENOSPC, errno.EROFS):
+        monkeypatch.setattr(load_hf, "save_file", disk_full(code))
+        assert train.main(flags) == 2
+        assert capsys.readouterr().err == (
+            f"error: cannot write {out}: {os.strerror(code)}; the state saved before (both stages done) is intact in "
+            f"{run / cli.STATE_FILE}: free some space (or make the folder writable), then run the same command with "
+            "--resume\n")
+        assert {str(f.relative_to(out)): f.read_bytes() for f in out.rglob("*") if f.is_file()} == before
+        assert sorted(p.name for p in run.rglob(".*")) == []
+    assert cli.run_state_meta(run)["where"] == "both stages done"  # --resume writes the checkpoint from it
+
+
+def test_a_finished_run_saved_with_unusable_sampling_settings_can_be_completed(smoke, tmp_path):
+    """A run that earlier versions let train to the end with --cfg 0 (or --temperature 0) crashed at the final
+    sampling and refused any other --cfg on --resume. The sampling settings are bookkeeping now (they never change
+    the weights): --resume with valid ones writes the checkpoint, with them in its uniar_sample.json."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke / "run", run)
+    meta, tensors = cli.load_run_state(run)
+    meta["config"].update(cfg=0.0, temperature=0.0)  # as the earlier version saved it
+    cli.save_run_state(run, meta, tensors)
+    assert train.main(["--smoke", "--run-dir", str(run), "--out", str(tmp_path / "ckpt"), "--no-eval", "--resume",
+                       "--cfg", "2"]) == 0
+    s = json.loads((tmp_path / "ckpt" / "uniar_sample.json").read_text())
+    assert (s["cfg"], s["temperature"]) == (2.0, train.TrainConfig.smoke().temperature)

@@ -136,3 +136,57 @@ def test_user_text_is_tokenized_together_with_the_template_text_around_it(tmp_pa
         ids = tok.tk.encode(str(rendered), add_special_tokens=False).ids
         assert vocab[merged] in ids
         assert tok.encode(rendered) == ids
+
+
+# ----- prompt files and chat files: a line of text is one prompt, whatever characters it holds -----
+
+ODD_TEXT = "a red circle\u2028at the top left\u0085\x1c\x0c"  # line / paragraph separators inside the text
+
+
+def test_prompt_file_line_is_one_prompt(tmp_path, monkeypatch):
+    """A .jsonl record whose prompt holds U+2028, U+0085, \\x1c or \\x0c (valid JSON text, written raw by
+    json.dumps(ensure_ascii=False)) is one record drawn with exactly that prompt, and its metadata.json holds it
+    (str.splitlines used to cut the line there: 'not JSON')."""
+    import json
+
+    import sample
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+    monkeypatch.setattr(load_hf, "load_ar", lambda *a, **k: (None, None))
+    monkeypatch.setattr(load_hf, "load_decoder", lambda *a, **k: None)
+    def first_batch(net, tok, prompts, **k):
+        seen["prompts"] = prompts
+        raise Stop
+
+    monkeypatch.setattr(P, "generate_bits", first_batch)
+    rec = {"idx": 4, "prompt": ODD_TEXT, "meta": {"note": "x\u2029y"}}
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps(rec, ensure_ascii=False) + "\n", encoding="utf-8")
+    with pytest.raises(Stop):
+        sample.main(["--prompts", str(f), "--out", str(tmp_path / "o")])
+    assert seen["prompts"] == [ODD_TEXT]
+    assert json.loads((tmp_path / "o" / "p" / "00004" / "metadata.json").read_text(encoding="utf-8")) == rec
+
+
+def test_chat_file_line_is_one_turn(tmp_path, monkeypatch, capsys):
+    """A --chat-file line holding those characters is one turn (it used to become several questions)."""
+    import sample
+
+    asked = []
+
+    class Conversation:
+        def __init__(self, *a):
+            pass
+
+        def ask(self, text, *a, **k):
+            asked.append(text)
+            return "red"
+
+    monkeypatch.setattr(P, "Conversation", Conversation)
+    f = tmp_path / "turns.txt"
+    f.write_text(f"what color is {ODD_TEXT}?\nwhat shape?\n", encoding="utf-8")
+    assert sample.main(["--chat-file", str(f), "--out", str(tmp_path / "o")]) == 0
+    assert asked == [f"what color is {ODD_TEXT}?", "what shape?"]
