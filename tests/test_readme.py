@@ -42,6 +42,7 @@ def test_readme_python_api_example_runs(golden, golden_ckpt, tmp_path, monkeypat
     import bsq
     import load_hf
     import pipeline as P
+    from test_sample import valid_upsample
 
     code = _api_block()
     first, rest = code.split("\n", 1)
@@ -49,6 +50,7 @@ def test_readme_python_api_example_runs(golden, golden_ckpt, tmp_path, monkeypat
     prompt, edit, question = _block_texts(rest)
     s = golden.scenario("e2e")
     H, W = s["ar_height"], s["ar_width"]
+    up, out_h, out_w = valid_upsample(golden, H, W)  # a ratio the fixture's decoder accepts at the e2e AR size
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 120, 3), np.uint8)).save(tmp_path / "photo.png")
     # the golden folder has no text encoders: seed the decoder prompt cache as a first run with them would
     joint = json.loads((golden.dir / "sd3_transformer" / "config.json").read_text())["joint_attention_dim"]
@@ -59,11 +61,27 @@ def test_readme_python_api_example_runs(golden, golden_ckpt, tmp_path, monkeypat
         golden["dec.pipe_prompt_embeds"], golden["dec.pipe_pooled"])
     monkeypatch.chdir(tmp_path)
     # the golden checkpoint with the released preprocessor_config.json (understanding resizes the photo by it)
-    header = f"CKPT, PHOTO, AR_H, AR_W, UPSAMPLE = {str(golden_ckpt)!r}, 'photo.png', {H}, {W}, 1.0\n"
+    header = f"CKPT, PHOTO, AR_H, AR_W, UPSAMPLE = {str(golden_ckpt)!r}, 'photo.png', {H}, {W}, {up!r}\n"
     script = tmp_path / "readme_example.py"
     script.write_text(header + rest)
     capsys.readouterr()
+    # what the block hands to the AR loops: the prompts of its drawings (with the photo or not) and its answer
+    drawn, answered, real_image, real_text = [], [], P.generate_image, P.generate_text
+
+    def spy_image(model, ids, mask, *a, pixel_values=None, **kw):
+        drawn.append((ids.cpu(), mask.cpu(), None if pixel_values is None else pixel_values.cpu()))
+        return real_image(model, ids, mask, *a, pixel_values=pixel_values, **kw)
+
+    def spy_text(model, ids, mask=None, *a, **kw):
+        out = real_text(model, ids, mask, *a, **kw)
+        answered.append((ids.cpu(), None if mask is None else mask.cpu(), kw, out))
+        return out
+
+    monkeypatch.setattr(P, "generate_image", spy_image)
+    monkeypatch.setattr(P, "generate_text", spy_text)
     scope = runpy.run_path(str(script))
+    monkeypatch.setattr(P, "generate_image", real_image)
+    monkeypatch.setattr(P, "generate_text", real_text)
     printed = capsys.readouterr().out
     # prompt rendering and tokens: the official rendering of the fixture's prompt, with the block's prompt in it
     assert scope["text"] == s["rendered"][0].replace(s["prompt"], prompt, 1)
@@ -73,7 +91,7 @@ def test_readme_python_api_example_runs(golden, golden_ckpt, tmp_path, monkeypat
     # bits: the generate_bits call the block makes, a call that reproduces the official seeded e2e indices
     net, tok = load_hf.load_ar(golden_ckpt)
     official = P.generate_bits(net, tok, s["prompt"], ar_height=H, ar_width=W, cfg_scale=s["cfg"],
-                               temperature=s["temperature"], seed=s["seed"])
+                               temperature=s["temperature"], seed=golden.seed("e2e.indices", "e2e"))
     assert torch.equal(bsq.bits_to_indexes(official), golden["e2e.indices"])
     N = (H // net.cfg.downsample) * (W // net.cfg.downsample)
     assert scope["bits"].shape == (1, N, *net.bits_shape)
@@ -82,14 +100,29 @@ def test_readme_python_api_example_runs(golden, golden_ckpt, tmp_path, monkeypat
     photo = Image.open(tmp_path / "photo.png")
     assert torch.equal(scope["edited"], P.generate_bits(net, tok, edit, ar_height=H, ar_width=W, cfg_scale=1.5, seed=0,
                                                         input_images=[photo]))
-    assert not torch.equal(scope["bits"], scope["edited"])
-    # understanding: the printed line is pipeline.answer's greedy answer
+    # the edit is conditioned on the photo (whether its bits differ from the drawing's is the weights' business): the
+    # drawing's prompt has no image, the edit's carries the photo's patch rows and its image tokens in both rows
+    image_id = golden.config["image_token_id"]
+    assert len(drawn) == 2 and drawn[0][2] is None and not (drawn[0][0] == image_id).any()
+    ids_e, mask_e, pv_e = drawn[1]
+    v = golden.config["vision_config"]  # the photo is resized to the AR size: one token per merged patch block
+    n_edit = (H // v["patch_size"]) * (W // v["patch_size"]) // v["spatial_merge_size"] ** 2
+    assert pv_e is not None and pv_e.shape[0] > 0
+    assert ((ids_e == image_id) & mask_e.bool()).sum(1).tolist() == [n_edit] * ids_e.shape[0]
+    # understanding: the printed line is pipeline.answer's greedy answer, of the chat prompt with the photo (checked
+    # by its ids, so an answer that ends at once, an empty line, still pins what was asked)
     want = P.answer(net, tok, photo, question, max_new_tokens=32)
-    assert want and printed == want + "\n"
+    assert printed == want + "\n"
+    _, _, (n_img,) = P.understanding_inputs(net, [photo])
+    q_ids, q_mask = tok.batch([P.render_chat_prompt(question, n_img)])
+    assert len(answered) == 1
+    a_ids, a_mask, a_kw, a_out = answered[0]
+    assert torch.equal(a_ids, q_ids) and (a_mask is None or torch.equal(a_mask.to(q_mask.dtype), q_mask))
+    assert a_kw["max_new_tokens"] == 32 and len(a_out[0]) <= 32 and printed == tok.decode(a_out[0]) + "\n"
     # pixels: the decoder's images of both bit sets, saved as generated.png and edited.png
     images = scope["images"]
-    assert images.shape == (2, H, W, 3) and images.dtype == torch.uint8
-    again = scope["dec"].decode(torch.cat([scope["bits"], scope["edited"]]), H, W, upsampling_ratio=1.0, steps=28,
+    assert images.shape == (2, out_h, out_w, 3) and images.dtype == torch.uint8
+    again = scope["dec"].decode(torch.cat([scope["bits"], scope["edited"]]), H, W, upsampling_ratio=up, steps=28,
                                 guidance=1.5, seed=0)
     assert torch.equal(images, again)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "generated.png")), images[0].numpy())

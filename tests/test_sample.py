@@ -24,20 +24,75 @@ def cache_dir(golden, tmp_path):
     return tmp_path / "cache"
 
 
+def decoder_unit(golden) -> tuple[int, int]:
+    """(pixels per decoder token = VAE scale x transformer patch, pos_embed_max_size), read from the fixture's
+    decoder configs (no VAE folder: pixel space, scale 1)."""
+    tr = json.loads((golden.dir / "sd3_transformer" / "config.json").read_text())
+    vae_cfg = golden.dir / "sd3_pipeline" / "vae" / "config.json"
+    scale = 2 ** (len(json.loads(vae_cfg.read_text())["block_out_channels"]) - 1) if vae_cfg.exists() else 1
+    return tr["patch_size"] * scale, tr["pos_embed_max_size"]
+
+
+def valid_upsample(golden, ar_h: int, ar_w: int) -> tuple[float, int, int]:
+    """An --upsample ratio the fixture's decoder accepts at AR size ar_h x ar_w -> (ratio, out_h, out_w): output
+    sides multiples of 16 and of the decoder unit, at most pos_embed_max_size units a side. Tried in order: 1 (the
+    cheapest decode), the dec scenario's ratio, then every k/64 in [1, 2]."""
+    import math
+
+    unit, grid = decoder_unit(golden)
+    step = math.lcm(16, unit)
+    for r in [1.0, float(golden.scenario("dec")["upsampling_ratio"])] + [k / 64 for k in range(64, 129)]:
+        h, w = int(round(ar_h * r)), int(round(ar_w * r))
+        if 1.0 <= r <= 2.0 and h % step == 0 and w % step == 0 and max(h, w) <= grid * unit:
+            return r, h, w
+    raise AssertionError(f"the fixture's decoder accepts no ratio in [1, 2] at AR size {ar_h}x{ar_w}")
+
+
+def size_cases(golden) -> dict:
+    """Placeholders of the size mistakes, built from the fixture's configs: {ds} AR pixels per token (patch x
+    merge), {bad_ar} an AR size that is no multiple of it, {nm_ar} / {nm_up} / {nm_out} a valid AR size and ratio
+    whose output is no multiple of {step} = lcm(16, decoder unit), {big} an AR side (valid for the AR grid and the
+    decoder's multiple) past the decoder's largest side at --upsample 1."""
+    import math
+
+    v = golden.config["vision_config"]
+    ds = v["patch_size"] * v["spatial_merge_size"]
+    unit, grid = decoder_unit(golden)
+    step = math.lcm(16, unit)
+    out = {"{ds}": str(ds), "{bad_ar}": f"{3 * ds + ds // 2}x{2 * ds}", "{step}": str(step)}
+    for r in (1.25, 1.5, 1.125, 1.75) + tuple(1 + k / 64 for k in range(1, 64)):
+        pairs = [(2, 3)] + [(m, m + 1) for m in range(1, 65)]
+        hit = [(a, b) for a, b in pairs if int(round(a * ds * r)) % step or int(round(b * ds * r)) % step]
+        if hit:
+            h, w = hit[0][0] * ds, hit[0][1] * ds
+            out.update({"{nm_ar}": f"{h}x{w}", "{nm_up}": str(r),
+                        "{nm_out}": f"{int(round(h * r))}x{int(round(w * r))}"})
+            break
+    assert "{nm_ar}" in out, "no AR size and ratio give an output off the decoder's multiple"
+    big = math.lcm(ds, step) * (grid * unit // math.lcm(ds, step) + 1)
+    out["{big}"] = str(big)
+    return out
+
+
 def test_text_to_image_end_to_end(golden, tmp_path, cache_dir, capsys):
     s = golden.scenario("e2e")
+    up, out_h, out_w = valid_upsample(golden, s["ar_height"], s["ar_width"])
     common = ["--ckpt", str(golden.dir), "--prompt", s["prompt"], "--ar-size", f"{s['ar_height']}x{s['ar_width']}",
-              "--upsample", "1", "--cfg", str(s["cfg"]), "--temperature", str(s["temperature"]), "--seed",
-              str(s["seed"]), "--steps", "2", "--save-bits", "--cache-dir", str(cache_dir), "--device", "cpu"]
+              "--upsample", repr(up), "--cfg", str(s["cfg"]), "--temperature", str(s["temperature"]), "--seed",
+              str(golden.seed("e2e.indices", "e2e")), "--steps", "2", "--save-bits", "--cache-dir", str(cache_dir),
+              "--device", "cpu"]
     rc = sample.main(common + ["--out", str(tmp_path / "one")])
     assert rc == 0, capsys.readouterr().err
     saved = load_file(str(tmp_path / "one" / "bits.safetensors"))
     assert torch.equal(saved["indices"], golden["e2e.indices"])  # the official seeded rollout
     img = np.asarray(Image.open(tmp_path / "one" / "sample_00.png"))
-    assert img.shape == (s["ar_height"], s["ar_width"], 3)
+    assert img.shape == (out_h, out_w, 3)
     err = capsys.readouterr().err
     assert "peak resident memory" in err
-    n = (s["ar_height"] // 32) * (s["ar_width"] // 32)
+    v = golden.config["vision_config"]
+    ds = v["patch_size"] * v["spatial_merge_size"]  # AR pixels per generated token (patch x merge)
+    n = (s["ar_height"] // ds) * (s["ar_width"] // ds)
+    assert n == golden["e2e.indices"].shape[1]  # one generated token per downsample x downsample block
     assert f"AR steps: 100%" in err and f"{n}/{n}" in err  # the AR bar reaches its last step
     rc = sample.main(common + ["--num-images", "3", "--out", str(tmp_path / "three")])
     assert rc == 0 and (tmp_path / "three" / "grid.png").exists()
@@ -46,7 +101,8 @@ def test_text_to_image_end_to_end(golden, tmp_path, cache_dir, capsys):
 
 def greedy_answer(net, tok, image, question: str, max_new_tokens: int) -> list:
     """Greedy decoding written out: the chat prompt with the image, one full forward (no KV cache) per new token,
-    argmax, stop before <|im_end|> / end of text. -> the new token ids."""
+    argmax, stop before an end token (<|im_end|>, end of text, generation_config.json's eos ids: the tokenizer's
+    end_ids). -> (the prompt ids, the image's patch rows, the new token ids, the end token it stopped at or None)."""
     import bsq
     import pipeline as P
 
@@ -54,21 +110,25 @@ def greedy_answer(net, tok, image, question: str, max_new_tokens: int) -> list:
     pv, grid = bsq.preprocess_image(image, patch_size=v.patch_size, merge_size=v.spatial_merge_size,
                                     temporal_patch_size=v.temporal_patch_size)
     ids = torch.tensor([tok.encode(P.render_chat_prompt(question, int(grid[0].prod()) // v.merge_unit))])
-    stop, new = {tok.eos_id, tok.token_id(P.IM_END)}, []
+    prompt = ids[0].tolist()
+    stop, new, ended = {tok.eos_id, tok.token_id(P.IM_END), *tok.end_ids}, [], None
     with torch.no_grad():
         for _ in range(max_new_tokens):
             t = int(net.text_logits(ids, None, pv, grid)[0, -1].argmax())
             if t in stop:
+                ended = t
                 break
             new.append(t)
             ids = torch.cat([ids, torch.tensor([[t]])], 1)
-    return new
+    return prompt, pv, new, ended
 
 
-def test_understanding_prints_the_answer(golden, golden_ckpt, tmp_path, capsys):
+def test_understanding_prints_the_answer(golden, golden_ckpt, tmp_path, capsys, monkeypatch):
     """`--image --question` prints the greedy answer of the checkpoint: exactly the text of a written-out greedy
     decode (full forward per token, the fixture's image, at most --max-new-tokens tokens) and of pipeline.answer called
-    with the same arguments; `--answer-temperature` / `--seed` reach the sampler."""
+    with the same arguments; `--answer-temperature` / `--seed` reach the sampler. The ids, image rows and tokens the
+    run hands to / gets from the decoding loop are checked too, so an answer that ends at once (an empty line, as
+    on some fixtures) still pins the prompt and the stop."""
     import load_hf
     import pipeline as P
 
@@ -77,11 +137,27 @@ def test_understanding_prints_the_answer(golden, golden_ckpt, tmp_path, capsys):
     net, tok = load_hf.load_ar(golden_ckpt)  # the golden checkpoint with the released preprocessor_config.json
     base = ["--ckpt", str(golden_ckpt), "--image", str(path), "--device", "cpu", "--out", str(tmp_path / "o")]
     question, k = "What color is the cube?", 4
+    calls, real = [], P.generate_text
+
+    def spy(model, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, **kw):
+        out = real(model, input_ids, attention_mask, pixel_values, image_grid_thw, **kw)
+        calls.append((input_ids.detach().cpu().clone(), None if attention_mask is None else attention_mask.cpu(),
+                      pixel_values.detach().cpu().clone(), kw, out))
+        return out
+
+    monkeypatch.setattr(P, "generate_text", spy)
     assert sample.main(base + ["--question", question, "--max-new-tokens", str(k)]) == 0
+    monkeypatch.setattr(P, "generate_text", real)
     printed = capsys.readouterr().out
-    new = greedy_answer(net, tok, str(path), question, k)
-    assert new and len(new) <= k
-    assert printed == tok.decode(new) + "\n"
+    prompt, pv, new, ended = greedy_answer(net, tok, str(path), question, k)
+    assert len(new) <= k and (ended is not None or len(new) == k)
+    assert len(calls) == 1
+    ids, mask, got_pv, kw, out = calls[0]
+    assert (ids if mask is None else ids[mask.bool()]).tolist() == prompt  # the chat prompt with the image
+    assert torch.equal(got_pv.to(pv.dtype), pv)  # the fixture image's patch rows
+    assert kw["max_new_tokens"] == k and ended in (None, *kw["stop_ids"])
+    assert out == [new + ([] if ended is None else [ended])]  # the same greedy tokens, stopped at the same end
+    assert printed == tok.decode(new) + "\n"  # even when the answer is empty
     assert printed == P.answer(net, tok, str(path), question, max_new_tokens=k) + "\n"
     assert sample.main(base + ["--question", "what?", "--max-new-tokens", "6", "--answer-temperature", "1.5",
                                "--seed", "3"]) == 0
@@ -90,7 +166,7 @@ def test_understanding_prints_the_answer(golden, golden_ckpt, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--prompt", "x", "--ar-size", "100x64"], "AR size 100x64 must be positive multiples of 32"),
+    (["--prompt", "x", "--ar-size", "{bad_ar}"], "AR size {bad_ar} must be positive multiples of {ds}"),
     (["--prompt", "x", "--cfg", "0.5"], "cfg must be >= 1"),
     (["--prompt", "x", "--temperature", "0"], "temperature must be > 0"),
     (["--image", "{bad}", "--question", "what?"], "is not a readable image file"),
@@ -99,7 +175,14 @@ def test_understanding_prints_the_answer(golden, golden_ckpt, tmp_path, capsys):
 def test_bad_input_is_a_clear_message(golden, tmp_path, capsys, args, message):
     bad = tmp_path / "notes.txt"
     bad.write_text("hello")
-    args = [a.replace("{bad}", str(bad)) for a in args]
+    fill = {"{bad}": str(bad), **size_cases(golden)}
+
+    def sub(s):
+        for k, val in fill.items():
+            s = s.replace(k, val)
+        return s
+
+    args, message = [sub(a) for a in args], sub(message)
     rc = sample.main(["--ckpt", str(golden.dir), "--out", str(tmp_path / "o")] + args)
     err = capsys.readouterr().err
     assert rc == 2 and message in err, err
@@ -155,11 +238,11 @@ CFG_HINT = "(cfg must be >= 1, 1 = no guidance; larger guidance overflows the gu
     (["--steps", "0"], "--steps must be an integer >= 1, got 0 (decoder denoising steps)"),
     (["--upsample", "2.5"], "--upsample must be a finite number in [1, 2], got 2.5 (decoder output size / AR size)"),
     (["--ar-size", "64"], "argument --ar-size: must look like HxW, e.g. 512x512, got '64'"),
-    (["--ar-size", "64x96", "--upsample", "1.25"],
-     "--ar-size 64x96 / --upsample 1.25: output size 80x120 (AR 64x96 x 1.25) must be a multiple of 16"),
-    (["--ar-size", "1024x1024", "--upsample", "1"], "--ar-size 1024x1024 / --upsample 1.0: output size 1024x1024 "
-     "(AR 1024x1024 x 1.0) exceeds the decoder's largest side {side} px (pos_embed_max_size {grid} x {unit} px)"),
-    (["--ar-size", "100x64"], "--ar-size: AR size 100x64 must be positive multiples of 32 px"),
+    (["--ar-size", "{nm_ar}", "--upsample", "{nm_up}"],
+     "--ar-size {nm_ar} / --upsample {nm_up}: output size {nm_out} (AR {nm_ar} x {nm_up}) must be a multiple of {step}"),
+    (["--ar-size", "{big}x{big}", "--upsample", "1"], "--ar-size {big}x{big} / --upsample 1.0: output size {big}x{big} "
+     "(AR {big}x{big} x 1.0) exceeds the decoder's largest side {side} px (pos_embed_max_size {grid} x {unit} px)"),
+    (["--ar-size", "{bad_ar}"], "--ar-size: AR size {bad_ar} must be positive multiples of {ds} px"),
     (["--question", "q", "--image", "{img}", "--max-new-tokens", "0"], "--max-new-tokens must be an integer >= 1, got 0"),
     (["--question", "q", "--image", "{file}"], "--image: {file} is not a readable image file ({pil})"),
     # empty text is refused, not drawn / answered
@@ -191,15 +274,13 @@ def test_mistakes_are_one_line_errors_before_loading(golden, tmp_path, capsys, n
         Image.open(f)
     except UnidentifiedImageError as e:
         pil = str(e)
-    tr = json.loads((golden.dir / "sd3_transformer" / "config.json").read_text())
-    vae = json.loads((golden.dir / "sd3_pipeline" / "vae" / "config.json").read_text())
-    unit = tr["patch_size"] * 2 ** (len(vae["block_out_channels"]) - 1)  # pixels per transformer token
-    assert 1024 > tr["pos_embed_max_size"] * unit  # the oversized case stays oversized on this fixture
+    unit, grid = decoder_unit(golden)  # pixels per transformer token, the position table's side
+    sizes = size_cases(golden)
+    assert int(sizes["{big}"]) > grid * unit  # the oversized case is oversized on this fixture
     chat = tmp_path / "turns.txt"
     chat.write_text("/draw a red circle at the top left\nwhat color is it?\n")
-    fill = {"{file}": str(f), "{img}": str(img), "{pil}": pil, "{chat}": str(chat),
-            "{side}": str(tr["pos_embed_max_size"] * unit),
-            "{grid}": str(tr["pos_embed_max_size"]), "{unit}": str(unit)}
+    fill = {"{file}": str(f), "{img}": str(img), "{pil}": pil, "{chat}": str(chat), **sizes,
+            "{side}": str(grid * unit), "{grid}": str(grid), "{unit}": str(unit)}
 
     def sub(s):
         for k, val in fill.items():
@@ -328,6 +409,13 @@ def test_answer_length_fits_the_position_budget(tmp_path, capsys, monkeypatch):
 
 # ----- a damaged checkpoint: one error line naming the file and the field or tensor, exit code 2 -----
 
+def poisonable_key(sd: dict) -> str:
+    """A weight present in this weights file to plant a NaN in: the first floating-point key (names sorted) with
+    elements, so the case does not depend on which tensors a fixture stores (e.g. lm_head.weight, absent when the
+    embeddings are tied)."""
+    return next(k for k in sorted(sd) if sd[k].is_floating_point() and sd[k].numel())
+
+
 def _damaged_copy(golden, tmp_path, defect: str) -> tuple[Path, str]:
     """A copy of the fixture checkpoint with one defect -> (folder, the message sample.py must print)."""
     import shutil
@@ -350,9 +438,10 @@ def _damaged_copy(golden, tmp_path, defect: str) -> tuple[Path, str]:
         return root, f"{path}: field 'num_layers' must be an integer >= 1, got \"{d['num_layers']}\""
     assert defect == "NaN weight"
     sd = load_file(str(root / "model.safetensors"))
-    sd["lm_head.weight"][0, 0] = float("nan")
+    key = poisonable_key(sd)
+    sd[key].view(-1)[0] = float("nan")
     save_file(sd, str(root / "model.safetensors"))
-    return root, (f"cannot load {root}: NaN or inf values in 'lm_head.weight' in model.safetensors; the checkpoint "
+    return root, (f"cannot load {root}: NaN or inf values in '{key}' in model.safetensors; the checkpoint "
                   "is damaged: download it again")
 
 
@@ -362,8 +451,9 @@ def test_damaged_checkpoint_is_one_error_line(golden, tmp_path, capsys, defect):
     defaulted, NaN weights) or a traceback; now one line before anything is drawn."""
     root, message = _damaged_copy(golden, tmp_path, defect)
     s = golden.scenario("e2e")
+    up = valid_upsample(golden, s["ar_height"], s["ar_width"])[0]  # a size the checks pass: the defect is the error
     rc = sample.main(["--ckpt", str(root), "--prompt", "a cube", "--ar-size", f"{s['ar_height']}x{s['ar_width']}",
-                      "--upsample", "1", "--device", "cpu", "--out", str(tmp_path / "o")])
+                      "--upsample", repr(up), "--device", "cpu", "--out", str(tmp_path / "o")])
     assert (rc, capsys.readouterr()) == (2, ("", f"error: {message}\n"))
     assert not (tmp_path / "o" / "sample_00.png").exists()
 
