@@ -9,7 +9,7 @@ independently from the same guided distribution, as the official loop does.
 
 Random numbers are counter-based (Philox via `tl.rand(seed, offset)`, offset = (step * rows + row) * K + bit), so a
 step needs no generator state; the reference can instead be fed explicit uniforms, and then the kernel gives exactly
-the reference's bits. This is a different random stream from the model's reference sampler (`model.sample_bits`,
+the reference's bits. This is a different random stream from the model's reference sampler (`model.MultinomialSampler`,
 one `torch.multinomial` over all bits, which reproduces the official draws): seeded outputs of the two differ, and
 the fast path is checked statistically.
 
