@@ -901,11 +901,3 @@ def default_dtype(device) -> torch.dtype:
     the bf16 the model was trained in (activations can overflow), while fp32 works on every MPS system and matches
     the CPU path (`sample.py --dtype bfloat16` halves the memory there on macOS 14+)."""
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-
-
-if __name__ == "__main__":  # `python load_hf.py --bench-memory [flags]` runs `python bench.py load-memory [flags]`
-    import sys
-
-    import bench
-
-    bench.main(["load-memory"] + [a for a in sys.argv[1:] if a != "--bench-memory"])

@@ -932,15 +932,14 @@ def test_ar_checkpoint_round_trip_keeps_every_config_field(tmp_path, golden):
 
 @pytest.mark.skipif(not __import__("os").path.exists("/proc/self/clear_refs"), reason="reads and resets /proc "
                     "counters (Linux only)")
-@pytest.mark.parametrize("command", [["bench.py", "load-memory"], ["load_hf.py", "--bench-memory"]])
-def test_load_memory_benchmark_runs(command):
-    """`python bench.py load-memory` (also reached as `python load_hf.py --bench-memory`) loads a synthetic checkpoint
-    in a fresh process and prints its peak memory and the load times with and without the finiteness check."""
+def test_load_memory_benchmark_runs():
+    """`python bench.py load-memory` loads a synthetic checkpoint in a fresh process and prints its peak memory and
+    the load times with and without the finiteness check."""
     import re
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, str(ROOT / command[0]), *command[1:], "--gib", "0.02", "--dtype",
+    out = subprocess.run([sys.executable, str(ROOT / "bench.py"), "load-memory", "--gib", "0.02", "--dtype",
                           "bfloat16"], capture_output=True, text=True, check=True, cwd=ROOT).stdout.splitlines()
     assert len(out) == 3, out
     assert re.fullmatch(r"synthetic checkpoint 0\.06 GiB \(1 x Linear\(4096, 4096\), float32\) loaded as bfloat16: "
