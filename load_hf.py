@@ -750,11 +750,13 @@ def prompt_cache_path(pipeline_dir, cache_dir, prompt: str = D.DECODER_PROMPT, j
 
 
 def write_prompt_cache(path: Path, prompt_embeds: torch.Tensor, pooled: torch.Tensor) -> None:
-    """Written whole to a temporary file of this process, then renamed (cli.atomic_write): an interrupted run never
-    leaves half a cache file, and concurrent runs never share a temporary name."""
+    """Written whole in a private folder of this process, then renamed (cli.atomic_save_file): an interrupted run
+    never leaves half a cache file, concurrent runs never share a temporary name, and what a killed run left of this
+    stem is removed by the next write."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    cli.remove_temp_files(path.parent, path.stem, path.suffix)
     tensors = {"prompt_embeds": prompt_embeds.float().cpu().contiguous(), "pooled": pooled.float().cpu().contiguous()}
-    cli.atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
+    cli.atomic_save_file(path, tensors)
 
 
 def cached_prompt_embeds(pipeline_dir, cache_dir, prompt: str = D.DECODER_PROMPT, joint_dim: int = 4096,

@@ -705,3 +705,35 @@ def test_bad_input_raises_clear_errors(golden, parts):
         load_hf.load_weights(decoder.MMDiT(wrong), [path])
     assert re.search(pattern, str(e.value)), str(e.value)
     assert re.search(rf"shape mismatches: .*transformer_blocks\.{layer}\.norm1\.linear\.weight", str(e.value))
+
+
+def test_prompt_cache_write_leaves_nothing_behind_when_killed(tmp_path, monkeypatch):
+    """safetensors' save_file puts its own temporary file (`.tmpXXXXXX`, no owner in its name) beside its target, so
+    the cache write targets a private folder of this process, never the cache folder itself; what a killed write left
+    (a folder of a process that is gone) is removed by the next write, and the cache then reads back whole."""
+    from pathlib import Path
+
+    import safetensors.torch as st
+
+    import cli
+
+    cache = tmp_path / "cache"
+    path = cache / "prompt_0123456789abcdef.safetensors"
+    cache.mkdir()
+    dead = cache / f".{path.stem}.999999999-0badcafe.tmp{path.suffix}"  # pid far beyond any pid_max
+    dead.mkdir()
+    (dead / ".tmpAbC123").write_bytes(b"half a file")
+    targets = []
+
+    def spy(t, f, *a, **k):
+        targets.append(Path(f))
+        return st.save_file(t, f, *a, **k)
+
+    for module in (cli, load_hf):  # each imports save_file by name
+        monkeypatch.setattr(module, "save_file", spy)
+    pe, pooled = torch.randn(1, 5, 8), torch.randn(1, 6)
+    load_hf.write_prompt_cache(path, pe, pooled)
+    assert targets and all(t.parent != cache for t in targets), targets
+    assert sorted(p.name for p in cache.iterdir()) == [path.name]
+    got = load_file(str(path))
+    assert torch.equal(got["prompt_embeds"], pe) and torch.equal(got["pooled"], pooled)
