@@ -263,6 +263,8 @@ def sample_question(rng: np.random.Generator, scene: Scene, split: str = "train"
         if kind == 1:
             return f"what shape is at the {o.pos}?", o.shape
         if kind == 2:
+            if len(scene) >= len(COUNT_WORDS):  # a drawing read back with more objects than any toy scene holds
+                continue
             return "how many objects?", COUNT_WORDS[len(scene)]
         if kind == 3:
             if sum(x.shape == o.shape for x in scene) > 1:
