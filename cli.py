@@ -770,14 +770,18 @@ def clean_run_dir(run_dir: Path) -> None:
     remove_safetensors_temps(run_dir)
 
 
-def check_out_apart(out: Path, run_dir: Path, flag: str = "--out") -> Path:
-    """A checkpoint folder that is neither the run folder nor above it: saving a checkpoint replaces every entry of
-    its folder, which would take the run's state (or the whole run folder) with it."""
-    o, r = Path(out).resolve(), Path(run_dir).resolve()
+def check_run_folders(run_dir: Path, out: Path | None) -> Path:
+    """train.py / rl.py: --run-dir and --out (default <run-dir>/checkpoint) are folders this user can write, and the
+    checkpoint folder is neither the run folder nor above it (saving a checkpoint replaces every entry of its folder,
+    which would take the run's state, or the whole run folder, with it). -> the checkpoint folder."""
+    check_out_writable(check_out_folder(run_dir, "--run-dir"), "--run-dir")
+    out = Path(out) if out is not None else Path(run_dir) / "checkpoint"
+    check_out_folder(out)
+    o, r = out.resolve(), Path(run_dir).resolve()
     if o == r or o in r.parents:
-        raise UsageError(f"{flag} {out} {'is' if o == r else 'contains'} --run-dir {run_dir}: saving the checkpoint "
-                         f"replaces everything in {flag}; pass another {flag} (default: <run-dir>/checkpoint)")
-    return Path(out)
+        raise UsageError(f"--out {out} {'is' if o == r else 'contains'} --run-dir {run_dir}: saving the checkpoint "
+                         "replaces everything in --out; pass another --out (default: <run-dir>/checkpoint)")
+    return check_out_writable(out)
 
 
 def resume_advice(run_dir: Path) -> str:

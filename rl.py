@@ -482,11 +482,7 @@ def _main(argv, guard: cli.SignalGuard, locks: ExitStack) -> int:
     args, rc = parse_args(argv)
     device = cli.resolve_device(args.device)
     run_dir = cli.check_out_folder(args.run_dir, "--run-dir")
-    cli.check_out_writable(run_dir, "--run-dir")
-    out_flag = args.out or run_dir / "checkpoint"
-    cli.check_out_folder(out_flag)
-    cli.check_out_apart(out_flag, run_dir)
-    cli.check_out_writable(out_flag)
+    out_flag = cli.check_run_folders(run_dir, args.out)
 
     def begin() -> tuple[dict, Path]:
         meta = run_record(args, rc, run_dir)

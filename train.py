@@ -945,12 +945,7 @@ def _main(argv, guard: cli.SignalGuard, locks: ExitStack) -> int:
         raise cli.UsageError("--dtype bfloat16 needs a CUDA GPU (training on the CPU or Apple's MPS runs in float32); "
                              "use --dtype float32 or auto")
     run_dir = args.run_dir
-    cli.check_out_folder(run_dir, "--run-dir")
-    cli.check_out_writable(run_dir, "--run-dir")
-    out_flag = args.out or run_dir / "checkpoint"
-    cli.check_out_folder(out_flag)
-    cli.check_out_apart(out_flag, run_dir)
-    cli.check_out_writable(out_flag)
+    out_flag = cli.check_run_folders(run_dir, args.out)
 
     def begin() -> tuple[dict, Path]:
         """The run's record (new, or the saved one to resume) and its checkpoint folder, both checked."""
