@@ -91,17 +91,11 @@ def resolve_device(name: str, flag: str = "--device") -> torch.device:
 
 
 def check_int_range(value: int, flag: str, lo: int, hi: int | None = None, hint: str = "") -> int:
-    if value < lo or (hi is not None and value > hi):
-        span = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise UsageError(f"{flag} must be an integer {span}, got {value}" + (f" ({hint})" if hint else ""))
-    return value
+    return check_number(value, flag, lo, hi, integer=True, hint=hint)
 
 
 def check_float_range(value: float, flag: str, lo: float, hi: float, hint: str = "") -> float:
-    if not (math.isfinite(value) and lo <= value <= hi):
-        raise UsageError(f"{flag} must be a finite number in [{lo:g}, {hi:g}], got {value}" +
-                         (f" ({hint})" if hint else ""))
-    return value
+    return check_number(value, flag, lo, hi, hint=hint)
 
 
 def check_seed(seed: int, flag: str = "--seed", hi: int = SEED_MAX) -> int:
@@ -151,12 +145,17 @@ def cannot_write(e: OSError, folder, flag: str = "--out", resume: bool = False) 
     return f"{flag}: cannot write in {folder} ({reason}); {then}"
 
 
+COUNT_MAX = 2**31 - 1  # the implicit upper bound of an integer setting that states none (steps, widths, ...)
+
+
 def check_number(value, flag: str, lo=None, hi=None, *, lo_open: bool = False, hi_open: bool = False,
                  integer: bool = False, multiple: int | None = None, hint: str = ""):
     """A flag's value within its range, else a UsageError saying what is valid: a finite number (an integer with
     `integer`, a multiple of `multiple`) from `lo` to `hi` (None: unbounded; `lo_open` / `hi_open`: the bound itself
     excluded)."""
-    ok = (math.isfinite(value) and (lo is None or (value > lo if lo_open else value >= lo))
+    if (integer or multiple) and hi is None and isinstance(value, int) and value > COUNT_MAX:  # past any real use
+        raise UsageError(f"{flag} must be at most {COUNT_MAX}, got {value}" + (f" ({hint})" if hint else ""))
+    ok = ((isinstance(value, int) or math.isfinite(value)) and (lo is None or (value > lo if lo_open else value >= lo))
           and (hi is None or (value < hi if hi_open else value <= hi)) and (not multiple or value % multiple == 0))
     if ok:
         return value

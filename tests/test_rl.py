@@ -454,6 +454,7 @@ HELDOUT = ", and --prompt-split heldout rolls out those not evaluated"
     (["--max-rounds", "0"], "--max-rounds must be an integer >= 1, got 0"),
     (["--decode-steps", "-1"], "--decode-steps must be an integer >= 0, got -1 (0: the checkpoint's)"),
     (["--save-every", "0"], "--save-every must be an integer >= 1, got 0"),
+    (["--steps", "9999999999999999999999999999999999999999"], "--steps must be at most 2147483647, got 9999999999999999999999999999999999999999"),
     (["--stop-after", "0"], "--stop-after must be an integer >= 1, got 0 (steps in this process)"),
     (["--out", "{run}"], "--out {run} is --run-dir {run}: saving the checkpoint replaces everything in --out; pass "
                          "another --out (default: <run-dir>/checkpoint)"),

@@ -370,6 +370,7 @@ SIZE = ("--size must be a multiple of 32 in [64, 480], got {} (one AR token cove
     (["--lm-width", "160"], LM_WIDTH.format(160)),  # 5 heads, 2 key/value heads
     (["--lm-layers", "0"], "--lm-layers must be an integer >= 1, got 0"),
     (["--stage1-steps", "-1"], "--stage1-steps must be an integer >= 1, got -1"),  # stage 1 was skipped
+    (["--stage1-steps", "9999999999999999999999999999999999999999"], "--stage1-steps must be at most 2147483647, got 9999999999999999999999999999999999999999"),  # was a tqdm traceback
     (["--stage2-steps", "0"], "--stage2-steps must be an integer >= 1, got 0"),
     (["--flip-prob", "2"], "--flip-prob must be a finite number in [0, 0.5), got 2.0 (each bit of the decoder's "
                            "condition flipped with this probability; at 0.5 the condition carries nothing)"),
