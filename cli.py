@@ -130,13 +130,13 @@ def check_out_writable(path: Path, flag: str = "--out") -> Path:
     return p
 
 
-def cannot_write(e: OSError, folder, flag: str = "--out", resume: bool = False) -> str:
+def cannot_write(e: BaseException, folder, flag: str = "--out", resume: bool = False) -> str:
     """The one line for a write that failed in an output folder (disk full, read-only, no permission): the folder,
     the system's reason and what to do. `resume`: the finished files stay and a rerun with --resume continues."""
-    reason = e.strerror or str(e) or type(e).__name__
-    if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+    reason, code = io_failure(e) or str(e), _errno(e)
+    if code in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
         fix = "free some space"
-    elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+    elif code in (errno.EROFS, errno.EACCES, errno.EPERM):
         fix = "make it writable"
     else:
         fix = "fix that"
@@ -349,15 +349,23 @@ def remove_safetensors_temps(folder: Path) -> list:
     return gone
 
 
+def _errno(e: BaseException) -> int | None:
+    """The system's error number of an OSError, or of safetensors' I/O error (which carries it in its text)."""
+    if isinstance(e, OSError):
+        return e.errno
+    m = re.search(r"\(os error (\d+)\)", str(e)) if isinstance(e, SafetensorError) else None
+    return int(m.group(1)) if m else None
+
+
 def io_failure(e: BaseException) -> str | None:
     """Why a write failed (disk full, read-only file system, no permission, ...) for an OSError or safetensors' I/O
-    error (which carries the system's error number in its text); None for any other error."""
+    error; None for any other error."""
     if isinstance(e, OSError):
         return e.strerror or str(e) or type(e).__name__
     if isinstance(e, SafetensorError):
-        m = re.search(r"\(os error (\d+)\)", str(e))
-        if m:
-            return os.strerror(int(m.group(1)))
+        code = _errno(e)
+        if code is not None:
+            return os.strerror(code)
         if "I/O error" in str(e):
             return str(e)
     return None

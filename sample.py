@@ -32,6 +32,7 @@ os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
 import torch
 import torch.distributed as dist
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from tokenizers import models
 from tqdm import tqdm
@@ -187,7 +188,9 @@ def writing(folder: Path, resume: bool = False):
     the folder; the files are written atomically, so nothing finished before is lost."""
     try:
         yield
-    except OSError as e:
+    except (OSError, SafetensorError) as e:
+        if cli.io_failure(e) is None:
+            raise
         raise cli.UsageError(cli.cannot_write(e, folder, resume=resume)) from None
 
 

@@ -691,3 +691,29 @@ def test_ctrl_c_in_a_chat_is_one_line(tmp_path):
     assert 1 <= len(drawn) < 300 and all(f.name.startswith("chat_") for f in drawn)
     for f in drawn:
         Image.open(f).load()
+
+
+def test_full_disk_while_saving_bits_is_one_line(tmp_path, capsys, monkeypatch):
+    """--save-bits writes bits.safetensors with safetensors' save_file, which reports a full disk as its own error
+    (the system's number in its text), not an OSError: the same one line naming --out, exit 2, the earlier set kept."""
+    import errno
+    import os
+
+    from safetensors import SafetensorError
+
+    out = tmp_path / "o"
+    assert sample.main(["--out", str(out), "--device", "cpu", "--save-bits"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    code = errno.ENOSPC
+
+    def full(*a, **k):
+        raise SafetensorError(f"Error while serializing: I/O error: {os.strerror(code)} (os error {code})")
+
+    monkeypatch.setattr(sample, "save_file", full)
+    capsys.readouterr()
+    rc = sample.main(["--out", str(out), "--device", "cpu", "--save-bits", "--seed", "3"])
+    err = capsys.readouterr().err
+    assert (rc, err.splitlines()[-1]) == (2, f"error: --out: cannot write in {out} ({os.strerror(code)}); free some "
+                                             "space, or pass another --out"), err
+    assert err.count("error:") == 1 and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
