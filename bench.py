@@ -34,8 +34,58 @@ import model as M
 import pipeline as P
 import toy
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "tests"))
-from reference import Recorder, generate_image_recompute  # noqa: E402  (the official loop lives with the tests)
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The baseline the product's cached loop is measured (bench_rollout) and tested (tests/test_model.py) against:
+# the official generation loop, which re-runs the visual-decoder stack over the whole sequence at every step
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class Recorder:
+    """Wraps a sampler: records the bit logits (B_all, O) of every step, before guidance."""
+
+    def __init__(self, sampler):
+        self.sampler, self.steps = sampler, []
+        self.cfg_scale = getattr(sampler, "cfg_scale", 1.0)
+
+    def __call__(self, logits, step):
+        self.steps.append(logits.flatten(1))
+        return self.sampler(logits, step)
+
+    @property
+    def step_logits(self) -> torch.Tensor:
+        return torch.stack(self.steps, dim=1)  # (B_all, N, O)
+
+
+@torch.no_grad()
+def generate_image_recompute(model, prefix_ids, attention_mask, ar_height, ar_width, sampler, pixel_values=None,
+                             image_grid_thw=None) -> torch.Tensor:
+    """The official loop: the backbone keeps its KV cache, the visual-decoder stack re-reads every state of the
+    sequence at every step. -> bits of every row (B_all, N, L, U, d)."""
+    B_all, Lp = prefix_ids.shape
+    gh, gw = ar_height // model.cfg.downsample, ar_width // model.cfg.downsample
+    N, lm = gh * gw, model.language_model
+    ids_all, mask_all, grids = model.append_image_placeholders(prefix_ids, attention_mask, N, gh, gw, image_grid_thw)
+    pos = M.get_rope_index(ids_all, grids, mask_all, model.cfg)
+    valid = mask_all.bool()
+    cache = M.KVCache.for_layers(len(lm.layers), model.cfg.text, B_all, Lp + N)
+    seq = M.prefill(model, prefix_ids, attention_mask, pos[:, :, :Lp], cache, pixel_values, image_grid_thw)
+    out = []
+    for i in range(N):
+        T = seq.shape[1]
+        cos, sin = lm.rope(pos[:, :, :T], seq.dtype)
+        h = M.run_stack(model.visual_decoder, seq, cos, sin, valid[:, :T])
+        bits = sampler(model.vistok_logits(h[:, -1]), i)
+        out.append(bits)
+        if i < N - 1:
+            seq = torch.cat([seq, M.read_image_token(model, cache, bits, pos[:, :, Lp + i:Lp + i + 1])], dim=1)
+    return torch.stack(out, dim=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Benchmarks
+# ---------------------------------------------------------------------------------------------------------------------
+
 
 
 def mid_config(vd_depth: int = 4) -> M.UniARConfig:

@@ -20,7 +20,7 @@ Before any weights: a missing part (bsq_encoder/, sd3_transformer/, sd3_pipeline
 decoder) is named as such, never stood in for by the root's own config.json; the tokenizer files are read and checked
 (not JSON, wrong shape, truncated: an error naming the file), and config.json's token ids must be the ids the
 tokenizer gives <|image_pad|>, <|video_pad|>, <|vision_start|> and <|vision_end|>. A save of the folder killed after
-its journal commit is finished first (cli.finish_interrupted_save); nothing is written when there is none to finish.
+its journal commit is finished first (files.finish_interrupted_save); nothing is written when there is none to finish.
 Every error is one line.
 """
 from __future__ import annotations
@@ -40,9 +40,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import bsq
-import cli
 import config_schema as schema
 import decoder as D
+import files
 import model as M
 import pipeline as P
 import text_encoders as TE
@@ -99,11 +99,11 @@ LAYOUT = "config.json, model.safetensors, tokenizer.json, bsq_encoder/, sd3_tran
 
 
 def finish_interrupted_save(root) -> None:
-    """cli.finish_interrupted_save as a CheckpointError: a save killed mid-switch is finished before anything is
+    """files.finish_interrupted_save as a CheckpointError: a save killed mid-switch is finished before anything is
     read (nothing is written when there is none to finish)."""
     try:
-        cli.finish_interrupted_save(root)
-    except cli.UsageError as e:
+        files.finish_interrupted_save(root)
+    except files.UsageError as e:
         raise CheckpointError(str(e)) from None
 
 
@@ -750,13 +750,13 @@ def prompt_cache_path(pipeline_dir, cache_dir, prompt: str = D.DECODER_PROMPT, j
 
 
 def write_prompt_cache(path: Path, prompt_embeds: torch.Tensor, pooled: torch.Tensor) -> None:
-    """Written whole in a private folder of this process, then renamed (cli.atomic_save_file): an interrupted run
+    """Written whole in a private folder of this process, then renamed (files.atomic_save_file): an interrupted run
     never leaves half a cache file, concurrent runs never share a temporary name, and what a killed run left of this
     stem is removed by the next write."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    cli.remove_temp_files(path.parent, path.stem, path.suffix)
+    files.remove_temp_files(path.parent, path.stem, path.suffix)
     tensors = {"prompt_embeds": prompt_embeds.float().cpu().contiguous(), "pooled": pooled.float().cpu().contiguous()}
-    cli.atomic_save_file(path, tensors)
+    files.atomic_save_file(path, tensors)
 
 
 def cached_prompt_embeds(pipeline_dir, cache_dir, prompt: str = D.DECODER_PROMPT, joint_dim: int = 4096,
@@ -851,7 +851,7 @@ def write_image_processor(root, proc) -> None:
 
 def save_checkpoint(root, *, ar=None, tokenizer_dir=None, vision=None, decoder=None, sample_defaults=None,
                     run_id: str | None = None) -> Path:
-    """Write the given parts in the released layout, crash-safe (cli.replace_folder): the new files are written
+    """Write the given parts in the released layout, crash-safe (files.replace_folder): the new files are written
     completely inside `root`, then switched in, so `root` never disappears and a save killed at any instant leaves
     either the previous checkpoint or the new one (the next save or load finishes an interrupted switch).
 
@@ -860,7 +860,7 @@ def save_checkpoint(root, *, ar=None, tokenizer_dir=None, vision=None, decoder=N
     vision: bsq.VisionModel for bsq_encoder/ (the decoder's copy of the tokenizer); decoder: decoder.Decoder
     (sd3_transformer/, sd3_pipeline/scheduler/, sd3_pipeline/vae/ when it has a VAE, and its prompt embeddings in
     sd3_pipeline/prompt_embeds.safetensors); sample_defaults: uniar_sample.json for sample.py; run_id: the training
-    run writing it (cli.RUN_MARK), which may later replace it without --overwrite.
+    run writing it (files.RUN_MARK), which may later replace it without --overwrite.
     """
     def write(tmp: Path) -> None:
         if ar is not None:
@@ -892,9 +892,9 @@ def save_checkpoint(root, *, ar=None, tokenizer_dir=None, vision=None, decoder=N
         if sample_defaults is not None:
             _write_json(tmp / "uniar_sample.json", sample_defaults)
         if run_id is not None:
-            _write_json(tmp / cli.RUN_MARK, {"run_id": run_id})
+            _write_json(tmp / files.RUN_MARK, {"run_id": run_id})
 
-    return cli.replace_folder(Path(root), write)
+    return files.replace_folder(Path(root), write)
 
 
 def default_dtype(device) -> torch.dtype:

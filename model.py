@@ -22,7 +22,7 @@ Letters in shape comments:
 Departures from the official code:
     - The visual-decoder stack (the layers between the backbone's pre-norm states and the bit head) keeps its own
       KV cache here: each AR step runs it on the one new state. The official loop re-runs it over the whole sequence
-      at every step; tests/reference.py keeps that loop, and the tests check both give the same logits and bits.
+      at every step; bench.py keeps that loop as its baseline, and the tests check both give the same logits and bits.
     - The official visual-decoder stack receives a 2-D padding mask that only flash-attention-2 interprets (causal +
       key padding); here every attention gets that mask explicitly through `attention()`.
     - Padded query rows (left padding) attend to themselves only, so they stay finite; their outputs are never read.

@@ -386,3 +386,10 @@ class Conversation:
         bits = draw(contexts, gh, gw, sampler, progress)
         self.ctx.read(self.tok.encode(VISION_END + IM_END + "\n"))  # the template's tokens: the turn closed
         return bits[None]
+
+
+def to_pixels(images: np.ndarray, vcfg: bsq.VisionConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, S, S, 3) uint8 -> pixel_values (B * Np, patch_dim), grid_thw (B, 3), the processor's layout."""
+    out = [bsq.preprocess_image(im, resize=False, patch_size=vcfg.patch_size, merge_size=vcfg.spatial_merge_size,
+                                temporal_patch_size=vcfg.temporal_patch_size) for im in images]
+    return torch.cat([p for p, _ in out]), torch.cat([g for _, g in out])

@@ -71,11 +71,12 @@ import torch
 from tqdm import tqdm
 
 import cli
+import evaluate as E
+import files
 import load_hf
 import model as M
 import pipeline as P
 import toy
-import train
 
 ROOT = Path(__file__).resolve().parent
 # An option of earlier versions -> (the one value rl.py computes now, why the others went). A flag or a saved run
@@ -340,14 +341,14 @@ def plot(history: list, folder: Path) -> None:
         a.set_xlabel("step")
         a.legend() if a is not ax[1] else None
     fig.tight_layout()
-    cli.atomic_write(folder / "rl_curves.png", lambda tmp: fig.savefig(tmp, dpi=100))
+    files.atomic_write(folder / "rl_curves.png", lambda tmp: fig.savefig(tmp, dpi=100))
     plt.close(fig)
 
 
 def policy_state(net, opt) -> dict:
     """What GRPO changes: the AR weights outside the frozen tower, and the optimizer's moments."""
     return {**{f"net.{k}": v for k, v in net.state_dict().items() if not k.startswith("model.visual.")},
-            **cli.optimizer_tensors(opt)}
+            **files.optimizer_tensors(opt)}
 
 
 def load_policy_state(tensors: dict, net, opt) -> None:
@@ -355,7 +356,7 @@ def load_policy_state(tensors: dict, net, opt) -> None:
     state = {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}
     tower = {k: v for k, v in net.state_dict().items() if k.startswith("model.visual.")}
     net.load_state_dict({**state, **tower})  # strict: a state of another model is an error, not a partial load
-    cli.load_optimizer(opt, tensors)
+    files.load_optimizer(opt, tensors)
 
 
 def main(argv=None) -> int:
@@ -414,7 +415,7 @@ CHOICES = {"scale_rewards": SCALES, "prompt_split": PROMPT_SPLITS}
 
 def config_limits(values: dict) -> dict:
     """The range of every RLConfig setting: keyword arguments of cli.check_number, or a check(value, flag)."""
-    n = train.heldout_prompt_count()
+    n = E.heldout_prompt_count()
     heldout = values["prompt_split"] == "heldout"
 
     def one_of(name):
@@ -467,13 +468,13 @@ def run_record(args, rc: RLConfig, run_dir: Path) -> dict:
         return {"config": asdict(rc), "start": start, "eval": not args.no_eval, "step": 0, "history": [],
                 "run_id": cli.new_run_id()}
     check_removed({k: v for k, v in meta["config"].items() if k in REMOVED},
-                  f"--resume: the state in {run_dir / cli.STATE_FILE} was written with ",
+                  f"--resume: the state in {run_dir / files.STATE_FILE} was written with ",
                   "; start over with --overwrite")
     differ = [k for k in asdict(rc) if meta["config"].get(k) != asdict(rc)[k]]
     differ += ["--ckpt"] if meta["start"] != start else []
     differ += ["--no-eval"] if meta["eval"] != (not args.no_eval) else []
     if differ:
-        raise cli.UsageError(f"--resume: the state in {run_dir / cli.STATE_FILE} was written with other settings "
+        raise cli.UsageError(f"--resume: the state in {run_dir / files.STATE_FILE} was written with other settings "
                              f"(different: {', '.join(differ)}); pass the same flags")
     return meta
 
@@ -492,11 +493,11 @@ def _main(argv, guard: cli.SignalGuard, locks: ExitStack) -> int:
     # are made again once both are held, as the folders may have changed in between.
     held = run_dir.is_dir()
     if held:
-        locks.enter_context(cli.run_lock(run_dir, "--run-dir"))
+        locks.enter_context(files.run_lock(run_dir, "--run-dir"))
     begin()
     if not held:
-        locks.enter_context(cli.run_lock(run_dir, "--run-dir"))
-    locks.enter_context(cli.run_lock(out_flag, "--out"))
+        locks.enter_context(files.run_lock(run_dir, "--run-dir"))
+    locks.enter_context(files.run_lock(out_flag, "--out"))
     meta, out = begin()
     try:
         net, tok = load_hf.load_ar(args.ckpt, device=device)
@@ -506,13 +507,13 @@ def _main(argv, guard: cli.SignalGuard, locks: ExitStack) -> int:
         settings = cli.read_sample_settings(args.ckpt, required=True, defaults={})
     except (load_hf.CheckpointError, ValueError) as e:
         raise cli.UsageError(str(e)) from None
-    tensors = cli.load_run_state(run_dir)[1] if args.resume else None
+    tensors = files.load_run_state(run_dir)[1] if args.resume else None
     advice = functools.partial(cli.resume_advice, run_dir)  # after a failed write: where the last state is
-    with cli.writing(run_dir, advice):
+    with files.writing(run_dir, advice):
         run_dir.mkdir(parents=True, exist_ok=True)
-        cli.clean_run_dir(run_dir)
+        files.clean_run_dir(run_dir)
         if args.overwrite and not args.resume:  # starting over, as the user asked: the earlier state goes
-            (run_dir / cli.STATE_FILE).unlink(missing_ok=True)
+            (run_dir / files.STATE_FILE).unlink(missing_ok=True)
     torch.manual_seed(rc.seed)
     ref = copy.deepcopy(net).eval()
     for p in ref.parameters():
@@ -528,7 +529,7 @@ def _main(argv, guard: cli.SignalGuard, locks: ExitStack) -> int:
         gen.set_state(tensors["rng.generator"])
         torch.set_rng_state(tensors["rng.torch"])
     if not args.no_eval and "before" not in meta:
-        meta["before"] = train.evaluate(net, tok, dec, settings=settings, n=rc.eval_n)
+        meta["before"] = E.evaluate(net, tok, dec, settings=settings, n=rc.eval_n)
         print("before " + json.dumps(meta["before"]), flush=True)
     rewards = RewardStack([("geneval", toy_geneval_reward, 1.0)])
     S = settings["ar_size"][0]
@@ -542,8 +543,8 @@ def _main(argv, guard: cli.SignalGuard, locks: ExitStack) -> int:
 
     def save_state() -> None:
         meta["where"] = f"step {meta['step']} of {rc.steps}"
-        with cli.writing(run_dir, advice):
-            cli.save_run_state(run_dir, meta, {**policy_state(net, opt), "rng.generator": gen.get_state(),
+        with files.writing(run_dir, advice):
+            files.save_run_state(run_dir, meta, {**policy_state(net, opt), "rng.generator": gen.get_state(),
                                                "rng.torch": torch.get_rng_state()})
 
     guard.run_dir = run_dir
@@ -575,20 +576,20 @@ def _main(argv, guard: cli.SignalGuard, locks: ExitStack) -> int:
             if stop:
                 return 0
     bar.close()
-    with cli.writing(out, advice):
+    with files.writing(out, advice):
         load_hf.save_checkpoint(out, ar=net, tokenizer_dir=args.ckpt, vision=net.visual, decoder=dec,
                                 sample_defaults=settings, run_id=meta["run_id"])
     metrics = {"config": asdict(rc), "start": str(args.ckpt), "train_s": round(meta.get("train_s", 0.0), 1),
                "history": meta["history"]}
     if not args.no_eval:
-        after = train.evaluate(net, tok, dec, settings=settings, n=rc.eval_n)
+        after = E.evaluate(net, tok, dec, settings=settings, n=rc.eval_n)
         print("after  " + json.dumps(after), flush=True)
         before = meta["before"]
         metrics.update(before=before, after=after)
         print(f"held-out generation {before['generation']:.3f} -> {after['generation']:.3f}, understanding "
               f"{before['understanding']:.3f} -> {after['understanding']:.3f}", file=sys.stderr)
-    with cli.writing(run_dir, advice):
-        cli.atomic_write(run_dir / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
+    with files.writing(run_dir, advice):
+        files.atomic_write(run_dir / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
         if meta["history"]:
             plot(meta["history"], run_dir)
     print(f"checkpoint: {out}  run folder: {run_dir}  (GRPO {metrics['train_s']:.0f}s)", file=sys.stderr)

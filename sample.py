@@ -40,6 +40,7 @@ from tqdm import tqdm
 import bsq
 import cli
 import decoder as D
+import files
 import load_hf
 import pipeline as P
 
@@ -189,7 +190,7 @@ def writing(folder: Path, resume: bool = False):
     try:
         yield
     except (OSError, SafetensorError) as e:
-        if cli.io_failure(e) is None:
+        if files.io_failure(e) is None:
             raise
         raise cli.UsageError(cli.cannot_write(e, folder, resume=resume)) from None
 
@@ -303,7 +304,7 @@ OUTPUTS = ".uniar-outputs.json"  # in --out: the files the last run wrote (the n
 
 def write_outputs(out: Path, images: torch.Tensor, bits, metadata: dict) -> list:
     """The run's files (sample_XX.png, grid.png with several images, bits.safetensors with --save-bits) written as
-    one set: staged completely, then switched in under a lock (cli.replace_folder), replacing exactly the files the
+    one set: staged completely, then switched in under a lock (files.replace_folder), replacing exactly the files the
     previous run wrote there. Concurrent runs with the same --out never leave a mix, a killed run leaves the
     previous set, and the user's other files in --out are never touched."""
     names = [f"sample_{i:02d}.png" for i in range(len(images))]
@@ -312,12 +313,12 @@ def write_outputs(out: Path, images: torch.Tensor, bits, metadata: dict) -> list
         for name, im in zip(names, images):
             Image.fromarray(im.numpy()).save(folder / name, format="PNG")
         if len(images) > 1:
-            cli.save_grid(images, folder / "grid.png")
+            files.save_grid(images, folder / "grid.png")
         if bits is not None:
             save_file({"bits": bits.cpu().contiguous(), "indices": bsq.bits_to_indexes(bits).cpu().contiguous()},
                       str(folder / "bits.safetensors"), metadata=metadata)
 
-    cli.replace_folder(out, write, owned=OUTPUTS)
+    files.replace_folder(out, write, owned=OUTPUTS)
     return [out / n for n in names]
 
 
@@ -733,11 +734,11 @@ def run_prompts(args, ckpt: Path, defaults: dict, status: dict) -> int:
     if rank == 0:
         with writing(run_dir, resume=True):
             if run_dir.is_dir():
-                cli.remove_temp_files(run_dir, recursive=True)  # left by a killed run
+                files.remove_temp_files(run_dir, recursive=True)  # left by a killed run
             run_dir.mkdir(parents=True, exist_ok=True)
             f = run_dir / RUN_SETTINGS
             if not f.is_file() or json.loads(f.read_text(encoding="utf-8")) != settings:
-                cli.atomic_write(f, lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=2), encoding="utf-8"))
+                files.atomic_write(f, lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=2), encoding="utf-8"))
     barrier(world)  # every process has listed the finished samples before any is written
     n_pending = len(records) * per_prompt - n_done
     mine = itertools.islice(pending_samples(records, per_prompt, done), rank, None, world)
@@ -753,7 +754,7 @@ def run_prompts(args, ckpt: Path, defaults: dict, status: dict) -> int:
                     if r["idx"] not in have_meta:
                         folder = run_dir / f"{r['idx']:05d}"
                         folder.mkdir(exist_ok=True)
-                        cli.atomic_write(folder / "metadata.json", lambda tmp: Path(tmp).write_text(
+                        files.atomic_write(folder / "metadata.json", lambda tmp: Path(tmp).write_text(
                             json.dumps(r, indent=2, ensure_ascii=False), encoding="utf-8"))
                         have_meta.add(r["idx"])
             seeds = [P.sample_seed(args.seed, r["idx"], k) for r, k in batch]
@@ -766,7 +767,7 @@ def run_prompts(args, ckpt: Path, defaults: dict, status: dict) -> int:
                 path = sample_path(run_dir, r["idx"], k)
                 with writing(run_dir, resume=True):
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    cli.atomic_write(path, lambda tmp: Image.fromarray(im.numpy()).save(tmp, format="PNG"))
+                    files.atomic_write(path, lambda tmp: Image.fromarray(im.numpy()).save(tmp, format="PNG"))
                 print(path, flush=True)
             bar.update(len(batch))
     finally:
@@ -807,10 +808,10 @@ def save_new(out: Path, stem: str, write) -> Path:
     get the same name and a chat never replaces a file. (Where the file system has no hard links, the name is claimed
     by creating it exclusively, then the file is renamed over the claim.)"""
     out = Path(out)
-    tmp = cli.temp_name(out / f"{stem}.png")
+    tmp = files.temp_name(out / f"{stem}.png")
     try:
         write(tmp)
-        cli._fsync_file(tmp)
+        files._fsync_file(tmp)
         for k in itertools.count():
             path = out / f"{stem}_{k:02d}.png"
             try:
@@ -833,7 +834,7 @@ def save_new(out: Path, stem: str, write) -> Path:
             break
     finally:
         tmp.unlink(missing_ok=True)
-    cli._fsync_dir(out)
+    files._fsync_dir(out)
     return path
 
 

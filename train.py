@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import itertools
 import json
 import math
 import os
@@ -69,6 +68,8 @@ import torch.nn.functional as F
 import bsq
 import cli
 import decoder as D
+import evaluate as E
+import files
 import load_hf
 import model as M
 import pipeline as P
@@ -181,13 +182,6 @@ def sample_defaults(tc: TrainConfig) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def to_pixels(images: np.ndarray, vcfg: bsq.VisionConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, S, S, 3) uint8 -> pixel_values (B * Np, patch_dim), grid_thw (B, 3), the processor's layout."""
-    out = [bsq.preprocess_image(im, resize=False, patch_size=vcfg.patch_size, merge_size=vcfg.spatial_merge_size,
-                                temporal_patch_size=vcfg.temporal_patch_size) for im in images]
-    return torch.cat([p for p, _ in out]), torch.cat([g for _, g in out])
-
-
 def to_signed(images: np.ndarray) -> torch.Tensor:
     """(B, S, S, 3) uint8 -> (B, 3, S, S) float in [-1, 1], the pixel-space decoder's x0."""
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -219,7 +213,7 @@ class TokenizerLoss(nn.Module):
         vc = self.vision.cfg
         B, S = images.shape[0], images.shape[1]
         dev = self.vision.pos_embed.weight.device
-        pv, grid = to_pixels(images, vc)
+        pv, grid = P.to_pixels(images, vc)
         _, _, feats, bsq_loss, bits = self.vision.training_forward(pv.to(dev), grid, self.flip_prob, g)  # feats (B * N, U, C * L)
         gh = S // vc.patch_size
         cond = D.blocks_to_raster(feats.view(B, -1, *feats.shape[1:]), gh, gh, vc.spatial_merge_size)
@@ -320,7 +314,7 @@ class ARLoss(nn.Module):
 
     def image_bits(self, images: np.ndarray) -> torch.Tensor:
         """The frozen tokenizer's bits (B, N, L, U, d): the targets of parallel bitwise prediction."""
-        pv, grid = to_pixels(images, self.net.cfg.vision)
+        pv, grid = P.to_pixels(images, self.net.cfg.vision)
         with torch.no_grad():
             bits = self.net.visual.encode_bits(pv.to(self.device), grid)
         return bits.view(images.shape[0], -1, *bits.shape[1:])
@@ -426,7 +420,7 @@ def stage_params(stage: int, vision, net, dec) -> list:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Training state: one file in the run folder (cli.save_run_state), switched in atomically; resume gives the same
+# Training state: one file in the run folder (files.save_run_state), switched in atomically; resume gives the same
 # losses and the same final weights as an uninterrupted run
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -453,7 +447,7 @@ def load_model_state(state: dict, vision, net, dec) -> None:
 
 def state_tensors(vision, net, dec, opt) -> dict:
     """The model weights and (mid-stage) the optimizer's moments, as one flat dict of tensors."""
-    return {**model_state(vision, net, dec), **(cli.optimizer_tensors(opt) if opt is not None else {})}
+    return {**model_state(vision, net, dec), **(files.optimizer_tensors(opt) if opt is not None else {})}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -493,7 +487,7 @@ def train_stage(stage: int, loss_fn, params, batch_fn, tc: TrainConfig, ctx: dic
         module = nn.parallel.DistributedDataParallel(loss_fn, find_unused_parameters=unused)
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay)
     if opt_tensors:
-        cli.load_optimizer(opt, opt_tensors)
+        files.load_optimizer(opt, opt_tensors)
     history = ctx["meta"]["history"].setdefault(f"stage{stage}", [])
     seconds = ctx["meta"].setdefault("time_s", {})
     start = ctx["meta"]["step"]
@@ -559,138 +553,10 @@ def where(meta: dict) -> str:
 def checkpoint_state(ctx: dict, opt) -> None:
     if ctx["rank"] == 0:
         ctx["meta"]["where"] = where(ctx["meta"])
-        with cli.writing(ctx["run_dir"], functools.partial(cli.resume_advice, ctx["run_dir"])):
-            cli.save_run_state(ctx["run_dir"], ctx["meta"], state_tensors(*ctx["models"], opt))
+        with files.writing(ctx["run_dir"], functools.partial(cli.resume_advice, ctx["run_dir"])):
+            files.save_run_state(ctx["run_dir"], ctx["meta"], state_tensors(*ctx["models"], opt))
     if ctx["world"] > 1:
         dist.barrier()
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Evaluation on held-out prompts (unseen colour-shape pairs)
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def generate(net, tok, dec, prompts, settings: dict, *, input_images=None, seed: int = 0, first: int = 0
-             ) -> np.ndarray:
-    """Prompts number first, first + 1, ... (+ input images for editing) -> decoded images (B, S, S, 3) uint8 with
-    the checkpoint's settings; image i drawn from its own seed (pipeline.sample_seed(seed, first + i)), so it is the
-    image `sample.py --prompts` writes for that prompt index, whatever the batch."""
-    S = settings["ar_size"][0]
-    seeds = [P.sample_seed(seed, first + i) for i in range(len(prompts))]
-    bits = P.generate_bits(net, tok, list(prompts), ar_height=S, ar_width=S, cfg_scale=settings["cfg"],
-                           temperature=settings["temperature"], seed=seeds, input_images=input_images)
-    imgs = dec.decode(bits, S, S, upsampling_ratio=settings["upsample"], steps=settings["steps"],
-                      guidance=settings["decoder_cfg"], seed=seeds)
-    return imgs.cpu().numpy()
-
-
-@torch.no_grad()
-def answers(net, tok, images, questions: list) -> list:
-    """Greedy answers, one batch; images preprocessed as pipeline.answer does (the checkpoint's image_processor)."""
-    dev = net.lm_head.weight.device
-    pv, grid, n_img = P.understanding_inputs(net, images)
-    ids, mask = tok.batch([P.render_chat_prompt(q, n) for q, n in zip(questions, n_img)])
-    new = M.generate_text(net, ids.to(dev), mask.to(dev), pv.to(dev), grid, max_new_tokens=8,
-                          stop_ids=tok.end_ids)
-    return [tok.decode(t) for t in new]
-
-
-def evaluate(net, tok, dec, *, settings: dict, n: int = 64, batch: int = 32, seed: int = 0) -> dict:
-    """Held-out scores in [0, 1]: generation (images fully correct), understanding (exact answers), editing (edited
-    image shows exactly the target scene), conversation (questions about the model's own drawing answered from the
-    shared context, and after re-encoding it: `conversation_scores`), plus the per-attribute generation scores."""
-    from tqdm import tqdm
-
-    if n < 1:
-        raise ValueError(f"evaluation needs n >= 1 examples per task, got {n}")
-    was = net.training, dec.training
-    net.eval(), dec.eval()
-    bar = tqdm(total=4 * n, desc="evaluation", unit="ex", dynamic_ncols=True)  # stderr: stdout keeps the JSON line
-    prompts = toy.heldout_prompts(n)
-    gen = []
-    bar.set_postfix(task="generation")
-    for i in range(0, n, batch):
-        imgs = generate(net, tok, dec, prompts[i:i + batch], settings, seed=seed, first=i)
-        gen += [toy.score_image(im, p) for im, p in zip(imgs, prompts[i:i + batch])]
-        bar.update(len(imgs))
-    qa = toy.heldout_questions(n)
-    und = []
-    bar.set_postfix(task="understanding")
-    for i in range(0, n, batch):
-        chunk = qa[i:i + batch]
-        preds = answers(net, tok, np.stack([e.image for e in chunk]), [e.question for e in chunk])
-        und += [toy.score_answer(p, e.answer) for p, e in zip(preds, chunk)]
-        bar.update(len(chunk))
-    edits = toy.heldout_edits(n)
-    ed = []
-    bar.set_postfix(task="editing")
-    for i in range(0, n, batch):
-        chunk = edits[i:i + batch]
-        imgs = generate(net, tok, dec, [e.instruction for e in chunk], settings,
-                        input_images=[e.source for e in chunk], seed=seed, first=i)
-        ed += [toy.score_edit(im, e.target_scene)["correct"] for im, e in zip(imgs, chunk)]
-        bar.update(len(chunk))
-    bar.set_postfix(task="conversation")
-    conv = conversation_scores(net, tok, dec, settings, prompts, seed, bar)
-    bar.close()
-    net.train(was[0]), dec.train(was[1])
-    out = {"generation": float(np.mean([s["correct"] for s in gen])), "understanding": float(np.mean(und)),
-           "editing": float(np.mean(ed)), **conv, "n": n}
-    out.update({f"generation_{k}": float(np.mean([s[k] for s in gen])) for k in gen[0] if k != "correct"})
-    return out
-
-
-@torch.no_grad()
-def conversation_scores(net, tok, dec, settings: dict, prompts: list, seed: int, bar) -> dict:
-    """Shared context: the model draws each held-out prompt in a conversation (the generation task's image: same
-    seed), then answers a question about what it drew (the scene the evaluator reads from the decoded image) from
-    the context, where the drawing sits as its sampled bits. The same question is also answered the way a model
-    without a shared context must: the drawing decoded to pixels and read again through the tokenizer. -> both
-    accuracies and the seconds each path spent on all questions (decoding included for the second)."""
-    S = settings["ar_size"][0]
-    hits, clock = {"context": [], "reencoded": []}, {"context": 0.0, "reencoded": 0.0}
-    for i, prompt in enumerate(prompts):
-        s = P.sample_seed(seed, i)
-        chat = P.Conversation(net, tok)
-        bits = chat.draw(prompt, ar_height=S, ar_width=S, cfg_scale=settings["cfg"],
-                         temperature=settings["temperature"], seed=s)
-        t0 = time.perf_counter()
-        image = dec.decode(bits, S, S, upsampling_ratio=settings["upsample"], steps=settings["steps"],
-                           guidance=settings["decoder_cfg"], seed=[s]).cpu().numpy()
-        t_decode = time.perf_counter() - t0
-        question, truth = toy.conversation_question(i, toy.read_scene(image[0]))
-        t0 = time.perf_counter()
-        hits["context"].append(toy.score_answer(chat.ask(question, max_new_tokens=8), truth))
-        clock["context"] += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        hits["reencoded"].append(toy.score_answer(answers(net, tok, image, [question])[0], truth))
-        clock["reencoded"] += time.perf_counter() - t0 + t_decode
-        bar.update(1)
-    return {"conversation": float(np.mean(hits["context"])),
-            "conversation_reencoded": float(np.mean(hits["reencoded"])),
-            "conversation_context_s": round(clock["context"], 2),
-            "conversation_reencoded_s": round(clock["reencoded"], 2)}
-
-
-@torch.no_grad()
-def reconstruction_score(vision, dec, settings: dict, n: int = 32) -> float:
-    """Tokenizer + decoder round trip on held-out images: fraction decoded back to exactly their scene."""
-    S = settings["ar_size"][0]
-    ex = [toy.t2i_example(i, "heldout", toy.EVAL_SEED, S) for i in range(n)]
-    imgs = reconstruct(vision, dec, np.stack([e.image for e in ex]), settings)
-    return float(np.mean([toy.read_scene(im) == e.scene for im, e in zip(imgs, ex)]))
-
-
-@torch.no_grad()
-def reconstruct(vision, dec, images: np.ndarray, settings: dict) -> np.ndarray:
-    S = images.shape[1]
-    dev = vision.pos_embed.weight.device
-    pv, grid = to_pixels(images, vision.cfg)
-    bits = vision.encode_bits(pv.to(dev), grid)
-    bits = bits.view(len(images), -1, *bits.shape[1:])
-    return dec.decode(bits, S, S, upsampling_ratio=1.0, steps=settings["steps"], guidance=settings["decoder_cfg"],
-                      seed=0).cpu().numpy()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -725,7 +591,7 @@ def plot_history(meta: dict, folder: Path) -> None:
         a.set_xlabel("step")
         a.legend()
     fig.tight_layout()
-    cli.atomic_write(folder / "losses.png", lambda tmp: fig.savefig(tmp, dpi=100))
+    files.atomic_write(folder / "losses.png", lambda tmp: fig.savefig(tmp, dpi=100))
     plt.close(fig)
 
 
@@ -751,38 +617,8 @@ def eval_main(ckpt: Path, device, n: int) -> int:
     except (load_hf.CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(evaluate(net, tok, dec, settings=settings, n=n)))
+    print(json.dumps(E.evaluate(net, tok, dec, settings=settings, n=n)))
     return 0
-
-
-def score_run(run_dir: Path) -> dict:
-    """A `sample.py --prompts` run folder of toy prompts (<idx:05d>/metadata.json + samples/<k:04d>.png) read back by
-    the toy evaluator: "overall" is the fraction of samples fully correct (what --eval's generation figure counts),
-    "per_category" the same per the records' meta "tag", and the per-attribute fractions as --eval reports them."""
-    from PIL import Image
-
-    run_dir = Path(run_dir)
-    rows = []
-    for meta in sorted(run_dir.glob("*/metadata.json")):
-        try:
-            rec = json.loads(meta.read_text(encoding="utf-8"))
-            prompt, tag = rec["prompt"], (rec.get("meta") or {}).get("tag", "all")
-        except (OSError, ValueError, KeyError, AttributeError) as e:
-            raise cli.UsageError(f"--score: {meta} is not a record with a 'prompt' ({type(e).__name__})") from None
-        for png in sorted((meta.parent / "samples").glob("*.png")):
-            try:
-                scores = toy.score_image(np.asarray(Image.open(png).convert("RGB")), prompt)
-            except ValueError as e:
-                raise cli.UsageError(f"--score: {meta}: {e} (the toy evaluator reads toy prompts only)") from None
-            rows.append((tag, scores))
-    if not rows:
-        raise cli.UsageError(f"--score {run_dir}: no samples (<idx:05d>/metadata.json + samples/<k:04d>.png, as "
-                             "`sample.py --prompts` writes)")
-    out = {"overall": float(np.mean([s["correct"] for _, s in rows])), "samples": len(rows),
-           "per_category": {t: float(np.mean([s["correct"] for u, s in rows if u == t]))
-                            for t in sorted({t for t, _ in rows})}}
-    out.update({f"generation_{k}": float(np.mean([s[k] for _, s in rows])) for k in rows[0][1] if k != "correct"})
-    return out
 
 
 SEED_MAX = 2**32 - 1  # step_seed multiplies the seed by ~6.4e7: this keeps every step's seed within manual_seed's range
@@ -791,16 +627,6 @@ SEED_MAX = 2**32 - 1  # step_seed multiplies the seed by ~6.4e7: this keeps ever
 # positions for the longest held-out instruction; at 512: 538). tests/test_train.py checks both.
 SIZE_MAX = 480
 PROBABILITY_HALF = dict(lo=0, hi=0.5, hi_open=True)
-
-
-@functools.lru_cache(maxsize=None)
-def heldout_prompt_count() -> int:
-    """How many held-out generation prompts toy.heldout_prompts can give (the largest evaluation n): every held-out
-    object alone, then every distinct two-object scene with at least one held-out object."""
-    objs = [(c, s, p) for c in toy.COLORS for s in toy.SHAPES for p in toy.POSITIONS]
-    pairs = {toy.caption(sc) for sc in (toy.make_scene([a, b]) for a, b in itertools.permutations(objs, 2)
-                                       if a[2] != b[2] and a[:2] != b[:2]) if toy.is_heldout(sc)}
-    return len(toy.HELDOUT_OBJECTS) + len(pairs)
 
 
 def _lm_width(w: int, flag: str) -> None:
@@ -857,8 +683,8 @@ def config_limits(tc: "TrainConfig") -> dict:
         "temperature": dict(lo=cli.TEMPERATURE_RANGE[0], hi=cli.TEMPERATURE_RANGE[1]),
         "decoder_steps": dict(lo=1, integer=True, hint="denoising steps"),
         "decoder_cfg": dict(lo=cli.CFG_RANGE[0], hi=cli.CFG_RANGE[1]),
-        "eval_n": dict(lo=1, hi=heldout_prompt_count(), integer=True, hint="held-out examples per task; the toy world "
-                       f"has {heldout_prompt_count()} held-out generation prompts"),
+        "eval_n": dict(lo=1, hi=E.heldout_prompt_count(), integer=True, hint="held-out examples per task; the toy "
+                       f"world has {E.heldout_prompt_count()} held-out generation prompts"),
         "save_every": dict(lo=1, integer=True),
     }
 
@@ -886,10 +712,10 @@ def main(argv=None) -> int:
 
 def stage1_report(vision, dec, settings: dict, meta: dict, run_dir: Path, size: int) -> None:
     """After stage 1: how many held-out images decode back to their scene, and a grid of reconstructions."""
-    rec = reconstruction_score(vision, dec, settings)
+    rec = E.reconstruction_score(vision, dec, settings)
     meta["reconstruction_heldout"] = rec
     ex = [toy.t2i_example(i, "heldout", toy.EVAL_SEED, size).image for i in range(8)]
-    cli.save_grid(np.concatenate([np.stack(ex), reconstruct(vision, dec, np.stack(ex), settings)]),
+    files.save_grid(np.concatenate([np.stack(ex), E.reconstruct(vision, dec, np.stack(ex), settings)]),
                   run_dir / "stage1_reconstructions.png", 8, 2, 2)
     print(f"stage 1: held-out images decoded back to their scene: {rec:.1%}", file=sys.stderr)
 
@@ -935,7 +761,7 @@ def _main(argv, guard: cli.SignalGuard, locks: ExitStack) -> int:
         cli.check_number(args.stop_after, "--stop-after", 1, integer=True, hint="steps in total")
 
     if args.score is not None:
-        print(json.dumps(score_run(args.score)))
+        print(json.dumps(E.score_run(args.score)))
         return 0
     device = cli.resolve_device(args.device)
     if args.eval is not None:
@@ -951,7 +777,7 @@ def _main(argv, guard: cli.SignalGuard, locks: ExitStack) -> int:
         """The run's record (new, or the saved one to resume) and its checkpoint folder, both checked."""
         meta = cli.check_run_start(run_dir, args.resume, args.overwrite)
         if meta is not None and (meta.get("world") != world_size() or changed(meta["config"], asdict(tc))):
-            raise cli.UsageError(f"--resume: the state in {run_dir / cli.STATE_FILE} was written with other settings "
+            raise cli.UsageError(f"--resume: the state in {run_dir / files.STATE_FILE} was written with other settings "
                                  f"(different: {', '.join(changed(meta['config'], asdict(tc))) or 'world size'}); "
                                  "pass the same flags")
         if meta is None:
@@ -965,12 +791,12 @@ def _main(argv, guard: cli.SignalGuard, locks: ExitStack) -> int:
     lead = int(os.environ.get("RANK", "0")) == 0
     held = lead and run_dir.is_dir()
     if held:
-        locks.enter_context(cli.run_lock(run_dir, "--run-dir"))
+        locks.enter_context(files.run_lock(run_dir, "--run-dir"))
     meta, out = begin()
     if lead:
         if not held:
-            locks.enter_context(cli.run_lock(run_dir, "--run-dir"))
-        locks.enter_context(cli.run_lock(out, "--out"))
+            locks.enter_context(files.run_lock(run_dir, "--run-dir"))
+        locks.enter_context(files.run_lock(out, "--out"))
         meta, out = begin()
     rank, world = setup_distributed(device)
     if device.type == "cuda" and world > 1:
@@ -978,16 +804,16 @@ def _main(argv, guard: cli.SignalGuard, locks: ExitStack) -> int:
     tok_dir = run_dir / "tokenizer"
     advice = functools.partial(cli.resume_advice, run_dir)  # after a failed write: where the last state is
     if rank == 0:
-        with cli.writing(run_dir, advice):
+        with files.writing(run_dir, advice):
             run_dir.mkdir(parents=True, exist_ok=True)
-            cli.clean_run_dir(run_dir)
+            files.clean_run_dir(run_dir)
             if args.overwrite and not args.resume:  # starting over, as the user asked: the earlier state goes
-                (run_dir / cli.STATE_FILE).unlink(missing_ok=True)
+                (run_dir / files.STATE_FILE).unlink(missing_ok=True)
             toy.save_tokenizer(tok_dir)
     if world > 1:
         dist.barrier()
     tok = P.Tokenizer(tok_dir)
-    tensors = cli.load_run_state(run_dir)[1] if args.resume else None
+    tensors = files.load_run_state(run_dir)[1] if args.resume else None
     vision, net, dec = build(tc, tok, device)
     opt_tensors = None
     if tensors is not None:
@@ -1012,7 +838,7 @@ def _main(argv, guard: cli.SignalGuard, locks: ExitStack) -> int:
             return 0
         opt_tensors = None
     if rank == 0 and "reconstruction_heldout" not in meta:  # also after a resume that skipped the stage-1 report
-        with cli.writing(run_dir, advice):
+        with files.writing(run_dir, advice):
             stage1_report(vision, dec, settings, meta, run_dir, tc.size)
     if meta["stage"] == 2:
         net.train()
@@ -1028,23 +854,23 @@ def _main(argv, guard: cli.SignalGuard, locks: ExitStack) -> int:
             raise RuntimeError(f"rank {rank}: weights diverged from rank 0")
     if rank == 0:
         net.eval(), dec.eval()
-        with cli.writing(out, advice):
+        with files.writing(out, advice):
             load_hf.save_checkpoint(out, ar=net, tokenizer_dir=tok_dir, vision=vision, decoder=dec,
                                     sample_defaults=settings, run_id=meta["run_id"])
         prompts = toy.heldout_prompts(16)
-        samples = generate(net, tok, dec, prompts, settings)
-        with cli.writing(run_dir, advice):
-            cli.save_grid(samples, run_dir / "stage2_samples.png", 8, 2, 2)
+        samples = E.generate(net, tok, dec, prompts, settings)
+        with files.writing(run_dir, advice):
+            files.save_grid(samples, run_dir / "stage2_samples.png", 8, 2, 2)
         seconds = meta.get("time_s", {})
         metrics = {"config": asdict(tc), "world": world, "time_stage1_s": round(seconds.get("stage1", 0.0), 1),
                    "time_stage2_s": round(seconds.get("stage2", 0.0), 1),
                    "reconstruction_heldout": meta.get("reconstruction_heldout"),
                    "final": {k: v for k, v in meta["history"].get("stage2", [{}])[-1].items()}}
         if not args.no_eval:
-            metrics["eval"] = evaluate(net, tok, dec, settings=settings, n=tc.eval_n)
+            metrics["eval"] = E.evaluate(net, tok, dec, settings=settings, n=tc.eval_n)
             print(json.dumps(metrics["eval"]))
-        with cli.writing(run_dir, advice):
-            cli.atomic_write(run_dir / "metrics.json",
+        with files.writing(run_dir, advice):
+            files.atomic_write(run_dir / "metrics.json",
                              lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
             plot_history(meta, run_dir)
         print(f"checkpoint: {out}  run folder: {run_dir}  (training time: stage 1 {metrics['time_stage1_s']:.0f}s, "

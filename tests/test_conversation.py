@@ -9,7 +9,7 @@ import load_hf
 import model as M
 import pipeline as P
 from conftest import assert_close_rel
-from reference import Recorder
+from bench import Recorder
 
 RTOL = 1e-5
 

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import cli
+import files
 import killpoints
 import load_hf
 from conftest import ROOT
@@ -49,7 +50,7 @@ def write_checkpoint(files: dict):
 
 @needs_fork
 def test_checkpoint_folder_switch_killed_at_every_call(tmp_path):
-    """cli.replace_folder (what save_checkpoint writes through) killed before each of its file-system calls in turn:
+    """files.replace_folder (what save_checkpoint writes through) killed before each of its file-system calls in turn:
     the folder exists at every instant; a load reads exactly the old checkpoint or exactly the new one (the old one
     until the journal is committed, the new one from then on); after the recovery the next save starts with, no
     staging folder, journal or temporary file is left."""
@@ -63,15 +64,15 @@ def test_checkpoint_folder_switch_killed_at_every_call(tmp_path):
         k += 1
         root = tmp_path / f"ck{k}"
         write_checkpoint(old)(root)
-        if not killed_at(k, lambda: cli.replace_folder(root, write_checkpoint(new))):
+        if not killed_at(k, lambda: files.replace_folder(root, write_checkpoint(new))):
             break
         assert root.is_dir(), k
-        committed = committed or (root / cli.JOURNAL).is_file()
+        committed = committed or (root / files.JOURNAL).is_file()
         load_hf.resolve_part(root, "ar_model")  # a load finishes an interrupted switch before reading
         want = {**new, ".gitattributes": old[".gitattributes"]} if committed else old
         assert {n: b for n, b in tree(root).items() if not n.startswith(".")} == \
             {n: b for n, b in want.items() if not n.startswith(".")}, k
-        cli.recover_folder(root)  # what the next save does first: no staging folder or temporary file remains
+        files.recover_folder(root)  # what the next save does first: no staging folder or temporary file remains
         assert tree(root) == want, k
     assert committed and k > 20  # the kills did reach past the commit point, at every call of the switch
     assert tree(root) == {**new, ".gitattributes": old[".gitattributes"]}
@@ -79,21 +80,21 @@ def test_checkpoint_folder_switch_killed_at_every_call(tmp_path):
 
 @needs_fork
 def test_state_save_killed_at_every_call(tmp_path):
-    """cli.save_run_state killed before each of its file-system calls: the run folder always holds one complete state
+    """files.save_run_state killed before each of its file-system calls: the run folder always holds one complete state
     (the previous until the rename, the new after it), and clean_run_dir leaves no temporary file."""
     run = tmp_path / "run"
     run.mkdir()
-    cli.save_run_state(run, {"step": 1}, {"w": torch.zeros(3)})
+    files.save_run_state(run, {"step": 1}, {"w": torch.zeros(3)})
     k = 0
     while True:
         k += 1
-        if not killed_at(k, lambda: cli.save_run_state(run, {"step": 2}, {"w": torch.ones(3)})):
+        if not killed_at(k, lambda: files.save_run_state(run, {"step": 2}, {"w": torch.ones(3)})):
             break
-        meta, tensors = cli.load_run_state(run)
+        meta, tensors = files.load_run_state(run)
         assert (meta["step"], tensors["w"].tolist()) in ((1, [0.0] * 3), (2, [1.0] * 3)), k
-        cli.clean_run_dir(run)
-        assert sorted(p.name for p in run.iterdir()) == [cli.STATE_FILE], k
-        cli.save_run_state(run, {"step": 1}, {"w": torch.zeros(3)})
+        files.clean_run_dir(run)
+        assert sorted(p.name for p in run.iterdir()) == [files.STATE_FILE], k
+        files.save_run_state(run, {"step": 1}, {"w": torch.zeros(3)})
     assert k > 3
 
 
@@ -125,12 +126,12 @@ def test_training_killed_at_random_instants_resumes_to_the_same_weights(tmp_path
     calls = len((tmp_path / "ref.log").read_text().splitlines())  # file-system calls of a whole run
     kills = 0
     for k in random.Random(0).sample(range(1, calls + 1), 5) + [0]:
-        resume = ["--resume"] if cli.run_state_meta(run) is not None else []
+        resume = ["--resume"] if files.run_state_meta(run) is not None else []
         kills += run_killed(k, tmp_path / "run.log", "train", TINY + ["--run-dir", str(run)] + resume) != 0
     assert kills >= 4
     want, got = weights(ref / "checkpoint"), weights(run / "checkpoint")
     assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
-    assert cli.run_state_meta(run)["history"] == cli.run_state_meta(ref)["history"]
+    assert files.run_state_meta(run)["history"] == files.run_state_meta(ref)["history"]
     assert no_leftovers(run) == []
 
 
@@ -189,32 +190,32 @@ def test_state_of_the_earlier_layout_resumes_and_is_replaced(tmp_path):
     (run / "state").mkdir(parents=True)
     (run / "state" / "state.json").write_text('{"stage": 2, "step": 5}')
     save_file({"w": torch.full((2,), 7.0)}, str(run / "state" / "state.safetensors"))
-    meta, tensors = cli.load_run_state(run)
+    meta, tensors = files.load_run_state(run)
     assert meta == {"stage": 2, "step": 5} and tensors["w"].tolist() == [7.0, 7.0]
-    cli.save_run_state(run, {"stage": 2, "step": 6}, {"w": torch.zeros(2)})
-    assert sorted(p.name for p in run.iterdir()) == [cli.STATE_FILE] and cli.run_state_meta(run)["step"] == 6
+    files.save_run_state(run, {"stage": 2, "step": 6}, {"w": torch.zeros(2)})
+    assert sorted(p.name for p in run.iterdir()) == [files.STATE_FILE] and files.run_state_meta(run)["step"] == 6
     (run / "state").mkdir()
     (run / "state" / "notes.txt").write_text("mine")
-    cli.save_run_state(run, {"stage": 2, "step": 7}, {"w": torch.zeros(2)})
+    files.save_run_state(run, {"stage": 2, "step": 7}, {"w": torch.zeros(2)})
     assert (run / "state" / "notes.txt").read_text() == "mine"
 
 
 def test_folder_lock_waits_for_a_live_writer_and_takes_over_a_dead_one(tmp_path):
     """A lock held by a running process is waited for (then one line naming it); one left by a killed process, or
     left empty by a process killed while creating it, is taken over."""
-    lock = tmp_path / cli.LOCK
+    lock = tmp_path / files.LOCK
     lock.write_text(str(os.getpid()))  # a live owner
     with pytest.raises(cli.UsageError, match=f"being written by another run \\(process {os.getpid()}"):
-        with cli.folder_lock(tmp_path, timeout=0.2):
+        with files.folder_lock(tmp_path, timeout=0.2):
             pass
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     lock.write_text(dead.stdout.strip())  # its owner has exited
-    with cli.folder_lock(tmp_path, timeout=0.2):
+    with files.folder_lock(tmp_path, timeout=0.2):
         assert lock.read_text() == str(os.getpid())
     assert not lock.exists()
     lock.write_text("")  # created, never written: its owner died in between
     os.utime(lock, (lock.stat().st_atime - 10, lock.stat().st_mtime - 10))
-    with cli.folder_lock(tmp_path, timeout=0.5):
+    with files.folder_lock(tmp_path, timeout=0.5):
         assert lock.read_text() == str(os.getpid())
 
 
@@ -236,13 +237,13 @@ def test_a_state_save_killed_inside_safetensors_leaves_nothing_the_next_run_keep
     flags = ["--smoke", "--stage1-steps", "3", "--stage2-steps", "1", "--save-every", "1", "--no-eval",
              "--run-dir", str(run), "--out", str(tmp_path / "ckpt")]
     assert train.main(flags + ["--stop-after", "1"]) == 0
-    meta, tensors = cli.load_run_state(run)
+    meta, tensors = files.load_run_state(run)
     tensors["pad"] = torch.zeros(2**23)  # 32 MB: time to catch the save inside safetensors
     pid = os.fork()
     if pid == 0:
         try:
             while True:
-                cli.save_run_state(run, meta, tensors)
+                files.save_run_state(run, meta, tensors)
         finally:
             os._exit(0)
     deadline, caught = time.time() + 120, []
@@ -253,11 +254,11 @@ def test_a_state_save_killed_inside_safetensors_leaves_nothing_the_next_run_keep
     os.waitpid(pid, 0)
     leftovers = [p for p in run.rglob(".*")]
     assert leftovers and all(str(pid) in str(p.relative_to(run)) for p in leftovers), leftovers  # in its folder
-    meta_now, tensors_now = cli.load_run_state(run)  # the state file is a complete one
+    meta_now, tensors_now = files.load_run_state(run)  # the state file is a complete one
     assert meta_now == meta
     # what an earlier version left: safetensors' file bare in the run folder (a partial state), beside a user's
     # files of similar names and a live process's save in progress
-    (run / ".tmpAb3dE9").write_bytes((run / cli.STATE_FILE).read_bytes()[:4096])
+    (run / ".tmpAb3dE9").write_bytes((run / files.STATE_FILE).read_bytes()[:4096])
     (run / ".tmpQ0").write_bytes(b"")
     (run / ".tmpNotes").write_text("mine")
     (run / ".tmpZZZZZZ").write_text("mine too: not a safetensors file")
@@ -267,4 +268,4 @@ def test_a_state_save_killed_inside_safetensors_leaves_nothing_the_next_run_keep
     assert train.main(flags + ["--resume", "--stop-after", "1"]) == 0
     assert sorted(p.name for p in run.rglob(".*")) == sorted([".tmpQ0", ".tmpNotes", ".tmpZZZZZZ", live.name])
     assert (live / "x.safetensors").is_file()
-    assert len(cli.run_state_meta(run)["history"]["stage1"]) == 2
+    assert len(files.run_state_meta(run)["history"]["stage1"]) == 2

@@ -715,7 +715,7 @@ def test_prompt_cache_write_leaves_nothing_behind_when_killed(tmp_path, monkeypa
 
     import safetensors.torch as st
 
-    import cli
+    import files
 
     cache = tmp_path / "cache"
     path = cache / "prompt_0123456789abcdef.safetensors"
@@ -729,7 +729,7 @@ def test_prompt_cache_write_leaves_nothing_behind_when_killed(tmp_path, monkeypa
         targets.append(Path(f))
         return st.save_file(t, f, *a, **k)
 
-    for module in (cli, load_hf):  # each imports save_file by name
+    for module in (files, load_hf):  # each imports save_file by name
         monkeypatch.setattr(module, "save_file", spy)
     pe, pooled = torch.randn(1, 5, 8), torch.randn(1, 6)
     load_hf.write_prompt_cache(path, pe, pooled)

@@ -11,7 +11,7 @@ import torch
 from kernels import attention as A
 from kernels import bitwise as BW
 from conftest import assert_unchanged, fingerprint, own_copy
-from reference import Recorder
+from bench import Recorder
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 BLOCK_N = inspect.signature(A.attention_triton).parameters["block_n"].default  # the kernel's key tile

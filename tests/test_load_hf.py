@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import bsq
+import files
 import load_hf
 from conftest import ROOT, golden_dir
 
@@ -792,7 +793,7 @@ def _put(files: dict):
 @needs_fork
 def test_sample_finishes_an_interrupted_save_before_reading(tmp_path, golden, capsys, monkeypatch):
     """A checkpoint saved again with new sample settings (uniar_sample.json: 4 decoder steps; the old one has none:
-    the official 28), the save (cli.replace_folder, what train.py's save_checkpoint writes through) killed at each of
+    the official 28), the save (files.replace_folder, what train.py's save_checkpoint writes through) killed at each of
     its file-system calls after the journal commit. sample.py finishes the switch before it reads anything, so it
     draws with the new settings; formerly it read uniar_sample.json first and drew with 28 steps. At the other kill
     points read_sample_settings alone (train.py --eval, rl.py) finishes the switch and reads the new settings."""
@@ -813,16 +814,16 @@ def test_sample_finishes_an_interrupted_save_before_reading(tmp_path, golden, ca
                         real(self, *a, **kw))
     root, log = tmp_path / "ckpt2", tmp_path / "calls.log"
     _put(old)(root)
-    assert not _killed_at(0, lambda: cli.replace_folder(root, _put(new)), log)  # the calls of a whole save
+    assert not _killed_at(0, lambda: files.replace_folder(root, _put(new)), log)  # the calls of a whole save
     calls = [line.split(" ", 2) for line in log.read_text().splitlines()]
-    journal_tmp = "." + Path(cli.JOURNAL).stem + "."  # the journal's temporary file (cli.temp_name)
+    journal_tmp = "." + Path(files.JOURNAL).stem + "."  # the journal's temporary file (files.temp_name)
     k = next(int(n) for n, name, arg in calls if name == "replace" and Path(arg).name.startswith(journal_tmp))
     committed = runs = 0  # k: the journal's rename, the commit point; every later call is killed in turn
     while True:
         k += 1
         shutil.rmtree(root)
         _put(old)(root)
-        if not _killed_at(k, lambda: cli.replace_folder(root, _put(new))) or not (root / cli.JOURNAL).is_file():
+        if not _killed_at(k, lambda: files.replace_folder(root, _put(new))) or not (root / files.JOURNAL).is_file():
             break  # the switch was done before the kill
         committed += 1
         if committed == 1 or (runs == 1 and not (root / "config.json").exists()):  # nothing moved yet; half moved
@@ -849,17 +850,17 @@ def test_interrupted_save_in_a_folder_the_user_cannot_write(tmp_path, golden, ca
         raise KeyboardInterrupt  # as a kill right after the journal commit
 
     with monkeypatch.context() as m:
-        m.setattr(cli, "_finish_switch", killed)
+        m.setattr(files, "_finish_switch", killed)
         with pytest.raises(KeyboardInterrupt):
-            cli.replace_folder(root, _put({cli.SAMPLE_JSON: b'{"steps": 4}'}))
-    assert (root / cli.JOURNAL).is_file()
+            files.replace_folder(root, _put({cli.SAMPLE_JSON: b'{"steps": 4}'}))
+    assert (root / files.JOURNAL).is_file()
     def no_lock(folder, timeout=60.0):
-        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(Path(folder) / cli.LOCK))
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(Path(folder) / files.LOCK))
 
-    monkeypatch.setattr(cli, "folder_lock", no_lock)
+    monkeypatch.setattr(files, "folder_lock", no_lock)
     rc, out, err = _sample(root, tmp_path, capsys)
-    assert (rc, out, err) == (2, "", f"error: {root / cli.JOURNAL}: a save into {root} was interrupted and must be "
-                                     f"finished before the checkpoint can be read, but {root / cli.LOCK} cannot be "
+    assert (rc, out, err) == (2, "", f"error: {root / files.JOURNAL}: a save into {root} was interrupted and must be "
+                                     f"finished before the checkpoint can be read, but {root / files.LOCK} cannot be "
                                      f"written ({os.strerror(errno.EACCES)}); run this once as a user who may write "
                                      "the folder (or make it writable), or save the checkpoint again\n")
 

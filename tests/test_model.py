@@ -14,9 +14,14 @@ import bsq
 import model as M
 import pipeline as P
 from conftest import assert_close_rel, assert_unchanged, fingerprint, load_manifest, own_copy, read_json
-from reference import generate_image_recompute, sampler
+from bench import Recorder, generate_image_recompute
 
 TOL = 1e-4  # absolute, float32
+
+
+def sampler(cfg_scale=1.0, temperature=1.0, generator=None, record=True):
+    s = M.MultinomialSampler(cfg_scale, temperature, generator)
+    return Recorder(s) if record else s
 
 
 @pytest.fixture(scope="module")
@@ -338,7 +343,7 @@ def test_rope_index(golden, ar, cfg, scenario):
 
 def test_t2i_exact(golden, ar):
     """The cached rollout draws the official bits with the seed set right before the call; the official loop
-    (visual-decoder stack re-run over the whole sequence, tests/reference.py) draws the same."""
+    (visual-decoder stack re-run over the whole sequence, bench.generate_image_recompute) draws the same."""
     sc = golden.scenario("t2i")
     torch.manual_seed(seed_of(golden, "t2i.codes", "t2i"))
     s = sampler(sc["cfg"], sc["temperature"])

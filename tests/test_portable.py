@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import cli
+import files
 import load_hf
 import rl
 import sample
@@ -278,12 +279,12 @@ def test_checkpoint_in_a_folder_the_user_cannot_write_loads(tmp_path, capsys, mo
     def refused(real):
         def call(folder, *a, **k):
             if Path(folder).resolve() == ckpt.resolve():
-                raise PermissionError(13, "Permission denied", str(Path(folder) / cli.LOCK))
+                raise PermissionError(13, "Permission denied", str(Path(folder) / files.LOCK))
             return real(folder, *a, **k)  # --out is written as usual
         return call
 
-    monkeypatch.setattr(cli, "folder_lock", refused(cli.folder_lock))
-    monkeypatch.setattr(cli, "recover_folder", refused(cli.recover_folder))
+    monkeypatch.setattr(files, "folder_lock", refused(files.folder_lock))
+    monkeypatch.setattr(files, "recover_folder", refused(files.recover_folder))
     modes = {p: p.stat().st_mode for p in [ckpt, *ckpt.rglob("*")]}
     for p in modes:
         p.chmod(modes[p] & ~0o222)  # read-only for its owner too (root writes there anyway: the patches above)

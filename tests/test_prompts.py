@@ -15,6 +15,7 @@ from PIL import Image
 import sample
 import toy
 import cli
+import evaluate
 import train
 from conftest import ROOT
 
@@ -352,7 +353,7 @@ def test_score_of_a_prompt_file_run_equals_the_evaluation(tmp_path, capsys):
     net, tok = load_hf.load_ar(TOY)
     dec = load_hf.load_decoder(TOY)
     settings = {**train.sample_defaults(train.TrainConfig()), **cli.read_sample_settings(TOY, required=True, defaults={})}
-    want = train.evaluate(net, tok, dec, settings=settings, n=16)
+    want = evaluate.evaluate(net, tok, dec, settings=settings, n=16)
     assert got["samples"] == 16 and got["overall"] == want["generation"]
     assert {k: v for k, v in got.items() if k.startswith("generation_")} == \
         {k: v for k, v in want.items() if k.startswith("generation_")}

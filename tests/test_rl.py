@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import files
 import load_hf
 import rl
 import toy
@@ -354,7 +355,7 @@ def test_resume_reproduces_the_uninterrupted_run(small_ckpt, tmp_path, monkeypat
     assert not (tmp_path / "b" / "checkpoint").exists()
     assert rl.main(flags + b + ["--resume", "--stop-after", "2", "--save-every", "1"]) == 0
     assert rl.main(flags + b + ["--resume"]) == 0
-    ha, hb = (__import__("cli").run_state_meta(tmp_path / d)["history"] for d in ("a", "b"))
+    ha, hb = (files.run_state_meta(tmp_path / d)["history"] for d in ("a", "b"))
     assert len(ha) == 4 and sum("kl" in h for h in ha) >= 2 and hb == ha
     from safetensors.torch import load_file
 
@@ -367,7 +368,6 @@ def test_removed_loss_type_is_one_error_line(small_ckpt, tmp_path, capsys):
     """The loss normalisations that coincide for fixed-length images are gone: `--loss-type dapo` and a run state
     saved with loss_type "dapo" are each one `error:` line saying why (exit code 2); `--loss-type grpo`, the one
     computed, is accepted."""
-    import cli
 
     run = tmp_path / "run"
     flags = ["--ckpt", str(small_ckpt[0]), "--run-dir", str(run)] + RL_TINY[:1] + ["--steps", "1"] + RL_TINY[3:]
@@ -375,13 +375,13 @@ def test_removed_loss_type_is_one_error_line(small_ckpt, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: --loss-type dapo: rl.py computes only grpo (") and err.count("\n") == 1, err
     assert rl.main(flags + ["--loss-type", "grpo", "--stop-after", "1"]) == 0
-    meta, tensors = cli.load_run_state(run)
+    meta, tensors = files.load_run_state(run)
     meta["config"]["loss_type"] = "dapo"  # as an earlier rl.py wrote it
-    cli.save_run_state(run, meta, tensors)
+    files.save_run_state(run, meta, tensors)
     capsys.readouterr()
     assert rl.main(flags + ["--resume"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: --resume: the state in {run / cli.STATE_FILE} was written with --loss-type dapo: "
+    assert err.startswith(f"error: --resume: the state in {run / files.STATE_FILE} was written with --loss-type dapo: "
                           "rl.py computes only grpo (") and err.endswith("; start over with --overwrite\n"), err
 
 
@@ -395,7 +395,6 @@ def test_signal_saves_the_grpo_state_and_resume_continues(small_ckpt, tmp_path):
     import sys
     import time
 
-    import cli
     from conftest import ROOT
 
     run = tmp_path / "run"
@@ -411,12 +410,12 @@ def test_signal_saves_the_grpo_state_and_resume_continues(small_ckpt, tmp_path):
     _, rest = p.communicate(timeout=120)
     err = (buf + rest).decode()
     assert p.returncode == 130 and "Traceback" not in err, err[-2000:]
-    saved = cli.run_state_meta(run)["step"]
-    assert saved >= 1 and len(cli.run_state_meta(run)["history"]) == saved
-    assert err.endswith(f"interrupted by SIGINT: GRPO state saved in {run / cli.STATE_FILE} (step {saved} of 200); "
+    saved = files.run_state_meta(run)["step"]
+    assert saved >= 1 and len(files.run_state_meta(run)["history"]) == saved
+    assert err.endswith(f"interrupted by SIGINT: GRPO state saved in {run / files.STATE_FILE} (step {saved} of 200); "
                         "continue with the same flags and --resume\n")
     assert rl.main(flags + ["--resume", "--stop-after", "1"]) == 0
-    assert cli.run_state_meta(run)["step"] == saved + 1
+    assert files.run_state_meta(run)["step"] == saved + 1
 
 
 RL_EVAL_N = ("--eval-n must be an integer in [1, {hi}], got {v} (held-out examples per task; the toy world has 561 "
@@ -491,7 +490,6 @@ def test_one_grpo_run_at_a_time_per_run_dir(small_ckpt, tmp_path, capsys):
     import subprocess
     import sys
 
-    import cli
     from conftest import ROOT
     from test_train import wait_for_a_step
 
@@ -509,9 +507,9 @@ def test_one_grpo_run_at_a_time_per_run_dir(small_ckpt, tmp_path, capsys):
     finally:
         p.kill()
         p.communicate(timeout=60)
-    saved = cli.run_state_meta(run)
+    saved = files.run_state_meta(run)
     assert rl.main(flags + ["--resume", "--stop-after", "1"]) == 0
-    after = cli.run_state_meta(run)
+    after = files.run_state_meta(run)
     assert after["run_id"] == saved["run_id"] and after["step"] == saved["step"] + 1
     assert after["history"][:saved["step"]] == saved["history"]
     assert sorted(p.name for p in run.rglob(".*")) == []
@@ -523,19 +521,18 @@ def test_a_full_disk_during_a_grpo_state_save_is_one_line(small_ckpt, tmp_path, 
     continues from it."""
     import errno
 
-    import cli
     from test_train import disk_full
 
     run = tmp_path / "run"
     flags = ["--ckpt", str(small_ckpt[0]), "--run-dir", str(run), "--save-every", "1"] + RL_TINY + ["--max-rounds", "1"]
-    monkeypatch.setattr(cli, "save_file", disk_full(errno.ENOSPC, after=1))
+    monkeypatch.setattr(files, "save_file", disk_full(errno.ENOSPC, after=1))
     assert rl.main(flags) == 2
     assert capsys.readouterr().err.splitlines()[-1:] == [
         f"error: cannot write {run}: No space left on device; the state saved before (step 1 of 4) is intact in "
-        f"{run / cli.STATE_FILE}: free some space (or make the folder writable), then run the same command with "
+        f"{run / files.STATE_FILE}: free some space (or make the folder writable), then run the same command with "
         "--resume"]
-    assert cli.run_state_meta(run)["step"] == 1
+    assert files.run_state_meta(run)["step"] == 1
     assert sorted(p.name for p in run.rglob(".*")) == [] and not (run / "checkpoint").exists()
     monkeypatch.undo()
     assert rl.main(flags + ["--resume", "--stop-after", "1"]) == 0
-    assert cli.run_state_meta(run)["step"] == 2
+    assert files.run_state_meta(run)["step"] == 2

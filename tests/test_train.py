@@ -13,14 +13,17 @@ import torch
 
 import bsq
 import cli
+import evaluate
+import files
 import load_hf
+import pipeline
 import toy
 import train
 from conftest import ROOT, own_copy
 
 
 def history(run_dir):
-    return cli.run_state_meta(run_dir)["history"]
+    return files.run_state_meta(run_dir)["history"]
 
 
 def mean(rows, key, sl):
@@ -56,7 +59,7 @@ def test_checkpoint_loads_and_matches_training_weights(smoke):
     vision = load_hf.load_vision(smoke / "ckpt")
     from safetensors.torch import load_file
 
-    state = load_file(str(smoke / "run" / cli.STATE_FILE))
+    state = load_file(str(smoke / "run" / files.STATE_FILE))
     for k, v in net.state_dict().items():
         if k.startswith("model.visual."):
             torch.testing.assert_close(v, state["vision." + k[len("model.visual."):]], rtol=0, atol=0)
@@ -75,15 +78,15 @@ def test_checkpoint_loads_and_matches_training_weights(smoke):
     import pipeline as P
 
     qa = [toy.qa_example(i, "heldout", 5) for i in range(2)]
-    ans = train.answers(net, tok, np.stack([e.image for e in qa]), [e.question for e in qa])
+    ans = evaluate.answers(net, tok, np.stack([e.image for e in qa]), [e.question for e in qa])
     stop = {tok.eos_id, tok.token_id(P.IM_END)}
     for e, got in zip(qa, ans):
-        pv, grid = train.to_pixels(e.image[None], net.cfg.vision)
+        pv, grid = pipeline.to_pixels(e.image[None], net.cfg.vision)
         n_img = int(grid[0].prod()) // net.cfg.vision.merge_unit
         ids = torch.tensor([tok.encode(P.render_chat_prompt(e.question, n_img))])
         new = []
         with torch.no_grad():
-            for _ in range(8):  # train.answers' max_new_tokens
+            for _ in range(8):  # evaluate.answers' max_new_tokens
                 t = int(net.text_logits(ids, None, pv, grid)[0, -1].argmax())
                 if t in stop:
                     break
@@ -125,14 +128,14 @@ def test_a_run_never_replaces_what_it_did_not_write(smoke, tmp_path, capsys):
     args = ["--smoke", "--stage1-steps", "2", "--stage2-steps", "2", "--no-eval"]
     run = tmp_path / "run"
     assert train.main(args + ["--run-dir", str(run)]) == 0
-    assert (run / "checkpoint" / "model.safetensors").is_file() and (run / "checkpoint" / cli.RUN_MARK).is_file()
-    before = (run / cli.STATE_FILE).read_bytes()
+    assert (run / "checkpoint" / "model.safetensors").is_file() and (run / "checkpoint" / files.RUN_MARK).is_file()
+    before = (run / files.STATE_FILE).read_bytes()
     capsys.readouterr()
     assert train.main(args + ["--run-dir", str(run)]) == 2
     assert capsys.readouterr().err == (f"error: --run-dir {run} holds the state of an earlier run (both stages done); "
                                        "continue it with --resume, start over with --overwrite (its state is "
                                        "replaced), or pass another --run-dir\n")
-    assert (run / cli.STATE_FILE).read_bytes() == before
+    assert (run / files.STATE_FILE).read_bytes() == before
     other = tmp_path / "other"  # a checkpoint some other run wrote (here the smoke run's)
     shutil.copytree(smoke / "ckpt", other)
     theirs = (other / "model.safetensors").read_bytes()
@@ -153,7 +156,7 @@ def test_resume_refuses_another_configuration(smoke, tmp_path, capsys):
     shutil.copytree(smoke / "run", tmp_path / "run")
     assert train.main(["--smoke", "--seed", "1", "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "c"),
                        "--resume"]) == 2
-    assert capsys.readouterr().err == (f"error: --resume: the state in {tmp_path / 'run' / cli.STATE_FILE} was written "
+    assert capsys.readouterr().err == (f"error: --resume: the state in {tmp_path / 'run' / files.STATE_FILE} was written "
                                        "with other settings (different: seed); pass the same flags\n")
     assert train.main(["--smoke", "--run-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "c"), "--resume"]) == 2
     assert "no training state" in capsys.readouterr().err
@@ -173,7 +176,7 @@ def test_torchrun_two_processes(tmp_path):
     net, _ = load_hf.load_ar(tmp_path / "ckpt")  # rank 0 wrote it; every rank checked it holds the same weights
     from safetensors.torch import load_file
 
-    state = load_file(str(tmp_path / "run" / cli.STATE_FILE))
+    state = load_file(str(tmp_path / "run" / files.STATE_FILE))
     for k, v in net.state_dict().items():  # the checkpoint holds the trained weights
         want = state["vision." + k[len("model.visual."):]] if k.startswith("model.visual.") else state["net." + k]
         assert torch.equal(v, want), k
@@ -224,7 +227,7 @@ def test_eval_command_names_a_damaged_config(tmp_path, capsys):
 def test_to_pixels_matches_the_processor():
     vc = train.vision_config(train.TrainConfig.smoke())
     imgs = np.stack([toy.t2i_example(i).image for i in range(3)])
-    pv, grid = train.to_pixels(imgs, vc)
+    pv, grid = pipeline.to_pixels(imgs, vc)
     for i, im in enumerate(imgs):
         p, g = bsq.preprocess_image(im, resize=False)
         n = p.shape[0]
@@ -458,7 +461,7 @@ def test_the_ranges_follow_the_config_math():
             np.stack([toy.t2i_example(0, "train", 0, tc.size).image]), g)
         l2, _ = train.ARLoss(net, tok, tc)(0, 0, 1, g)
         (l1 + l2).backward()
-        train.generate(net.eval(), tok, dec.eval(), ["a red circle at the top left"], train.sample_defaults(tc))
+        evaluate.generate(net.eval(), tok, dec.eval(), ["a red circle at the top left"], train.sample_defaults(tc))
 
     for ok in (dict(vit_width=16, lm_width=96, dit_width=32, dit_patch=64),  # 3 heads, 1 key/value head
                dict(vit_width=48, lm_width=192, size=96, dit_patch=3)):  # 6 heads, 3 key/value heads
@@ -470,13 +473,13 @@ def test_the_ranges_follow_the_config_math():
             train.check_config(dataclasses.replace(base, **bad))
         with pytest.raises((RuntimeError, ValueError, AssertionError)):
             one_step(**bad)
-    edits = toy.heldout_edits(train.heldout_prompt_count())  # every edit an evaluation can make
+    edits = toy.heldout_edits(evaluate.heldout_prompt_count())  # every edit an evaluation can make
     for size, fits in ((480, True), (512, False)):
         gh = size // 32
         longest = max(len(tok.encode(P.render_generation_prompt(e.instruction, gh, gh, gh * gh))) for e in edits)
         assert (longest + gh * gh <= 512) == fits, size
     assert train.SIZE_MAX == 480
-    n = train.heldout_prompt_count()
+    n = evaluate.heldout_prompt_count()
     assert n == 561 and len(set(toy.heldout_prompts(n))) == n
 
 
@@ -514,7 +517,7 @@ def test_signal_saves_the_state_and_resume_continues(tmp_path, sig):
     assert "Traceback" not in err
     saved = len(history(run)["stage1"])
     assert saved >= 1
-    assert err.endswith(f"interrupted by {sig}: training state saved in {run / cli.STATE_FILE} (stage 1 step {saved}); "
+    assert err.endswith(f"interrupted by {sig}: training state saved in {run / files.STATE_FILE} (stage 1 step {saved}); "
                         "continue with the same flags and --resume\n")
     assert train.main(flags + ["--resume", "--stop-after", "1"]) == 0
     assert len(history(run)["stage1"]) == saved + 1
@@ -559,17 +562,17 @@ def test_one_run_at_a_time_per_run_dir_and_per_out(tmp_path, capsys):
         assert capsys.readouterr().err == f"error: --out {out} {busy} --out\n"
         assert not (tmp_path / "run2").exists()  # made for the attempt, left empty: removed
         assert p.poll() is None  # the first run trains on
-        meta = cli.run_state_meta(run)
+        meta = files.run_state_meta(run)
         assert meta is not None
     finally:
         p.kill()
         p.communicate(timeout=60)
     assert p.returncode == -signal.SIGKILL
-    meta = cli.run_state_meta(run)  # what the first run saved last
+    meta = files.run_state_meta(run)  # what the first run saved last
     saved = len(meta["history"]["stage1"])
-    assert (run / cli.RUN_LOCK).is_file() and saved >= 1
+    assert (run / files.RUN_LOCK).is_file() and saved >= 1
     assert train.main(flags + ["--resume", "--stop-after", "1"]) == 0  # the killed run's lock is taken over
-    after = cli.run_state_meta(run)
+    after = files.run_state_meta(run)
     assert after["run_id"] == meta["run_id"] and after["history"]["stage1"][:saved] == meta["history"]["stage1"]
     assert len(after["history"]["stage1"]) == saved + 1
     assert sorted(p.name for p in run.rglob(".*")) == [] and list(out.iterdir()) == []  # no lock left anywhere
@@ -604,17 +607,17 @@ def test_a_full_disk_during_a_state_save_is_one_line_and_keeps_the_last_state(tm
 
     run = tmp_path / "run"
     flags = TINY + ["--run-dir", str(run), "--out", str(tmp_path / "ckpt")]
-    monkeypatch.setattr(cli, "save_file", disk_full(errno.ENOSPC, after=1))
+    monkeypatch.setattr(files, "save_file", disk_full(errno.ENOSPC, after=1))
     assert train.main(flags) == 2
     assert capsys.readouterr().err.splitlines()[-1:] == [
         f"error: cannot write {run}: No space left on device; the state saved before (stage 1 step 1) is intact in "
-        f"{run / cli.STATE_FILE}: free some space (or make the folder writable), then run the same command with "
+        f"{run / files.STATE_FILE}: free some space (or make the folder writable), then run the same command with "
         "--resume"]
-    assert cli.run_state_meta(run)["where"] == "stage 1 step 1"
+    assert files.run_state_meta(run)["where"] == "stage 1 step 1"
     assert sorted(p.name for p in run.rglob(".*")) == [] and not (tmp_path / "ckpt").exists()
     monkeypatch.undo()
     assert train.main(flags + ["--resume", "--stop-after", "1"]) == 0
-    assert cli.run_state_meta(run)["where"] == "stage 1 step 2"
+    assert files.run_state_meta(run)["where"] == "stage 1 step 2"
 
 
 def test_a_failed_checkpoint_save_is_one_line_and_keeps_the_checkpoint(smoke, tmp_path, capsys, monkeypatch):
@@ -634,11 +637,11 @@ def test_a_failed_checkpoint_save_is_one_line_and_keeps_the_checkpoint(smoke, tm
         assert train.main(flags) == 2
         assert capsys.readouterr().err == (
             f"error: cannot write {out}: {os.strerror(code)}; the state saved before (both stages done) is intact in "
-            f"{run / cli.STATE_FILE}: free some space (or make the folder writable), then run the same command with "
+            f"{run / files.STATE_FILE}: free some space (or make the folder writable), then run the same command with "
             "--resume\n")
         assert {str(f.relative_to(out)): f.read_bytes() for f in out.rglob("*") if f.is_file()} == before
         assert sorted(p.name for p in run.rglob(".*")) == []
-    assert cli.run_state_meta(run)["where"] == "both stages done"  # --resume writes the checkpoint from it
+    assert files.run_state_meta(run)["where"] == "both stages done"  # --resume writes the checkpoint from it
 
 
 def test_a_finished_run_saved_with_unusable_sampling_settings_can_be_completed(smoke, tmp_path):
@@ -649,9 +652,9 @@ def test_a_finished_run_saved_with_unusable_sampling_settings_can_be_completed(s
 
     run = tmp_path / "run"
     shutil.copytree(smoke / "run", run)
-    meta, tensors = cli.load_run_state(run)
+    meta, tensors = files.load_run_state(run)
     meta["config"].update(cfg=0.0, temperature=0.0)  # as the earlier version saved it
-    cli.save_run_state(run, meta, tensors)
+    files.save_run_state(run, meta, tensors)
     assert train.main(["--smoke", "--run-dir", str(run), "--out", str(tmp_path / "ckpt"), "--no-eval", "--resume",
                        "--cfg", "2"]) == 0
     s = json.loads((tmp_path / "ckpt" / "uniar_sample.json").read_text())

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import bsq
+import evaluate
 import load_hf
 import pipeline as P
 import sample
@@ -28,17 +29,17 @@ N = 32  # held-out questions (the evaluation's first batch)
 def evaluation(ckpt: Path, monkeypatch, capsys) -> tuple[dict, list]:
     """`python train.py --eval CKPT --eval-n N` in process -> (the JSON line it prints, its understanding answers in
     question order). Its generation, editing and conversation tasks are stubbed (not under test here; they cost minutes)."""
-    preds, answers = [], train.answers
+    preds, answers = [], evaluate.answers
 
     def spy(net, tok, images, questions):
         out = answers(net, tok, images, questions)
         preds.extend(out)
         return out
 
-    monkeypatch.setattr(train, "answers", spy)
-    monkeypatch.setattr(train, "generate", lambda net, tok, dec, prompts, settings, **k: np.zeros(
+    monkeypatch.setattr(evaluate, "answers", spy)
+    monkeypatch.setattr(evaluate, "generate", lambda net, tok, dec, prompts, settings, **k: np.zeros(
         (len(prompts), settings["ar_size"][0], settings["ar_size"][0], 3), np.uint8))
-    monkeypatch.setattr(train, "conversation_scores", lambda *a: {})
+    monkeypatch.setattr(evaluate, "conversation_scores", lambda *a: {})
     capsys.readouterr()
     assert train.main(["--eval", str(ckpt), "--eval-n", str(N)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
@@ -102,7 +103,7 @@ def test_toy_checkpoints_keep_toy_images_at_their_size():
         net, _ = load_hf.load_ar(ckpt)
         assert net.image_processor == want
         pv, grid, n_img = P.understanding_inputs(net, [img])
-        ref_pv, ref_grid = train.to_pixels(img[None], net.cfg.vision)
+        ref_pv, ref_grid = P.to_pixels(img[None], net.cfg.vision)
         assert torch.equal(pv, ref_pv) and torch.equal(grid, ref_grid) and n_img == [4]
     assert bsq.ImageProcessorConfig()(img)[1].tolist() == [[1, 16, 16]]  # the released processor: 64 tokens
     # other sizes are resized to about tc.size^2 pixels, aspect kept
