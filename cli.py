@@ -364,3 +364,114 @@ def add_run_flags(ap: argparse.ArgumentParser, run_dir: Path, what: str, checkpo
     ap.add_argument("--resume", action="store_true", help=f"continue from <run-dir>/{files.STATE_FILE}")
     ap.add_argument("--overwrite", action="store_true", help="start over in a run folder that holds a state, and "
                     "replace an --out folder this run did not write")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The bookkeeping around a training loop (train.py's two stages, rl.py's GRPO steps), so that the loop reads as the
+# algorithm
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class RunClock:
+    """A training run's state file, its signals and its stop condition, around one or more loops:
+
+        clock = cli.RunClock(guard, run_dir, meta, save_every=..., stop_after=..., where=...)
+        with clock.loop(total, "stage 1", state=lambda: tensors, seconds=(meta["time_s"], "stage1")) as loop:
+            for step in loop:                   # meta["step"] .. total - 1
+                ...one step...
+                loop.show(postfix)              # the progress bar's
+            if loop.stopped:                    # --stop-after: the state is saved
+                return
+            ...the end of the loop (signals still deferred)...
+
+    After every step: meta["step"] is the next step and the step's time is added to `seconds` (a dict and its key);
+    the state (meta and `state()`) is saved in <run_dir>/state.safetensors every `save_every` steps (and after the
+    last one with `save_last`), at --stop-after (`stop_after` steps of this process, counted over every loop) and at
+    Ctrl-C / SIGTERM, which wait for the step to end (SignalGuard.deferred), then raise Interrupted (exit 130 / 143).
+    With several processes rank 0 writes the state, every rank waits for it, and a signal any rank got stops them all
+    after the same step. From the clock's making on, an interruption reports the state in run_dir (guard.run_dir)."""
+
+    def __init__(self, guard: SignalGuard, run_dir: Path, meta: dict, *, save_every: int, stop_after: int | None,
+                 where, rank: int = 0, world: int = 1):
+        self.guard, self.run_dir, self.meta, self.where = guard, run_dir, meta, where
+        self.save_every, self.stop_after, self.rank, self.world = save_every, stop_after, rank, world
+        self.done = 0  # steps of this process, over every loop
+        guard.run_dir = run_dir  # an interruption from here on reports the state saved there
+
+    def save(self, state) -> None:
+        """The run's record and the tensors `state()` returns, in one file (rank 0); meta["where"] says where it is."""
+        if self.rank == 0:
+            self.meta["where"] = self.where(self.meta)
+            with files.writing(self.run_dir, lambda: resume_advice(self.run_dir)):
+                files.save_run_state(self.run_dir, self.meta, state())
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def pending(self) -> int:
+        """The signal this process got during the step (0: none); with several processes the largest any rank got."""
+        signum = self.guard.pending or 0
+        if self.world > 1:
+            import torch.distributed as dist
+
+            t = torch.tensor([signum])
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            signum = int(t)
+        return signum
+
+    @contextmanager
+    def loop(self, total: int, desc: str, *, state, seconds: tuple, save_last: bool = False):
+        """The steps meta["step"] .. total - 1 (see the class), with signals deferred until the block ends."""
+        steps = _Steps(self, total, desc, state, seconds, save_last)
+        with self.guard.deferred():  # Ctrl-C / SIGTERM: finish the current step, save the state, then stop
+            yield steps
+
+
+class _Steps:
+    """RunClock.loop's steps: iterate them; `show` sets the progress bar's postfix; `stopped` after --stop-after."""
+
+    def __init__(self, clock: RunClock, total: int, desc: str, state, seconds: tuple, save_last: bool):
+        self.clock, self.total, self.state, self.seconds, self.save_last = clock, total, state, seconds, save_last
+        self.stopped = False
+        start = clock.meta["step"]
+        self.bar = None
+        if clock.rank == 0:
+            from tqdm import tqdm
+
+            self.bar = tqdm(range(start, total), desc=desc, initial=start, total=total, dynamic_ncols=True)
+        self._steps = self.bar if self.bar is not None else range(start, total)
+
+    def show(self, postfix: dict | None = None, **more) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(postfix, **more)
+
+    def __iter__(self):
+        import time
+
+        for step in self._steps:
+            t0 = time.perf_counter()
+            yield step
+            self.clock.meta["step"] = step + 1
+            times, key = self.seconds
+            times[key] = times.get(key, 0.0) + time.perf_counter() - t0
+            if self._end_of_step(step):
+                return
+
+    def _end_of_step(self, step: int) -> bool:
+        """Save the state if it is due, stop at a signal (Interrupted) -> whether --stop-after ends the loop here."""
+        clock = self.clock
+        clock.done += 1
+        stop = clock.stop_after is not None and clock.done >= clock.stop_after
+        saved = (step + 1) % clock.save_every == 0 or stop or (self.save_last and step + 1 == self.total)
+        if saved:
+            clock.save(self.state)
+        signum = clock.pending()  # after the save: a signal that came during it is handled now
+        if signum and not saved:
+            clock.save(self.state)
+        if (signum or stop) and self.bar is not None:
+            self.bar.close()
+        if signum:
+            raise Interrupted(signum)
+        self.stopped = stop
+        return stop

@@ -54,7 +54,7 @@ import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 # Apple's GPU: an operation the installed torch lacks on MPS runs on the CPU instead of stopping the run (read when
 # torch is imported; a value the user set is kept).
@@ -467,6 +467,20 @@ def step_seed(seed: int, stage: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + stage * 100_003 + step) * 64 + rank
 
 
+def step_generator(seed: int, stage: int, step: int, rank: int) -> torch.Generator:
+    """The step's random numbers, the same after a resume: its own generator (batch, noise, flips), and the global
+    one seeded alike (the decoder's condition dropout draws from it)."""
+    s = step_seed(seed, stage, step, rank)
+    g = torch.Generator().manual_seed(s)
+    torch.manual_seed(s)
+    return g
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for grp in opt.param_groups:
+        grp["lr"] = lr
+
+
 def reduce_metrics(metrics: dict, world: int) -> dict:
     keys = sorted(metrics)
     v = torch.stack([metrics[k].float().cpu() for k in keys])
@@ -476,87 +490,60 @@ def reduce_metrics(metrics: dict, world: int) -> dict:
     return {k: float(x) for k, x in zip(keys, v)}
 
 
-def train_stage(stage: int, loss_fn, params, batch_fn, tc: TrainConfig, ctx: dict, opt_tensors=None) -> bool:
-    """Runs one stage from ctx['step']; returns False when --stop-after interrupted it (state saved)."""
+def data_parallel(loss_fn: nn.Module, stage: int, tc: TrainConfig, world: int) -> nn.Module:
+    """The loss module as a step calls it: wrapped in DistributedDataParallel when several processes train."""
+    if world == 1:
+        return loss_fn
+    # a text stack shallower than the deepstack taps leaves the last mergers without gradient
+    unused = stage == 2 and tc.lm_layers < len(vision_config(tc).deepstack_visual_indexes)
+    return nn.parallel.DistributedDataParallel(loss_fn, find_unused_parameters=unused)
+
+
+class Run(NamedTuple):
+    """What both stages share: the run's clock (its record, state file, signals and stop; cli.RunClock), the three
+    models (their weights are the state), and the autocast context of a step's forward."""
+    clock: cli.RunClock
+    models: tuple
+    autocast: Callable
+
+
+SHOWN = ("loss", "flow", "bsq", "t2i", "edit", "understanding", "bit_acc_l0", "answer_acc")  # in the progress bar
+
+
+def train_stage(stage: int, loss_fn, params, batch_fn, tc: TrainConfig, run: Run, opt_tensors=None) -> bool:
+    """Runs one stage from meta['step']; returns False when --stop-after interrupted it (state saved). The state is
+    saved every tc.save_every steps and at Ctrl-C / SIGTERM (run.clock), and, without the optimizer, once the stage
+    is done."""
     steps, lr = (tc.stage1_steps, tc.stage1_lr) if stage == 1 else (tc.stage2_steps, tc.stage2_lr)
-    rank, world = ctx["rank"], ctx["world"]
-    module = loss_fn
-    if world > 1:
-        # a text stack shallower than the deepstack taps leaves the last mergers without gradient
-        unused = stage == 2 and tc.lm_layers < len(vision_config(tc).deepstack_visual_indexes)
-        module = nn.parallel.DistributedDataParallel(loss_fn, find_unused_parameters=unused)
+    clock, meta = run.clock, run.clock.meta
+    module = data_parallel(loss_fn, stage, tc, clock.world)
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay)
     if opt_tensors:
         files.load_optimizer(opt, opt_tensors)
-    history = ctx["meta"]["history"].setdefault(f"stage{stage}", [])
-    seconds = ctx["meta"].setdefault("time_s", {})
-    start = ctx["meta"]["step"]
-    bar = range(start, steps)
-    if rank == 0:
-        from tqdm import tqdm
-
-        bar = tqdm(bar, desc=f"stage {stage}", initial=start, total=steps, dynamic_ncols=True)
-    guard = ctx["signals"]
-    with guard.deferred():  # Ctrl-C / SIGTERM: finish the current step, save the state, then stop
-        for step in bar:
-            t0 = time.perf_counter()
-            seed = step_seed(tc.seed, stage, step, rank)
-            g = torch.Generator().manual_seed(seed)
-            torch.manual_seed(seed)  # the decoder's condition dropout draws from the global generator
-            with ctx["autocast"]():
+    history = meta["history"].setdefault(f"stage{stage}", [])
+    with clock.loop(steps, f"stage {stage}", state=lambda: state_tensors(*run.models, opt),
+                    seconds=(meta.setdefault("time_s", {}), f"stage{stage}")) as loop:
+        for step in loop:
+            g = step_generator(tc.seed, stage, step, clock.rank)
+            with run.autocast():
                 loss, metrics = module(*batch_fn(step, g))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-            for grp in opt.param_groups:
-                grp["lr"] = lr_at(step, steps, lr, tc.warmup)
+            set_lr(opt, lr_at(step, steps, lr, tc.warmup))
             opt.step()
             metrics["loss"] = loss.detach()
-            row = reduce_metrics(metrics, world)
-            history.append(row)
-            if rank == 0:
-                bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "flow", "bsq", "t2i", "edit", "understanding",
-                                                              "bit_acc_l0", "answer_acc") if k in row})
-            ctx["meta"]["step"] = step + 1
-            seconds[f"stage{stage}"] = seconds.get(f"stage{stage}", 0.0) + time.perf_counter() - t0
-            ctx["global_step"] += 1
-            stop = ctx["stop_after"] is not None and ctx["global_step"] >= ctx["stop_after"]
-            signum = pending_signal(guard, world)
-            if (step + 1) % tc.save_every == 0 or stop or signum:
-                checkpoint_state(ctx, opt)
-            if signum:
-                if rank == 0:
-                    bar.close()
-                raise cli.Interrupted(signum)
-            if stop:
-                return False
-        ctx["meta"]["stage"], ctx["meta"]["step"] = stage + 1, 0
-        checkpoint_state(ctx, None)
+            history.append(reduce_metrics(metrics, clock.world))
+            loop.show({k: f"{history[-1][k]:.3g}" for k in SHOWN if k in history[-1]})
+        if loop.stopped:
+            return False
+        meta["stage"], meta["step"] = stage + 1, 0
+        clock.save(lambda: state_tensors(*run.models, None))
     return True
-
-
-def pending_signal(guard: cli.SignalGuard, world: int) -> int:
-    """The signal this process got during the step (0: none); with several processes the largest any rank got, so
-    every rank saves and stops after the same step."""
-    signum = guard.pending or 0
-    if world > 1:
-        t = torch.tensor([signum])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        signum = int(t)
-    return signum
 
 
 def where(meta: dict) -> str:
     return f"stage {meta['stage']} step {meta['step']}" if meta["stage"] <= 2 else "both stages done"
-
-
-def checkpoint_state(ctx: dict, opt) -> None:
-    if ctx["rank"] == 0:
-        ctx["meta"]["where"] = where(ctx["meta"])
-        with files.writing(ctx["run_dir"], functools.partial(cli.resume_advice, ctx["run_dir"])):
-            files.save_run_state(ctx["run_dir"], ctx["meta"], state_tensors(*ctx["models"], opt))
-    if ctx["world"] > 1:
-        dist.barrier()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -734,8 +721,8 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _main(argv, guard: cli.SignalGuard, locks: ExitStack) -> int:
-    guard.run_dir = None
+def parse_args(argv) -> tuple[argparse.Namespace, TrainConfig]:
+    """The command line -> (flags, TrainConfig), every value checked (cli.UsageError naming the flag)."""
     ap = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_run_flags(ap, ROOT / "runs" / "toy", "plots, metrics, training state", "final checkpoint")
     ap.add_argument("--smoke", action="store_true", help="the tests' tiny, one-minute configuration")
@@ -759,22 +746,16 @@ def _main(argv, guard: cli.SignalGuard, locks: ExitStack) -> int:
     check_config(tc)  # every setting in its range before anything runs
     if args.stop_after is not None:
         cli.check_number(args.stop_after, "--stop-after", 1, integer=True, hint="steps in total")
+    return args, tc
 
-    if args.score is not None:
-        print(json.dumps(E.score_run(args.score)))
-        return 0
-    device = cli.resolve_device(args.device)
-    if args.eval is not None:
-        return eval_main(args.eval, device, args.eval_n or TrainConfig().eval_n)
-    bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda")
-    if bf16 and device.type != "cuda":
-        raise cli.UsageError("--dtype bfloat16 needs a CUDA GPU (training on the CPU or Apple's MPS runs in float32); "
-                             "use --dtype float32 or auto")
+
+def open_run(args, tc: TrainConfig, locks: ExitStack) -> tuple[dict, Path]:
+    """The run's record (new, or the saved one to resume) and its checkpoint folder, both checked; rank 0 holds the
+    run and checkpoint folders' locks in `locks`."""
     run_dir = args.run_dir
     out_flag = cli.check_run_folders(run_dir, args.out)
 
     def begin() -> tuple[dict, Path]:
-        """The run's record (new, or the saved one to resume) and its checkpoint folder, both checked."""
         meta = cli.check_run_start(run_dir, args.resume, args.overwrite)
         if meta is not None and (meta.get("world") != world_size() or changed(meta["config"], asdict(tc))):
             raise cli.UsageError(f"--resume: the state in {run_dir / files.STATE_FILE} was written with other settings "
@@ -798,13 +779,15 @@ def _main(argv, guard: cli.SignalGuard, locks: ExitStack) -> int:
             locks.enter_context(files.run_lock(run_dir, "--run-dir"))
         locks.enter_context(files.run_lock(out, "--out"))
         meta, out = begin()
-    rank, world = setup_distributed(device)
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    tok_dir = run_dir / "tokenizer"
-    advice = functools.partial(cli.resume_advice, run_dir)  # after a failed write: where the last state is
+    return meta, out
+
+
+def prepare_run_dir(args, rank: int, world: int) -> P.Tokenizer:
+    """The run folder (rank 0): made, cleared of what a killed write left, without the earlier state when starting
+    over, with the toy tokenizer saved in it. -> the tokenizer, once every rank can read it."""
+    run_dir, tok_dir = args.run_dir, args.run_dir / "tokenizer"
     if rank == 0:
-        with files.writing(run_dir, advice):
+        with files.writing(run_dir, functools.partial(cli.resume_advice, run_dir)):
             run_dir.mkdir(parents=True, exist_ok=True)
             files.clean_run_dir(run_dir)
             if args.overwrite and not args.resume:  # starting over, as the user asked: the earlier state goes
@@ -812,69 +795,103 @@ def _main(argv, guard: cli.SignalGuard, locks: ExitStack) -> int:
             toy.save_tokenizer(tok_dir)
     if world > 1:
         dist.barrier()
-    tok = P.Tokenizer(tok_dir)
-    tensors = files.load_run_state(run_dir)[1] if args.resume else None
-    vision, net, dec = build(tc, tok, device)
-    opt_tensors = None
-    if tensors is not None:
-        load_model_state(tensors, vision, net, dec)
-        opt_tensors = tensors
-    guard.run_dir = run_dir
-    ctx = {"rank": rank, "world": world, "meta": meta, "run_dir": run_dir, "models": (vision, net, dec),
-           "stop_after": args.stop_after, "global_step": 0, "signals": guard,
-           "autocast": (lambda: torch.autocast("cuda", torch.bfloat16)) if bf16 else nullcontext}
-    settings = sample_defaults(tc)
-    B1 = tc.stage1_batch
+    return P.Tokenizer(tok_dir)
+
+
+def train(tc: TrainConfig, tok: P.Tokenizer, run: Run, opt_tensors: dict | None) -> bool:
+    """Both stages from where the run's record says (the optimizer's moments of a resumed stage in `opt_tensors`),
+    with the stage-1 report in between. -> False when --stop-after stopped it (state saved)."""
+    vision, net, dec = run.models
+    rank, world, meta = run.clock.rank, run.clock.world, run.clock.meta
     if meta["stage"] == 1:
         vision.train(), dec.train()
-        params = stage_params(1, vision, net, dec)
+        params, B1 = stage_params(1, *run.models), tc.stage1_batch
 
         def batch1(step, g):
             idx = [example_index(step, i, B1, rank, world) for i in range(B1)]
             return np.stack([toy.t2i_example(i, "train", tc.seed, tc.size).image for i in idx]), g
 
-        if not train_stage(1, TokenizerLoss(vision, dec, tc.bsq_weight, tc.flip_prob), params, batch1, tc, ctx,
+        if not train_stage(1, TokenizerLoss(vision, dec, tc.bsq_weight, tc.flip_prob), params, batch1, tc, run,
                            opt_tensors):
-            return 0
+            return False
         opt_tensors = None
     if rank == 0 and "reconstruction_heldout" not in meta:  # also after a resume that skipped the stage-1 report
-        with files.writing(run_dir, advice):
-            stage1_report(vision, dec, settings, meta, run_dir, tc.size)
+        with files.writing(run.clock.run_dir, functools.partial(cli.resume_advice, run.clock.run_dir)):
+            stage1_report(vision, dec, sample_defaults(tc), meta, run.clock.run_dir, tc.size)
     if meta["stage"] == 2:
         net.train()
-        params = stage_params(2, vision, net, dec)
-        if not train_stage(2, ARLoss(net, tok, tc), params, lambda step, g: (step, rank, world, g), tc, ctx,
+        params = stage_params(2, *run.models)
+        if not train_stage(2, ARLoss(net, tok, tc), params, lambda step, g: (step, rank, world, g), tc, run,
                            opt_tensors):
-            return 0
+            return False
+    return True
+
+
+def finish(tc: TrainConfig, tok: P.Tokenizer, run: Run, out: Path, no_eval: bool) -> None:
+    """After training (rank 0): the checkpoint, a grid of samples, the evaluation, metrics.json and the plots."""
+    vision, net, dec = run.models
+    meta, run_dir = run.clock.meta, run.clock.run_dir
+    advice = functools.partial(cli.resume_advice, run_dir)  # after a failed write: where the last state is
+    settings = sample_defaults(tc)
+    net.eval(), dec.eval()
+    with files.writing(out, advice):
+        load_hf.save_checkpoint(out, ar=net, tokenizer_dir=run_dir / "tokenizer", vision=vision, decoder=dec,
+                                sample_defaults=settings, run_id=meta["run_id"])
+    prompts = toy.heldout_prompts(16)
+    samples = E.generate(net, tok, dec, prompts, settings)
+    with files.writing(run_dir, advice):
+        files.save_grid(samples, run_dir / "stage2_samples.png", 8, 2, 2)
+    seconds = meta.get("time_s", {})
+    metrics = {"config": asdict(tc), "world": run.clock.world, "time_stage1_s": round(seconds.get("stage1", 0.0), 1),
+               "time_stage2_s": round(seconds.get("stage2", 0.0), 1),
+               "reconstruction_heldout": meta.get("reconstruction_heldout"),
+               "final": {k: v for k, v in meta["history"].get("stage2", [{}])[-1].items()}}
+    if not no_eval:
+        metrics["eval"] = E.evaluate(net, tok, dec, settings=settings, n=tc.eval_n)
+        print(json.dumps(metrics["eval"]))
+    with files.writing(run_dir, advice):
+        files.atomic_write(run_dir / "metrics.json",
+                           lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
+        plot_history(meta, run_dir)
+    print(f"checkpoint: {out}  run folder: {run_dir}  (training time: stage 1 {metrics['time_stage1_s']:.0f}s, "
+          f"stage 2 {metrics['time_stage2_s']:.0f}s)", file=sys.stderr)
+
+
+def _main(argv, guard: cli.SignalGuard, locks: ExitStack) -> int:
+    guard.run_dir = None
+    args, tc = parse_args(argv)
+    if args.score is not None:
+        print(json.dumps(E.score_run(args.score)))
+        return 0
+    device = cli.resolve_device(args.device)
+    if args.eval is not None:
+        return eval_main(args.eval, device, args.eval_n or TrainConfig().eval_n)
+    bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda")
+    if bf16 and device.type != "cuda":
+        raise cli.UsageError("--dtype bfloat16 needs a CUDA GPU (training on the CPU or Apple's MPS runs in float32); "
+                             "use --dtype float32 or auto")
+    meta, out = open_run(args, tc, locks)
+    rank, world = setup_distributed(device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    tok = prepare_run_dir(args, rank, world)
+    tensors = files.load_run_state(args.run_dir)[1] if args.resume else None
+    models = build(tc, tok, device)
+    if tensors is not None:
+        load_model_state(tensors, *models)
+    clock = cli.RunClock(guard, args.run_dir, meta, save_every=tc.save_every, stop_after=args.stop_after,
+                         where=where, rank=rank, world=world)
+    run = Run(clock, models, (lambda: torch.autocast("cuda", torch.bfloat16)) if bf16 else nullcontext)
+    if not train(tc, tok, run, tensors):
+        return 0
     if world > 1:  # every rank must hold the same weights (DDP keeps them in sync)
-        flat = torch.cat([p.detach().flatten().cpu() for p in net.parameters()])
+        flat = torch.cat([p.detach().flatten().cpu() for p in models[1].parameters()])
         ref = flat.clone()
         dist.broadcast(ref, 0)
         if not torch.equal(flat, ref):
             raise RuntimeError(f"rank {rank}: weights diverged from rank 0")
     if rank == 0:
-        net.eval(), dec.eval()
-        with files.writing(out, advice):
-            load_hf.save_checkpoint(out, ar=net, tokenizer_dir=tok_dir, vision=vision, decoder=dec,
-                                    sample_defaults=settings, run_id=meta["run_id"])
-        prompts = toy.heldout_prompts(16)
-        samples = E.generate(net, tok, dec, prompts, settings)
-        with files.writing(run_dir, advice):
-            files.save_grid(samples, run_dir / "stage2_samples.png", 8, 2, 2)
-        seconds = meta.get("time_s", {})
-        metrics = {"config": asdict(tc), "world": world, "time_stage1_s": round(seconds.get("stage1", 0.0), 1),
-                   "time_stage2_s": round(seconds.get("stage2", 0.0), 1),
-                   "reconstruction_heldout": meta.get("reconstruction_heldout"),
-                   "final": {k: v for k, v in meta["history"].get("stage2", [{}])[-1].items()}}
-        if not args.no_eval:
-            metrics["eval"] = E.evaluate(net, tok, dec, settings=settings, n=tc.eval_n)
-            print(json.dumps(metrics["eval"]))
-        with files.writing(run_dir, advice):
-            files.atomic_write(run_dir / "metrics.json",
-                             lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
-            plot_history(meta, run_dir)
-        print(f"checkpoint: {out}  run folder: {run_dir}  (training time: stage 1 {metrics['time_stage1_s']:.0f}s, "
-              f"stage 2 {metrics['time_stage2_s']:.0f}s)", file=sys.stderr)
+        finish(tc, tok, run, out, args.no_eval)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

@@ -1,6 +1,7 @@
 """train.py: the smoke configuration trains every part (losses fall), writes a checkpoint load_hf reads, resumes with
 the same loss sequence as an uninterrupted run, and runs data-parallel under torchrun with 2 processes; stage 2 reads
-flipped bits but trains on clean targets, and the answer loss supervises exactly the answer and its end of turn."""
+flipped bits but trains on clean targets, and the answer loss supervises exactly the answer and its end of turn;
+cli.RunClock, the bookkeeping around train.py's and rl.py's loops, saves, stops and defers a signal as documented."""
 import dataclasses
 import json
 import os
@@ -239,6 +240,54 @@ def test_lr_schedule():
     assert train.lr_at(0, 100, 1.0, 10) == pytest.approx(0.1)
     assert train.lr_at(10, 100, 1.0, 10) == pytest.approx(1.0)
     assert train.lr_at(100, 100, 1.0, 10) == pytest.approx(0.1)
+
+
+def test_run_clock_saves_stops_and_defers_a_signal(tmp_path):
+    """cli.RunClock, the bookkeeping around train.py's and rl.py's loops: the state saved every save_every steps and
+    after the last one with save_last, meta["step"] and the time kept; --stop-after counted over the loops of the
+    process (the state saved where it stops); a signal during a step lets the step finish, saves the state (once, also
+    when a periodic save was due) and raises Interrupted, with the guard's report pointed at the run folder."""
+    import signal
+
+    def clock_for(stop_after=None):
+        meta, saves = {"step": 0}, []
+        clock = cli.RunClock(cli.SignalGuard(), tmp_path, meta, save_every=3, stop_after=stop_after,
+                             where=lambda m: f"step {m['step']}")
+        return clock, meta, saves, lambda: saves.append(meta["step"]) or {"x": torch.zeros(1)}
+
+    clock, meta, saves, state = clock_for()
+    assert clock.guard.run_dir == tmp_path
+    with clock.loop(7, "test", state=state, seconds=(meta, "time_s"), save_last=True) as loop:
+        assert list(loop) == list(range(7)) and not loop.stopped
+    assert saves == [3, 6, 7] and meta["step"] == 7 and meta["time_s"] > 0
+    assert files.run_state_meta(tmp_path)["where"] == "step 7"
+
+    clock, meta, saves, state = clock_for(stop_after=4)
+    with clock.loop(3, "first", state=state, seconds=(meta, "s")) as loop:
+        assert list(loop) == [0, 1, 2] and not loop.stopped
+    meta["step"] = 0  # the next loop starts over, as train.py's stage 2 does
+    with clock.loop(5, "second", state=state, seconds=(meta, "s")) as loop:
+        assert list(loop) == [0] and loop.stopped  # the 4th step of the process
+    assert saves == [3, 1]
+
+    for at, want in ((1, [2]), (2, [3])):  # a signal in step 1 (no save due) and in step 2 (the periodic save)
+        clock, meta, saves, state = clock_for()
+        with pytest.raises(cli.Interrupted) as e:
+            with clock.loop(10, "signal", state=state, seconds=(meta, "s")) as loop:
+                for step in loop:
+                    if step == at:
+                        clock.guard._handle(signal.SIGTERM, None)  # deferred: only noted
+        assert e.value.exit_code == 143 and saves == want and meta["step"] == at + 1
+    clock, meta, saves, state = clock_for()  # a signal during a save: the loop stops there, the state just saved
+
+    def state_signalled():
+        clock.guard._handle(signal.SIGINT, None)
+        return state()
+
+    with pytest.raises(cli.Interrupted) as e:
+        with clock.loop(10, "signal", state=state_signalled, seconds=(meta, "s")) as loop:
+            list(loop)
+    assert e.value.exit_code == 130 and saves == [3] and meta["step"] == 3
 
 
 def test_prompt_dropout_empties_a_text_with_probability_p():
