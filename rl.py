@@ -57,18 +57,16 @@ import itertools
 import json
 import os
 import sys
-import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 # Apple's GPU: an operation the installed torch lacks on MPS runs on the CPU instead of stopping the run (read when
 # torch is imported; a value the user set is kept).
 os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import cli
 import evaluate as E
@@ -290,22 +288,26 @@ def collect(net, tok, dec, rewards: "RewardStack", rc: RLConfig, settings: dict,
     return keep_p, torch.cat(keep_b), torch.cat(keep_r), stats
 
 
-def grpo_step(net, ref, opt, ids, mask, bits, adv, rc: RLConfig, grid_hw) -> dict:
-    """Several passes of minibatch updates over one batch of rollouts."""
-    B = bits.shape[0]
-    def all_logps(model):
-        with torch.no_grad():
-            return torch.cat([per_bit_logps(model, ids[i:i + rc.minibatch], mask[i:i + rc.minibatch],
-                                            bits[i:i + rc.minibatch], grid_hw, rc.temperature)
-                              for i in range(0, B, rc.minibatch)])
+def minibatches(n: int, size: int) -> list:
+    return [slice(i, i + size) for i in range(0, n, size)]
 
-    old = all_logps(net)
-    refl = all_logps(ref) if rc.beta != 0 else None
+
+def all_logps(model, ids, mask, bits, rc: RLConfig, grid_hw) -> torch.Tensor:
+    """per_bit_logps of every rollout, minibatch by minibatch, without gradient: (B, K)."""
+    with torch.no_grad():
+        return torch.cat([per_bit_logps(model, ids[sl], mask[sl], bits[sl], grid_hw, rc.temperature)
+                          for sl in minibatches(len(bits), rc.minibatch)])
+
+
+def grpo_step(net, ref, opt, ids, mask, bits, adv, rc: RLConfig, grid_hw) -> dict:
+    """Several passes of minibatch updates over one batch of rollouts: the clipped objective against the policy's
+    log-probabilities before the first update, with the KL to the frozen reference. -> each metric's mean."""
+    old = all_logps(net, ids, mask, bits, rc, grid_hw)
+    refl = all_logps(ref, ids, mask, bits, rc, grid_hw) if rc.beta != 0 else None
     params = [p for p in net.parameters() if p.requires_grad]
     logs = []
     for _ in range(rc.passes):
-        for i in range(0, B, rc.minibatch):
-            sl = slice(i, i + rc.minibatch)
+        for sl in minibatches(len(bits), rc.minibatch):
             logp = per_bit_logps(net, ids[sl], mask[sl], bits[sl], grid_hw, rc.temperature)
             loss, m = grpo_loss(logp, old[sl], None if refl is None else refl[sl], adv[sl], eps_low=rc.eps_low,
                                 eps_high=rc.eps_high, beta=rc.beta)
@@ -315,6 +317,82 @@ def grpo_step(net, ref, opt, ids, mask, bits, adv, rc: RLConfig, grid_hw) -> dic
             opt.step()
             logs.append({"loss": float(loss.detach()), **m})
     return {k: float(np.mean([r[k] for r in logs])) for k in logs[0]}
+
+
+class Policy(NamedTuple):
+    """What GRPO trains, and what a resumed run needs to continue it exactly: the policy, the frozen reference (the
+    starting checkpoint), the optimizer, and the generator the rollouts draw from."""
+    net: M.UniAR
+    ref: M.UniAR
+    opt: torch.optim.Optimizer
+    gen: torch.Generator
+
+    def state(self) -> dict:
+        """The run state's tensors: the policy's and the optimizer's (policy_state), and the random generators'."""
+        return {**policy_state(self.net, self.opt), "rng.generator": self.gen.get_state(),
+                "rng.torch": torch.get_rng_state()}
+
+
+def make_policy(net, rc: RLConfig, device, tensors: Optional[dict]) -> Policy:
+    """The starting checkpoint's model as the policy (tower frozen), a frozen copy of it as the reference, the
+    optimizer and the rollouts' generator; with `tensors` (a saved run state) as they were saved."""
+    torch.manual_seed(rc.seed)
+    ref = copy.deepcopy(net).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    for n, p in net.named_parameters():
+        p.requires_grad_(not n.startswith("model.visual."))
+    net.eval()  # no dropout anywhere; eval mode keeps the frozen tower's behaviour fixed
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=rc.lr, betas=(0.9, 0.99),
+                            weight_decay=0.0)
+    gen = torch.Generator(device=device).manual_seed(rc.seed)
+    if tensors is not None:
+        load_policy_state(tensors, net, opt)
+        gen.set_state(tensors["rng.generator"])
+        torch.set_rng_state(tensors["rng.torch"])
+    return Policy(net, ref, opt, gen)
+
+
+def prompt_rounds(meta: dict, rc: RLConfig) -> Callable[[], list]:
+    """-> next_round(): the prompts of the next rollout round, new ones every round (meta["rounds"] counts them, so a
+    resumed run continues with the next); never an evaluation prompt."""
+    exclude = frozenset(toy.heldout_prompts(rc.eval_n))
+    rounds = itertools.count(meta.get("rounds", 0))
+
+    def next_round() -> list:
+        meta["rounds"] = next(rounds) + 1
+        return train_prompts(meta["rounds"] - 1, rc.prompts_per_step, rc.seed, rc.prompt_split, exclude)
+
+    return next_round
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for grp in opt.param_groups:
+        grp["lr"] = lr
+
+
+def grpo(policy: Policy, tok, dec, settings: dict, rc: RLConfig, clock: cli.RunClock) -> bool:
+    """The GRPO steps from meta["step"] to rc.steps; the state is saved every --save-every steps, after the last one
+    and at Ctrl-C / SIGTERM (clock). -> False when --stop-after stopped it (state saved)."""
+    net, ref, opt, gen = policy
+    meta, device, S = clock.meta, net.lm_head.weight.device, settings["ar_size"][0]
+    grid_hw = (S // net.cfg.downsample, S // net.cfg.downsample)
+    rewards, next_round = RewardStack([("geneval", toy_geneval_reward, 1.0)]), prompt_rounds(meta, rc)
+    with clock.loop(rc.steps, "GRPO", state=policy.state, seconds=(meta, "train_s"), save_last=True) as loop:
+        for step in loop:
+            set_lr(opt, rc.lr * min(1.0, (step + 1) / max(1, rc.warmup)))
+            with torch.no_grad():  # rollouts, scored; with dynamic sampling only groups whose rewards differ
+                prompts, bits, r, stats = collect(net, tok, dec, rewards, rc, settings, gen, next_round)
+            m = {}  # stays empty when every group of every round scored alike: nothing to learn from, no update
+            if prompts:
+                ids, mask = (t.to(device) for t in P.build_generation_batch(net, tok, prompts, S, S, 1.0)[:2])
+                adv = group_advantages(r, rc.group_size, rc.scale_rewards).to(device)
+                m = grpo_step(net, ref, opt, ids, mask, bits, adv, rc, grid_hw)
+            meta["history"].append({"step": step, **stats, **m})
+            loop.show(reward=f"{stats['reward']:.3f}", correct=f"{stats['correct']:.2f}",
+                      groups=f"{stats['groups']}/{stats['rounds'] * rc.prompts_per_step}",
+                      **({"kl": f"{m['kl']:.2e}", "clip": f"{m['clip_fraction']:.3f}"} if m else {}))
+        return not loop.stopped
 
 
 def plot(history: list, folder: Path) -> None:
@@ -479,9 +557,9 @@ def run_record(args, rc: RLConfig, run_dir: Path) -> dict:
     return meta
 
 
-def _main(argv, guard: cli.SignalGuard, locks: ExitStack) -> int:
-    args, rc = parse_args(argv)
-    device = cli.resolve_device(args.device)
+def open_run(args, rc: RLConfig, locks: ExitStack) -> tuple[Path, dict, Path]:
+    """The run folder, the run's record (new, or the saved one to resume) and the checkpoint folder, all checked, with
+    the run and checkpoint folders' locks held in `locks`."""
     run_dir = cli.check_out_folder(args.run_dir, "--run-dir")
     out_flag = cli.check_run_folders(run_dir, args.out)
 
@@ -499,6 +577,11 @@ def _main(argv, guard: cli.SignalGuard, locks: ExitStack) -> int:
         locks.enter_context(files.run_lock(run_dir, "--run-dir"))
     locks.enter_context(files.run_lock(out_flag, "--out"))
     meta, out = begin()
+    return run_dir, meta, out
+
+
+def load_start(args, device) -> tuple:
+    """The starting checkpoint -> (AR model, tokenizer, decoder, sampling settings); a damaged one is a UsageError."""
     try:
         net, tok = load_hf.load_ar(args.ckpt, device=device)
         if not args.no_eval:
@@ -507,75 +590,12 @@ def _main(argv, guard: cli.SignalGuard, locks: ExitStack) -> int:
         settings = cli.read_sample_settings(args.ckpt, required=True, defaults={})
     except (load_hf.CheckpointError, ValueError) as e:
         raise cli.UsageError(str(e)) from None
-    tensors = files.load_run_state(run_dir)[1] if args.resume else None
+    return net, tok, dec, settings
+
+
+def finish(args, rc: RLConfig, net, tok, dec, settings: dict, meta: dict, run_dir: Path, out: Path) -> None:
+    """After GRPO: the checkpoint, the evaluation after (next to the one before), metrics.json and the plots."""
     advice = functools.partial(cli.resume_advice, run_dir)  # after a failed write: where the last state is
-    with files.writing(run_dir, advice):
-        run_dir.mkdir(parents=True, exist_ok=True)
-        files.clean_run_dir(run_dir)
-        if args.overwrite and not args.resume:  # starting over, as the user asked: the earlier state goes
-            (run_dir / files.STATE_FILE).unlink(missing_ok=True)
-    torch.manual_seed(rc.seed)
-    ref = copy.deepcopy(net).eval()
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    for n, p in net.named_parameters():
-        p.requires_grad_(not n.startswith("model.visual."))
-    net.eval()  # no dropout anywhere; eval mode keeps the frozen tower's behaviour fixed
-    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=rc.lr, betas=(0.9, 0.99),
-                            weight_decay=0.0)
-    gen = torch.Generator(device=device).manual_seed(rc.seed)
-    if tensors is not None:
-        load_policy_state(tensors, net, opt)
-        gen.set_state(tensors["rng.generator"])
-        torch.set_rng_state(tensors["rng.torch"])
-    if not args.no_eval and "before" not in meta:
-        meta["before"] = E.evaluate(net, tok, dec, settings=settings, n=rc.eval_n)
-        print("before " + json.dumps(meta["before"]), flush=True)
-    rewards = RewardStack([("geneval", toy_geneval_reward, 1.0)])
-    S = settings["ar_size"][0]
-    grid_hw = (S // net.cfg.downsample, S // net.cfg.downsample)
-    exclude = frozenset(toy.heldout_prompts(rc.eval_n))  # never roll out an evaluation prompt
-    rounds = itertools.count(meta.get("rounds", 0))
-
-    def next_round() -> list:  # the prompts of the next rollout round: every round draws new ones
-        meta["rounds"] = next(rounds) + 1
-        return train_prompts(meta["rounds"] - 1, rc.prompts_per_step, rc.seed, rc.prompt_split, exclude)
-
-    def save_state() -> None:
-        meta["where"] = f"step {meta['step']} of {rc.steps}"
-        with files.writing(run_dir, advice):
-            files.save_run_state(run_dir, meta, {**policy_state(net, opt), "rng.generator": gen.get_state(),
-                                               "rng.torch": torch.get_rng_state()})
-
-    guard.run_dir = run_dir
-    bar = tqdm(range(meta["step"], rc.steps), desc="GRPO", initial=meta["step"], total=rc.steps, dynamic_ncols=True)
-    with guard.deferred():  # Ctrl-C / SIGTERM: finish the current step, save the state, then stop
-        for done, step in enumerate(bar, 1):
-            t0 = time.perf_counter()
-            for grp in opt.param_groups:
-                grp["lr"] = rc.lr * min(1.0, (step + 1) / max(1, rc.warmup))
-            with torch.no_grad():
-                prompts, bits, r, stats = collect(net, tok, dec, rewards, rc, settings, gen, next_round)
-            m = {}  # stays empty when every group of every round scored alike: nothing to learn from, no update
-            if prompts:
-                ids, mask = (t.to(device) for t in P.build_generation_batch(net, tok, prompts, S, S, 1.0)[:2])
-                adv = group_advantages(r, rc.group_size, rc.scale_rewards).to(device)
-                m = grpo_step(net, ref, opt, ids, mask, bits, adv, rc, grid_hw)
-            meta["history"].append({"step": step, **stats, **m})
-            meta["step"] = step + 1
-            meta["train_s"] = meta.get("train_s", 0.0) + time.perf_counter() - t0
-            bar.set_postfix(reward=f"{stats['reward']:.3f}", correct=f"{stats['correct']:.2f}",
-                            groups=f"{stats['groups']}/{stats['rounds'] * rc.prompts_per_step}",
-                            **({"kl": f"{m['kl']:.2e}", "clip": f"{m['clip_fraction']:.3f}"} if m else {}))
-            stop = args.stop_after is not None and done >= args.stop_after
-            if (step + 1) % args.save_every == 0 or step + 1 == rc.steps or stop or guard.pending:
-                save_state()
-            if guard.pending:
-                bar.close()
-                raise cli.Interrupted(guard.pending)
-            if stop:
-                return 0
-    bar.close()
     with files.writing(out, advice):
         load_hf.save_checkpoint(out, ar=net, tokenizer_dir=args.ckpt, vision=net.visual, decoder=dec,
                                 sample_defaults=settings, run_id=meta["run_id"])
@@ -593,6 +613,28 @@ def _main(argv, guard: cli.SignalGuard, locks: ExitStack) -> int:
         if meta["history"]:
             plot(meta["history"], run_dir)
     print(f"checkpoint: {out}  run folder: {run_dir}  (GRPO {metrics['train_s']:.0f}s)", file=sys.stderr)
+
+
+def _main(argv, guard: cli.SignalGuard, locks: ExitStack) -> int:
+    args, rc = parse_args(argv)
+    device = cli.resolve_device(args.device)
+    run_dir, meta, out = open_run(args, rc, locks)
+    net, tok, dec, settings = load_start(args, device)
+    tensors = files.load_run_state(run_dir)[1] if args.resume else None
+    with files.writing(run_dir, functools.partial(cli.resume_advice, run_dir)):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        files.clean_run_dir(run_dir)
+        if args.overwrite and not args.resume:  # starting over, as the user asked: the earlier state goes
+            (run_dir / files.STATE_FILE).unlink(missing_ok=True)
+    policy = make_policy(net, rc, device, tensors)
+    if not args.no_eval and "before" not in meta:
+        meta["before"] = E.evaluate(net, tok, dec, settings=settings, n=rc.eval_n)
+        print("before " + json.dumps(meta["before"]), flush=True)
+    clock = cli.RunClock(guard, run_dir, meta, save_every=args.save_every, stop_after=args.stop_after,
+                         where=lambda m: f"step {m['step']} of {rc.steps}")
+    if not grpo(policy, tok, dec, settings, rc, clock):
+        return 0
+    finish(args, rc, net, tok, dec, settings, meta, run_dir, out)
     return 0
 
 
