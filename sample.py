@@ -35,6 +35,8 @@ import load_hf
 import pipeline as P
 
 OUTPUTS = ".uniar-outputs.json"  # in --out: the files the last run wrote (the next run replaces exactly those)
+MOVED = {"--chat": "chat.py: python chat.py ...", "--chat-file": "chat.py: python chat.py --file FILE ...",
+         "--prompts": "generate_batch.py: python generate_batch.py --prompts FILE ..."}  # sample.py's former modes
 
 
 def build_parser(ckpt: Path, d: dict) -> cli.Parser:
@@ -61,6 +63,9 @@ def main(argv=None) -> int:
 
 
 def run(argv: list, status: dict) -> int:
+    for flag in (arg.split("=", 1)[0] for arg in argv):  # a former mode: the command that runs it now, first
+        if flag in MOVED:
+            raise cli.UsageError(f"{flag} moved to {MOVED[flag]}")
     ckpt, defaults = cli.checkpoint_settings(argv, load_hf.resolve_checkpoint)
     ap = build_parser(ckpt, defaults)
     args = ap.parse_args(argv)

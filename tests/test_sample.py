@@ -301,6 +301,49 @@ def test_mistakes_are_one_line_errors_before_loading(golden, tmp_path, capsys, n
     assert not out.exists()  # nothing written either
 
 
+MOVED_CHAT = "chat.py: python chat.py ..."
+MOVED_CHAT_FILE = "chat.py: python chat.py --file FILE ..."
+MOVED_PROMPTS = "generate_batch.py: python generate_batch.py --prompts FILE ..."
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--chat"], f"--chat moved to {MOVED_CHAT}"),
+    (["--seed", "3", "--chat", "--max-new-tokens", "0"], f"--chat moved to {MOVED_CHAT}"),
+    (["--chat-file", "{turns}"], f"--chat-file moved to {MOVED_CHAT_FILE}"),
+    (["--chat-file={turns}", "--steps", "0"], f"--chat-file moved to {MOVED_CHAT_FILE}"),
+    (["--prompts", "{prompts}"], f"--prompts moved to {MOVED_PROMPTS}"),
+    # with the flags only the new command takes (else `unrecognized arguments`), and a flag sample.py refuses
+    (["--prompts", "{prompts}", "--batch-size", "16", "--resume", "--run-name", "r"], f"--prompts moved to "
+     f"{MOVED_PROMPTS}"),
+    (["--cfg", "0", "--prompts={prompts}", "--samples-per-prompt", "4"], f"--prompts moved to {MOVED_PROMPTS}"),
+])
+def test_former_modes_name_the_command_that_runs_them(tmp_path, capsys, no_loading, flags, message):
+    """sample.py's former modes (--chat, --chat-file, --prompts) are chat.py and generate_batch.py now: spelled the
+    old way they are one line naming the new command, exit code 2, before any other check, nothing loaded or
+    written."""
+    (tmp_path / "turns.txt").write_text("/draw a red circle at the top left\n")
+    (tmp_path / "p.jsonl").write_text('{"idx": 0, "prompt": "a red circle at the top left"}\n')
+    flags = [a.replace("{turns}", str(tmp_path / "turns.txt")).replace("{prompts}", str(tmp_path / "p.jsonl"))
+             for a in flags]
+    assert sample.main(flags + ["--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr() == ("", f"error: {message}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl", "turns.txt"]
+
+
+def test_former_mode_as_a_command_line(tmp_path):
+    """The same as a process (the README's old prompt-file command): exit code 2, the one line, no traceback."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--prompts", "prompts/toy_heldout.jsonl",
+                        "--batch-size", "16", "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert (r.returncode, r.stdout, r.stderr) == (2, "", f"error: --prompts moved to {MOVED_PROMPTS}\n")
+    assert not (tmp_path / "out").exists()
+
+
 def test_default_prompt_run_error_is_one_line(tmp_path, capsys, no_loading):
     """`python sample.py` with a bad flag: the error alone (the default-prompt notice comes only once checks pass)."""
     assert sample.main(["--steps", "0", "--out", str(tmp_path / "o")]) == 2
