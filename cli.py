@@ -1,7 +1,8 @@
-"""The command lines' shared checks (sample.py, chat.py, train.py, rl.py, ...): bad input becomes one line
-`error: ...` on stderr and exit code 2, found before anything expensive runs; a training run's folders are checked
-before it starts; Ctrl-C / SIGTERM during training save the state and exit with 130 / 143 (SignalGuard). The files
-themselves are written by files.py.
+"""The command lines' shared code (sample.py, chat.py, generate_batch.py, train.py, rl.py, ...): bad input becomes one
+line `error: ...` on stderr and exit code 2, found before anything expensive runs; a training run's folders are
+checked before it starts; Ctrl-C / SIGTERM during training save the state and exit with 130 / 143 (SignalGuard). The
+sampling scripts share their parser pieces, their flag checks (against load_hf.Plan, the checkpoint's configs read
+once) and their output writing here. The files themselves are written by files.py.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import errno
 import json
 import math
 import os
+import re
 import secrets
 import signal
 import sys
@@ -18,8 +20,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from tokenizers import models
 
+import bsq
+import decoder as D
 import files
+import pipeline as P
 from files import UsageError  # the one error type of bad input, raised by the file operations too
 
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes [0, 2**64 - 1] (negative seeds wrap around)
@@ -475,3 +482,242 @@ class _Steps:
             raise Interrupted(signum)
         self.stopped = stop
         return stop
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The sampling scripts (sample.py, chat.py, generate_batch.py): parser pieces, checks, writing
+# ---------------------------------------------------------------------------------------------------------------------
+
+DEFAULT_CKPT = Path(__file__).resolve().parent / "checkpoints" / "toy"  # the project's toy checkpoint
+MAX_NEW_TOKENS = 1024  # understanding: the default answer limit, lowered to what the position budget leaves
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # None: the
+# device's default (load_hf.default_dtype: bf16 on CUDA, fp32 on MPS and CPU)
+
+
+def run_script(body, argv) -> int:
+    """A sampling script's main: body(argv, status) -> exit code. Bad input is one `error: ...` line and exit code 2;
+    Ctrl-C / SIGTERM one line (with status["note"]: where the finished files are, how to continue) and 130 / 143."""
+    status = {"note": ""}
+    with SignalGuard():
+        try:
+            return body(sys.argv[1:] if argv is None else list(argv), status)
+        except UsageError as e:
+            return fail(e)
+        except Interrupted as e:
+            print(f"interrupted by {e.name}{status['note']}", file=sys.stderr)
+            return e.exit_code
+
+
+def checkpoint_settings(argv: list, resolve) -> tuple[Path, dict]:
+    """--ckpt read ahead of the full parser, so that --help can show the defaults of the checkpoint it will use ->
+    (the checkpoint, its sample settings). `resolve` is load_hf.resolve_checkpoint (a folder, or a hub id through the
+    local hub cache); its error is one line naming --ckpt."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--ckpt", type=Path, default=None)
+    try:
+        named = pre.parse_known_args(argv)[0].ckpt
+    except SystemExit:  # e.g. `--ckpt` without a value: the full parser reports it
+        named = None
+    if named is not None:
+        try:
+            named = resolve(named)
+        except ValueError as e:  # load_hf.CheckpointError
+            raise UsageError(f"--ckpt: {e}") from None
+    ckpt = named or DEFAULT_CKPT
+    return ckpt, read_sample_settings(ckpt)
+
+
+def parse_size(s: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in s.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must look like HxW, e.g. 512x512, got {s!r}") from None
+    return h, w
+
+
+def script_parser(doc: str, ckpt: Path, d: dict) -> Parser:
+    """A sampling script's parser with --ckpt; `d` are the defaults of checkpoint `ckpt` (its uniar_sample.json, or
+    the official ones)."""
+    where = f"its {SAMPLE_JSON}" if (Path(ckpt) / SAMPLE_JSON).is_file() else "the official inference defaults"
+    ap = Parser(description=f"{doc}\nDefaults below: those of {ckpt} ({where}).",
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ckpt", type=Path, default=None, help="checkpoint folder (released layout); default: the "
+                    f"project's toy checkpoint ({DEFAULT_CKPT})")
+    return ap
+
+
+def add_image_flags(ap: argparse.ArgumentParser, d: dict, kernel_sampler: bool = True) -> None:
+    """The flags of drawing: the AR model's sampling, the seed, the sizes, the decoder's steps and guidance.
+    `kernel_sampler`: the script offers --sampler kernel (else --sampler is hidden, and the script refuses kernel)."""
+    t_lo, t_hi = TEMPERATURE_RANGE
+    g_lo, g_hi = CFG_RANGE
+    ap.add_argument("--cfg", type=float, default=None, help=f"classifier-free guidance of the AR model, in "
+                    f"[{g_lo:g}, {g_hi:g}] (1 = off; default {d['cfg']})")
+    ap.add_argument("--temperature", type=float, default=None, help=f"bit sampling temperature, in [{t_lo:g}, "
+                    f"{t_hi:g}] ({t_lo:g} is already near-greedy, smaller values overflow the logits; default "
+                    f"{d['temperature']})")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the AR bit sampling and the decoder noise, an "
+                    "integer in [0, 2**64 - 1]: the same seed, flags and checkpoint give the same image (default 0)")
+    ap.add_argument("--ar-size", type=parse_size, default=None, help="AR grid in pixels, HxW, multiples of 32 "
+                    f"(default {d['ar_size'][0]}x{d['ar_size'][1]})")
+    ap.add_argument("--upsample", type=float, default=None, help="decoder output / AR size, in [1, 2] "
+                    f"(default {d['upsample']})")
+    ap.add_argument("--steps", type=int, default=None, help=f"decoder denoising steps, >= 1 (default {d['steps']})")
+    ap.add_argument("--decoder-cfg", type=float, default=None, help="decoder guidance over the visual condition, in "
+                    f"[{g_lo:g}, {g_hi:g}] (1 = off; default {d['decoder_cfg']})")
+    ap.add_argument("--sampler", default="multinomial", choices=["multinomial", "kernel"],
+                    help="bit sampler: the official multinomial draw (bit-identical seeds), or the one-launch bitwise "
+                    "kernel (Triton on GPU; another random stream)" if kernel_sampler else argparse.SUPPRESS)
+
+
+def add_answer_flags(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--max-new-tokens", type=int, default=None, help=f"understanding: answer length limit (default "
+                    f"min({MAX_NEW_TOKENS}, what the checkpoint's position budget text_config.max_position_embeddings "
+                    "leaves after the prompt), decided at run time)")
+    ap.add_argument("--answer-temperature", type=float, default=0.0, help="understanding: 0 = greedy (official)")
+
+
+def add_output_flags(ap: argparse.ArgumentParser) -> None:
+    """--device, --dtype, --out, --cache-dir."""
+    ap.add_argument("--device", default="auto", help="auto (CUDA, else Apple's MPS, else CPU), cpu, cuda, "
+                    "cuda:1, mps")
+    ap.add_argument("--dtype", default="auto", choices=list(DTYPES),
+                    help="auto: bfloat16 on CUDA, float32 on Apple's MPS and on the CPU")
+    ap.add_argument("--out", type=Path, default=Path("out"), help="output folder")
+    ap.add_argument("--cache-dir", type=Path, default=None, help="where the decoder prompt embeddings are cached")
+
+
+def apply_defaults(args, defaults: dict) -> None:
+    """The checkpoint exists, and the drawing flags left out take its defaults (args.ar_size, args.upsample, ...)."""
+    if args.ckpt is None and not (DEFAULT_CKPT / "config.json").exists():
+        raise UsageError(f"no --ckpt given and the project's toy checkpoint does not exist yet ({DEFAULT_CKPT}); "
+                         "pass --ckpt PATH to a UniAR checkpoint folder, e.g. a download of ShareLab-SII/UniAR-RL "
+                         "(README: Released checkpoints)")
+    for name in ("cfg", "temperature", "ar_size", "upsample", "steps", "decoder_cfg"):
+        if getattr(args, name) is None:
+            setattr(args, name, defaults[name])
+
+
+def check_image_flags(args) -> None:
+    """The ranges of the drawing flags (after apply_defaults)."""
+    check_float_range(args.cfg, "--cfg", *CFG_RANGE, "cfg must be >= 1, 1 = no guidance; larger guidance overflows "
+                      "the guided logits")
+    check_float_range(args.temperature, "--temperature", *TEMPERATURE_RANGE, "temperature must be > 0; 0.01 is "
+                      "already near-greedy, below it logits / temperature overflows")
+    check_float_range(args.upsample, "--upsample", 1.0, 2.0, "decoder output size / AR size")
+    check_int_range(args.steps, "--steps", 1, hint="decoder denoising steps")
+    check_float_range(args.decoder_cfg, "--decoder-cfg", *CFG_RANGE, "1 = no guidance")
+
+
+def check_answer_flags(args) -> None:
+    check_float_range(args.answer_temperature, "--answer-temperature", 0.0, TEMPERATURE_RANGE[1], "0 = greedy")
+    if args.max_new_tokens is not None:
+        check_int_range(args.max_new_tokens, "--max-new-tokens", 1)
+
+
+def check_device_and_out(args, writes: bool = True) -> torch.device:
+    """--device present on this machine; --out a folder (writable when the run `writes` there) -> the device."""
+    device = resolve_device(args.device)
+    check_out_folder(args.out)
+    if writes:
+        check_out_writable(args.out)
+    return device
+
+
+def check_image(path, flag: str = "--image") -> None:
+    """A readable image file, within PIL's decompression-bomb limit (ValueError naming the flag)."""
+    try:
+        bsq.load_image(path)
+    except ValueError as e:
+        raise ValueError(f"{flag}: {e}") from None
+
+
+def warn_unknown_words(tok, text: str, flag: str, root: Path) -> None:
+    """A word-level tokenizer (the toy's) reads words outside its vocabulary as <unk>, which the model never saw in
+    a meaningful place: say so, with the vocabulary, instead of drawing something else silently."""
+    model = tok.tk.model
+    if not isinstance(model, models.WordLevel) or not text:
+        return
+    unk_id = tok.tk.token_to_id(model.unk_token)
+    enc = tok.text_tk.encode(text, add_special_tokens=False)  # as the model will read it: text, never control tokens
+    unknown = [text[a:b] for (a, b), i in zip(enc.offsets, enc.ids) if i == unk_id]
+    if unknown:
+        known = sorted(w for w, i in tok.tk.get_vocab(with_added_tokens=False).items()
+                       if i != unk_id and w.isalpha())
+        print(f"warning: {flag}: the word-level tokenizer of {root} does not know {', '.join(map(repr, unknown))} "
+              f"(read as {model.unk_token}); it knows: {' '.join(known)} (README.md: Toy vocabulary)",
+              file=sys.stderr)
+
+
+def check_generation(plan, ar_h: int, ar_w: int, upsample: float, prompts: list, *, image=None,
+                     editing: bool = False) -> None:
+    """--ar-size / --upsample against the AR grid, the position budget and the decoder (`plan`: load_hf.Plan), for
+    every prompt; `image`: an edit's input image (checked readable), `editing`: the prompts edit input images
+    (ValueError naming the flag; load_hf.CheckpointError for the checkpoint's own problems)."""
+    cfg, tok, root = plan.config, plan.tokenizer, plan.root
+    if image is not None:
+        check_image(image)
+        editing = True
+    ds = cfg.downsample
+    if ar_h <= 0 or ar_w <= 0 or ar_h % ds or ar_w % ds:
+        raise ValueError(f"--ar-size: AR size {ar_h}x{ar_w} must be positive multiples of {ds} px")
+    unit, max_grid = plan.decoder_geometry
+    try:
+        D.output_size(ar_h, ar_w, upsample, unit, max_grid)
+    except ValueError as e:
+        raise ValueError(f"--ar-size {ar_h}x{ar_w} / --upsample {upsample}: {e}") from None
+    n_img = None
+    if editing:  # an input image is resized to the AR size, so its token count depends on that size only
+        v = cfg.vision
+        n_img = (ar_h // v.patch_size) * (ar_w // v.patch_size) // v.merge_unit
+    warn_unknown_words(tok, "\n".join(dict.fromkeys(prompts)), "--prompts" if len(prompts) > 1 else "--prompt", root)
+    gh, gw = ar_h // ds, ar_w // ds
+    n_prompt = max(len(tok.encode(P.render_generation_prompt(p, gh, gw, n_img))) for p in prompts)
+    budget = cfg.text.max_position_embeddings
+    if n_prompt + gh * gw > budget:
+        raise ValueError(f"--ar-size {ar_h}x{ar_w}: prompt of {n_prompt} tokens + {gh * gw} image tokens exceeds the "
+                         f"position budget max_position_embeddings={budget} of {root / 'config.json'}; use a smaller "
+                         "--ar-size")
+
+
+def check_understanding(plan, image, question: str, max_new_tokens: int | None) -> int:
+    """--image readable, and --max-new-tokens within what the position budget leaves after the prompt (`plan`:
+    load_hf.Plan) -> the answer limit (left out: min(MAX_NEW_TOKENS, that room))."""
+    cfg, tok, root = plan.config, plan.tokenizer, plan.root
+    check_image(image)
+    proc = plan.processor  # the preprocessing pipeline.answer will use
+    if proc is None:
+        raise ValueError(f"{root}: the checkpoint {P.NO_IMAGE_PROCESSOR}")
+    _, grid = proc(image)
+    warn_unknown_words(tok, question, "--question", root)
+    n_prompt = len(tok.encode(P.render_chat_prompt(question, int(grid[0].prod()) // cfg.vision.merge_unit)))
+    budget = cfg.text.max_position_embeddings
+    room = budget - n_prompt
+    if room < 1:
+        raise ValueError(f"--question: the prompt (question + image) takes {n_prompt} tokens, the whole position "
+                         f"budget max_position_embeddings={budget} of {root / 'config.json'}; use a shorter question "
+                         "or a smaller image")
+    if max_new_tokens is None:
+        return min(MAX_NEW_TOKENS, room)
+    if max_new_tokens > room:
+        raise ValueError(f"--max-new-tokens {max_new_tokens}: the prompt takes {n_prompt} of the "
+                         f"max_position_embeddings={budget} positions of {root / 'config.json'}; use at most {room}")
+    return max_new_tokens
+
+
+def split_lines(text: str) -> list:
+    """Lines ended by \\n, \\r\\n or \\r only: str.splitlines would also split a prompt at the Unicode line and
+    paragraph separators (U+2028, U+0085, ...), which JSON strings and prompts may hold as text."""
+    return re.split(r"\r\n|\r|\n", text)
+
+
+@contextmanager
+def writing(folder: Path, resume: bool = False):
+    """A write into an output folder that fails (disk full, read-only, no permission) becomes one error line naming
+    the folder; the files are written atomically, so nothing finished before is lost."""
+    try:
+        yield
+    except (OSError, SafetensorError) as e:
+        if files.io_failure(e) is None:
+            raise
+        raise UsageError(cannot_write(e, folder, resume=resume)) from None

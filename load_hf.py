@@ -702,6 +702,46 @@ def vae_config(root):
     return _part(D.VAEConfig.from_dict, vae / "config.json", schema.check, schema.VAE) if vae.is_dir() else None
 
 
+class Plan:
+    """What the command lines (sample.py, chat.py, generate_batch.py) check their flags against before anything
+    loads, read from a checkpoint's configs and tokenizer files, never its weights. Each part is read once, when a
+    check first asks for it: the checks meet a damaged checkpoint's problems in the order they make them, and an
+    understanding run never reads the decoder's configs.
+
+    config, tokenizer, root: the AR model's checked config.json, its tokenizer and its folder;
+    processor:               understanding's image preprocessing (preprocessor_config.json; None when absent);
+    decoder_geometry:        (pixels per decoder token = VAE scale x patch size, pos_embed_max_size)."""
+
+    def __init__(self, ckpt):
+        self.ckpt, self._read = Path(ckpt), {}
+
+    def _once(self, part: str, read: Callable):
+        if part not in self._read:
+            self._read[part] = read()
+        return self._read[part]
+
+    def _ar(self):
+        def read():
+            root = resolve_part(self.ckpt, "ar_model")
+            return (*_ar_config(root), root)  # the tokenizer files are checked with the config
+        return self._once("ar", read)
+
+    config = property(lambda self: self._ar()[0])
+    tokenizer = property(lambda self: self._ar()[1])
+    root = property(lambda self: self._ar()[2])
+
+    @property
+    def processor(self):
+        return self._once("processor", lambda: image_processor_config(self.root, self.config.vision))
+
+    @property
+    def decoder_geometry(self) -> tuple[int, int]:
+        def read():
+            tcfg, vcfg = transformer_config(self.ckpt), vae_config(self.ckpt)
+            return (1 if vcfg is None else vcfg.scale) * tcfg.patch_size, tcfg.pos_embed_max_size
+        return self._once("decoder", read)
+
+
 def load_text_encoders(pipeline_dir, *, dtype=torch.float32, device="cpu", max_sequence_length: int = 256) -> dict:
     """The SD3 pipeline's text encoders and tokenizers: {"clip_l", "clip_g", "t5"} -> (model, tokenizer); "t5" is
     None when the pipeline has no text_encoder_3/ (SD3 then uses zeros for the T5 part)."""

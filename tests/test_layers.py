@@ -14,7 +14,7 @@ LAYERS = {
     "pipeline": 4,
     "load_hf": 5, "cli": 5,
     "evaluate": 6,
-    "sample": 7, "train": 7, "rl": 7,
+    "sample": 7, "chat": 7, "generate_batch": 7, "train": 7, "rl": 7,
     "bench": 8,
 }
 MODEL_FILES = ("bsq", "model", "decoder")

@@ -1,5 +1,5 @@
-"""`sample.py --prompts`: the official batch launcher's file format and output layout, editing records, resume after a
-kill, data parallel under torchrun, images that depend only on (seed, prompt index, sample index), and
+"""`generate_batch.py --prompts`: the official batch launcher's file format and output layout, editing records, resume
+after a kill, data parallel under torchrun, images that depend only on (seed, prompt index, sample index), and
 `train.py --score` reading a run back with the toy evaluator."""
 import json
 import os
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import sample
+import generate_batch
 import toy
 import cli
 import evaluate
@@ -34,7 +34,7 @@ def write_jsonl(path: Path, records) -> Path:
 
 
 def run(args, cwd=None, env=None, check=True) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, str(ROOT / "sample.py")] + [str(a) for a in args], capture_output=True,
+    r = subprocess.run([sys.executable, str(ROOT / "generate_batch.py")] + [str(a) for a in args], capture_output=True,
                        text=True, cwd=cwd, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     if check:
         assert r.returncode == 0, r.stderr[-3000:]
@@ -60,9 +60,9 @@ def test_layout_and_metadata_are_the_official_ones(reference):
     d, _, got, r = reference
     want = {f"{rec['idx']:05d}/{name}" for rec in RECORDS for name in ("metadata.json", "samples/0000.png",
                                                                         "samples/0001.png")}
-    assert set(got) == want | {sample.RUN_SETTINGS}  # and the settings the samples were drawn with (for --resume)
+    assert set(got) == want | {generate_batch.RUN_SETTINGS}  # and the settings the samples were drawn with (--resume)
     toy_settings = cli.read_sample_settings(TOY, required=True, defaults={})
-    assert json.loads(got[sample.RUN_SETTINGS]) == {
+    assert json.loads(got[generate_batch.RUN_SETTINGS]) == {
         "ckpt": str(TOY.resolve()), "seed": 0, "ar_size": list(toy_settings["ar_size"]), "dtype": "float32",
         "image_key": None, **{k: toy_settings[k] for k in ("cfg", "temperature", "upsample", "steps", "decoder_cfg")}}
     for rec in RECORDS:
@@ -87,9 +87,9 @@ def test_same_files_for_any_batch_size_and_process_count(reference, tmp_path):
     run(["--ckpt", TOY, "--prompts", prompts, "--samples-per-prompt", 2, "--batch-size", 4, "--out", tmp_path / "b4"])
     assert files(tmp_path / "b4" / "p") == want
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(ROOT / "sample.py"), "--ckpt", str(TOY), "--prompts", str(prompts), "--samples-per-prompt",
-                        "2", "--batch-size", "2", "--out", str(tmp_path / "dp")], capture_output=True, text=True,
-                       timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                        str(ROOT / "generate_batch.py"), "--ckpt", str(TOY), "--prompts", str(prompts),
+                        "--samples-per-prompt", "2", "--batch-size", "2", "--out", str(tmp_path / "dp")],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert files(tmp_path / "dp" / "p") == want
     written = r.stdout.split()  # each process prints the paths it wrote
@@ -103,8 +103,8 @@ def test_resume_after_a_kill(reference, tmp_path):
     refuses."""
     d, prompts, want, _ = reference
     out, log = tmp_path / "out", tmp_path / "calls.log"
-    args = ["sample", "--ckpt", str(TOY), "--prompts", str(prompts), "--samples-per-prompt", "2", "--batch-size", "2",
-            "--out", str(out)]
+    args = ["generate_batch", "--ckpt", str(TOY), "--prompts", str(prompts), "--samples-per-prompt", "2",
+            "--batch-size", "2", "--out", str(out)]
     rng = random.Random(1)
     finished = {}
     for attempt in range(4):
@@ -119,7 +119,7 @@ def test_resume_after_a_kill(reference, tmp_path):
         for p in now:
             Image.open(p).load()  # every PNG present is whole
         if r.returncode == 0:  # a run that finished cleaned what the killed ones left (its settings record stays)
-            assert not [p for p in out.rglob("*") if p.name.startswith(".") and p.name != sample.RUN_SETTINGS]
+            assert not [p for p in out.rglob("*") if p.name.startswith(".") and p.name != generate_batch.RUN_SETTINGS]
     assert files(out / "p") == want
     r = run(["--ckpt", TOY, "--prompts", prompts, "--samples-per-prompt", 2, "--out", out], check=False)
     assert (r.returncode, r.stderr) == (2, f"error: {out / 'p'} already holds 6 of this file's samples; pass --resume "
@@ -202,8 +202,8 @@ def test_prompt_file_mistakes_are_one_line_errors(tmp_path, capsys, monkeypatch,
     except Exception as e:
         pil = str(e)
     fill = lambda x: x.replace("{f}", str(f)).replace("{d}", str(tmp_path)).replace("{pil}", pil)
-    assert sample.main(["--ckpt", str(TOY), "--prompts", str(f), "--out", str(tmp_path / "o")] +
-                       [fill(a) for a in flags]) == 2
+    assert generate_batch.main(["--ckpt", str(TOY), "--prompts", str(f), "--out", str(tmp_path / "o")] +
+                               [fill(a) for a in flags]) == 2
     assert capsys.readouterr().err == f"error: {fill(message)}\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.png", "good.png", "p.jsonl"]  # nothing written, anywhere
 
@@ -218,7 +218,7 @@ def test_prompt_file_name_that_is_no_folder_name_needs_run_name(tmp_path, capsys
     (tmp_path / "in").mkdir()
     f = tmp_path / "in" / name
     f.write_text('{"idx": 0, "prompt": "a blue circle at the bottom right"}\n')
-    assert sample.main(["--ckpt", str(TOY), "--prompts", str(f), "--out", str(tmp_path / "in" / "o")]) == 2
+    assert generate_batch.main(["--ckpt", str(TOY), "--prompts", str(f), "--out", str(tmp_path / "in" / "o")]) == 2
     assert capsys.readouterr().err == (
         f"error: --prompts {f}: its name gives the run folder {run!r}, which is not one plain folder name: not empty, "
         "no '/' or '\\', no control characters, not starting with '.'; pass --run-name NAME\n")
@@ -241,16 +241,17 @@ def test_resume_refuses_another_prompt_file_or_other_settings(reference, tmp_pat
             "--resume"]
     other = write_jsonl((tmp_path / "other").mkdir() or tmp_path / "other" / "p.jsonl",
                         [RECORDS[0], {**RECORDS[1], "prompt": "a green circle at the top left"}, RECORDS[2]])
-    assert sample.main(same + ["--prompts", str(other)]) == 2
+    assert generate_batch.main(same + ["--prompts", str(other)]) == 2
     assert capsys.readouterr().err == (
         f"error: --prompts {other} line 2: {run_dir / '00007' / 'metadata.json'} holds another record than this line "
         "(idx 7), the one the samples in its folder belong to; run the prompt file the run was drawn from, or pass "
         "another --run-name / --out\n")
-    assert sample.main(same + ["--prompts", str(prompts), "--seed", "1"]) == 2
+    assert generate_batch.main(same + ["--prompts", str(prompts), "--seed", "1"]) == 2
     assert capsys.readouterr().err == (
         f"error: --resume: the 6 samples in {run_dir} were drawn with --seed 0; this run has --seed 1; resume with "
         "the settings they were drawn with, or pass another --run-name / --out\n")
-    assert sample.main(same + ["--prompts", str(prompts), "--cfg", "2", "--steps", "3", "--ar-size", "32x32"]) == 2
+    assert generate_batch.main(same + ["--prompts", str(prompts), "--cfg", "2", "--steps", "3", "--ar-size",
+                                       "32x32"]) == 2
     assert capsys.readouterr().err == (
         f"error: --resume: the 6 samples in {run_dir} were drawn with --cfg 1.5, --ar-size 64x64, --steps 10; this run "
         "has --cfg 2.0, --ar-size 32x32, --steps 3; resume with the settings they were drawn with, or pass another "
@@ -280,12 +281,12 @@ def test_prompt_file_work_is_lazy(tmp_path, monkeypatch):
     f = tmp_path / "many.txt"
     f.write_text("".join(f"a {c} circle at the top left\n" for c in ["red", "blue"] * 1000))
     with pytest.raises(Stop):
-        sample.main(["--ckpt", str(TOY), "--prompts", str(f), "--samples-per-prompt", "1000", "--batch-size", "4",
-                     "--out", str(tmp_path / "o")])
+        generate_batch.main(["--ckpt", str(TOY), "--prompts", str(f), "--samples-per-prompt", "1000",
+                             "--batch-size", "4", "--out", str(tmp_path / "o")])
     assert seen == {"prompts": ["a red circle at the top left"] * 4,
                     "seeds": [P.sample_seed(0, 0, k) for k in range(4)]}
     assert sorted(str(p.relative_to(tmp_path / "o")) for p in (tmp_path / "o").rglob("*")) == [
-        "many", f"many/{sample.RUN_SETTINGS}", "many/00000", "many/00000/metadata.json"]
+        "many", f"many/{generate_batch.RUN_SETTINGS}", "many/00000", "many/00000/metadata.json"]
 
 
 def test_ctrl_c_keeps_the_finished_samples_and_resume_completes(reference, tmp_path):
@@ -297,8 +298,9 @@ def test_ctrl_c_keeps_the_finished_samples_and_resume_completes(reference, tmp_p
     d, prompts, want, _ = reference
     out = tmp_path / "out"
     args = ["--ckpt", TOY, "--prompts", prompts, "--samples-per-prompt", 12, "--batch-size", 1, "--out", out]
-    p = subprocess.Popen([sys.executable, str(ROOT / "sample.py")] + [str(a) for a in args], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    p = subprocess.Popen([sys.executable, str(ROOT / "generate_batch.py")] + [str(a) for a in args],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
     first = p.stdout.readline()  # the first sample is written
     assert first.strip() == str(out / "p" / "00000" / "samples" / "0000.png"), p.stderr.read()[-2000:]
     p.send_signal(signal.SIGINT)
@@ -340,7 +342,7 @@ def test_shipped_prompt_file_is_the_evaluation_s():
 
 
 def test_score_of_a_prompt_file_run_equals_the_evaluation(tmp_path, capsys):
-    """The first 16 records of prompts/toy_heldout.jsonl through `sample.py --prompts` (batch 5), scored with
+    """The first 16 records of prompts/toy_heldout.jsonl through `generate_batch.py --prompts` (batch 5), scored with
     `train.py --score`, give exactly the generation figures of the evaluation on the same 16 prompts (batch 32): the
     same images, since each depends only on (seed, prompt index)."""
     head = tmp_path / "toy_heldout.jsonl"

@@ -7,8 +7,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import sample
+import chat
+import cli
+import generate_batch
 import load_hf
+import sample
 
 
 @pytest.fixture()
@@ -250,20 +253,21 @@ CFG_HINT = "(cfg must be >= 1, 1 = no guidance; larger guidance overflows the gu
     (["--prompt", " \t "], "--prompt is empty; give the text to draw (or, with --image, the edit instruction)"),
     (["--question", "", "--image", "{img}"], "--question is empty; give a question about --image"),
     (["--question", "  ", "--image", "{img}"], "--question is empty; give a question about --image"),
-    # conversations answer too: their answer flags are checked (they ran, or crashed after loading)
-    (["--chat-file", "{chat}", "--answer-temperature", "-1"],
+    # conversations (chat.py) answer too: their answer flags are checked (they ran, or crashed after loading)
+    (["chat.py", "--file", "{chat}", "--answer-temperature", "-1"],
      "--answer-temperature must be a finite number in [0, 100], got -1.0 (0 = greedy)"),
-    (["--chat-file", "{chat}", "--answer-temperature", "nan"],
+    (["chat.py", "--file", "{chat}", "--answer-temperature", "nan"],
      "--answer-temperature must be a finite number in [0, 100], got nan (0 = greedy)"),
-    (["--chat-file", "{chat}", "--max-new-tokens", "-5"], "--max-new-tokens must be an integer >= 1, got -5"),
-    (["--chat", "--max-new-tokens", "0"], "--max-new-tokens must be an integer >= 1, got 0"),
-    (["--chat-file", "{chat}", "--prompt", "x"],
-     "--chat / --chat-file: drop --prompt; in a conversation that is a turn: '/draw TEXT'"),
-    (["--chat-file", "{chat}", "--sampler", "kernel"],
+    (["chat.py", "--file", "{chat}", "--max-new-tokens", "-5"], "--max-new-tokens must be an integer >= 1, got -5"),
+    (["chat.py", "--max-new-tokens", "0"], "--max-new-tokens must be an integer >= 1, got 0"),
+    (["chat.py", "--file", "{chat}", "--prompt", "x"],
+     "chat.py: drop --prompt; in a conversation that is a turn: '/draw TEXT'"),
+    (["chat.py", "--file", "{chat}", "--sampler", "kernel"],
      "--sampler kernel: a conversation draws with --sampler multinomial"),
 ])
 def test_mistakes_are_one_line_errors_before_loading(golden, tmp_path, capsys, no_loading, flags, message):
-    """The golden checkpoint (no uniar_sample.json: the official defaults); the loaders raise if reached."""
+    """The golden checkpoint (no uniar_sample.json: the official defaults); the loaders raise if reached. A case
+    starting with "chat.py" runs chat.main, the others sample.main."""
     from PIL import UnidentifiedImageError
 
     f = tmp_path / "afile"
@@ -277,9 +281,9 @@ def test_mistakes_are_one_line_errors_before_loading(golden, tmp_path, capsys, n
     unit, grid = decoder_unit(golden)  # pixels per transformer token, the position table's side
     sizes = size_cases(golden)
     assert int(sizes["{big}"]) > grid * unit  # the oversized case is oversized on this fixture
-    chat = tmp_path / "turns.txt"
-    chat.write_text("/draw a red circle at the top left\nwhat color is it?\n")
-    fill = {"{file}": str(f), "{img}": str(img), "{pil}": pil, "{chat}": str(chat), **sizes,
+    turns = tmp_path / "turns.txt"
+    turns.write_text("/draw a red circle at the top left\nwhat color is it?\n")
+    fill = {"{file}": str(f), "{img}": str(img), "{pil}": pil, "{chat}": str(turns), **sizes,
             "{side}": str(grid * unit), "{grid}": str(grid), "{unit}": str(unit)}
 
     def sub(s):
@@ -287,11 +291,57 @@ def test_mistakes_are_one_line_errors_before_loading(golden, tmp_path, capsys, n
             s = s.replace(k, val)
         return s
 
-    flags = flags if {"--question", "--chat", "--chat-file"} & set(flags) else ["--prompt", "x"] + flags
+    if flags[0] == "chat.py":
+        main, flags = chat.main, flags[1:]
+    else:
+        main, flags = sample.main, flags if "--question" in flags else ["--prompt", "x"] + flags
     out = tmp_path / "o"
-    rc = sample.main(["--ckpt", str(golden.dir), "--out", str(out), "--device", "cpu"] + [sub(a) for a in flags])
+    rc = main(["--ckpt", str(golden.dir), "--out", str(out), "--device", "cpu"] + [sub(a) for a in flags])
     assert (rc, capsys.readouterr().err) == (2, f"error: {sub(message)}\n")
     assert not out.exists()  # nothing written either
+
+
+MOVED_CHAT = "chat.py: python chat.py ..."
+MOVED_CHAT_FILE = "chat.py: python chat.py --file FILE ..."
+MOVED_PROMPTS = "generate_batch.py: python generate_batch.py --prompts FILE ..."
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--chat"], f"--chat moved to {MOVED_CHAT}"),
+    (["--seed", "3", "--chat", "--max-new-tokens", "0"], f"--chat moved to {MOVED_CHAT}"),
+    (["--chat-file", "{turns}"], f"--chat-file moved to {MOVED_CHAT_FILE}"),
+    (["--chat-file={turns}", "--steps", "0"], f"--chat-file moved to {MOVED_CHAT_FILE}"),
+    (["--prompts", "{prompts}"], f"--prompts moved to {MOVED_PROMPTS}"),
+    # with the flags only the new command takes (else `unrecognized arguments`), and a flag sample.py refuses
+    (["--prompts", "{prompts}", "--batch-size", "16", "--resume", "--run-name", "r"], f"--prompts moved to "
+     f"{MOVED_PROMPTS}"),
+    (["--cfg", "0", "--prompts={prompts}", "--samples-per-prompt", "4"], f"--prompts moved to {MOVED_PROMPTS}"),
+])
+def test_former_modes_name_the_command_that_runs_them(tmp_path, capsys, no_loading, flags, message):
+    """sample.py's former modes (--chat, --chat-file, --prompts) are chat.py and generate_batch.py now: spelled the
+    old way they are one line naming the new command, exit code 2, before any other check, nothing loaded or
+    written."""
+    (tmp_path / "turns.txt").write_text("/draw a red circle at the top left\n")
+    (tmp_path / "p.jsonl").write_text('{"idx": 0, "prompt": "a red circle at the top left"}\n')
+    flags = [a.replace("{turns}", str(tmp_path / "turns.txt")).replace("{prompts}", str(tmp_path / "p.jsonl"))
+             for a in flags]
+    assert sample.main(flags + ["--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr() == ("", f"error: {message}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl", "turns.txt"]
+
+
+def test_former_mode_as_a_command_line(tmp_path):
+    """The same as a process (the README's old prompt-file command): exit code 2, the one line, no traceback."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--prompts", "prompts/toy_heldout.jsonl",
+                        "--batch-size", "16", "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert (r.returncode, r.stdout, r.stderr) == (2, "", f"error: --prompts moved to {MOVED_PROMPTS}\n")
+    assert not (tmp_path / "out").exists()
 
 
 def test_default_prompt_run_error_is_one_line(tmp_path, capsys, no_loading):
@@ -352,7 +402,7 @@ def test_help_shows_the_defaults_of_the_checkpoint_it_will_use(golden, capsys, m
         sample.main(["--ckpt", str(golden.dir), "--help"])
     released = capsys.readouterr().out
     assert e.value.code == 0
-    assert f"Defaults below: those of {sample.DEFAULT_CKPT} (its uniar_sample.json)." in toy
+    assert f"Defaults below: those of {cli.DEFAULT_CKPT} (its uniar_sample.json)." in toy
     assert f"Defaults below: those of {golden.dir} (the official inference defaults)." in released
     toy, released = " ".join(toy.split()), " ".join(released.split())
     for size, steps, up, text in (("64x64", 10, 1.0, toy), ("960x960", 28, 1.067, released)):
@@ -375,7 +425,7 @@ def test_unknown_toy_words_are_named_with_the_vocabulary(tmp_path, capsys, no_lo
     with pytest.raises(Loaded):
         sample.main(["--prompt", "a red cube on a table", "--out", str(tmp_path / "o")])
     assert capsys.readouterr().err == (
-        f"warning: --prompt: the word-level tokenizer of {sample.DEFAULT_CKPT} does not know 'cube', 'on', 'table' "
+        f"warning: --prompt: the word-level tokenizer of {cli.DEFAULT_CKPT} does not know 'cube', 'on', 'table' "
         f"(read as <unk>); it knows: {known} (README.md: Toy vocabulary)\n")
     with pytest.raises(Loaded):
         sample.main(["--prompt", "a blue triangle at the top right", "--out", str(tmp_path / "o")])
@@ -392,7 +442,7 @@ def test_answer_length_fits_the_position_budget(tmp_path, capsys, monkeypatch):
 
     img = tmp_path / "in.png"
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(img)
-    assert load_hf.ar_config(sample.DEFAULT_CKPT).text.max_position_embeddings == 512
+    assert load_hf.ar_config(cli.DEFAULT_CKPT).text.max_position_embeddings == 512
     seen = {}
     monkeypatch.setattr(load_hf, "load_ar", lambda *a, **k: (None, None))
     monkeypatch.setattr(P, "answer", lambda *a, **k: seen.update(k) or "red")
@@ -400,7 +450,7 @@ def test_answer_length_fits_the_position_budget(tmp_path, capsys, monkeypatch):
     assert sample.main(base + ["--max-new-tokens", "5000"]) == 2 and not seen
     err = capsys.readouterr().err
     m = re.fullmatch(r"error: --max-new-tokens 5000: the prompt takes (\d+) of the max_position_embeddings=512 "
-                     rf"positions of {re.escape(str(sample.DEFAULT_CKPT))}/config.json; use at most (\d+)\n", err)
+                     rf"positions of {re.escape(str(cli.DEFAULT_CKPT))}/config.json; use at most (\d+)\n", err)
     assert m and int(m[1]) + int(m[2]) == 512, err
     assert sample.main(base) == 0
     assert seen["max_new_tokens"] == min(1024, int(m[2])) == int(m[2])
@@ -554,7 +604,7 @@ def test_hub_id_without_huggingface_hub_prints_the_download_command(tmp_path, ca
 # ----- outputs: a drawing never replaces a file, a failed write is one line and loses nothing, Ctrl-C is one line -----
 
 def test_chat_never_replaces_a_file_written_meanwhile(tmp_path, capsys, monkeypatch):
-    """Another run (a second `--chat-file ... --out` on the same folder) writes chat_00.png while this one is saving
+    """Another run (a second `chat.py --file ... --out` on the same folder) writes chat_00.png while this one is saving
     its drawing: this drawing takes the next free name, and the other file is kept byte for byte (the name used to
     be chosen before the write and the file renamed over whatever had appeared there)."""
     from PIL import Image as PILImage
@@ -569,7 +619,7 @@ def test_chat_never_replaces_a_file_written_meanwhile(tmp_path, capsys, monkeypa
         return real_save(self, fp, *a, **k)
 
     monkeypatch.setattr(PILImage.Image, "save", save)
-    assert sample.main(["--chat-file", str(turns), "--out", str(out), "--device", "cpu"]) == 0
+    assert chat.main(["--file", str(turns), "--out", str(out), "--device", "cpu"]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == f"model: {out / 'chat_01.png'}"
     assert (out / "chat_00.png").read_bytes() == b"the other run's drawing"
     assert np.asarray(Image.open(out / "chat_01.png")).shape == (64, 64, 3)
@@ -587,7 +637,7 @@ def test_concurrent_drawings_get_distinct_names(tmp_path):
         start.wait()
         for i in range(25):
             body = f"{w}-{i}".encode()
-            got[body] = sample.save_new(tmp_path, "chat", lambda tmp: Path(tmp).write_bytes(body))
+            got[body] = chat.save_new(tmp_path, "chat", lambda tmp: Path(tmp).write_bytes(body))
 
     threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
     for t in threads:
@@ -616,8 +666,9 @@ def test_failed_write_is_one_line_and_loses_nothing(tmp_path, capsys, monkeypatc
     turns, prompts = tmp_path / "turns.txt", tmp_path / "p.jsonl"
     turns.write_text("/draw a red circle at the top left\n")
     prompts.write_text('{"idx": 0, "prompt": "a blue circle at the bottom right"}\n')
-    args = {"single": ["--seed", "1"], "chat": ["--chat-file", str(turns)],
-            "prompts": ["--prompts", str(prompts), "--samples-per-prompt", "2", "--batch-size", "2"]}[mode]
+    main, args = {"single": (sample.main, ["--seed", "1"]), "chat": (chat.main, ["--file", str(turns)]),
+                  "prompts": (generate_batch.main, ["--prompts", str(prompts), "--samples-per-prompt", "2",
+                                                    "--batch-size", "2"])}[mode]
     out.mkdir()
     if mode == "single":
         assert sample.main(["--out", str(out), "--device", "cpu"]) == 0  # an earlier run's set
@@ -628,13 +679,13 @@ def test_failed_write_is_one_line_and_loses_nothing(tmp_path, capsys, monkeypatc
 
     def save(self, fp, *a, **k):
         saves.append(fp)
-        if mode != "prompts" or len(saves) > 1:  # --prompts: the first sample is written, the second fails
+        if mode != "prompts" or len(saves) > 1:  # a prompt file: the first sample is written, the second fails
             raise OSError(getattr(errno, code), reason)
         return real_save(self, fp, *a, **k)
 
     monkeypatch.setattr(PILImage.Image, "save", save)
     capsys.readouterr()
-    rc = sample.main(args + ["--out", str(out), "--device", "cpu"])
+    rc = main(args + ["--out", str(out), "--device", "cpu"])
     err = capsys.readouterr().err
     where = out / "p" if mode == "prompts" else out
     then = (f"{fix} and continue with the same flags and --resume (the finished files are kept), or pass another --out"
@@ -646,10 +697,11 @@ def test_failed_write_is_one_line_and_loses_nothing(tmp_path, capsys, monkeypatc
         sample_dir = out / "p" / "00000" / "samples"
         assert [p.name for p in sample_dir.iterdir()] == ["0000.png"]
         Image.open(sample_dir / "0000.png").load()  # whole
-    assert not [p for p in out.rglob(".*") if p.name not in (sample.OUTPUTS, sample.RUN_SETTINGS)]
+    assert not [p for p in out.rglob(".*") if p.name not in (sample.OUTPUTS, generate_batch.RUN_SETTINGS)]
 
 
-@pytest.mark.parametrize("mode", [["--prompt", "x"], ["--chat-file", "{turns}"], ["--prompts", "{prompts}"]])
+@pytest.mark.parametrize("mode", [["sample.py", "--prompt", "x"], ["chat.py", "--file", "{turns}"],
+                                  ["generate_batch.py", "--prompts", "{prompts}"]])
 def test_read_only_out_is_refused_before_loading(golden, tmp_path, capsys, monkeypatch, no_loading, mode):
     """A read-only (or not writable) --out folder is refused before anything loads, not after the drawing."""
     import os
@@ -658,17 +710,18 @@ def test_read_only_out_is_refused_before_loading(golden, tmp_path, capsys, monke
     (tmp_path / "p.jsonl").write_text('{"idx": 0, "prompt": "a cube"}\n')
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, m, *a, **k: Path(p) != tmp_path and real_access(p, m, *a, **k))
+    main = {"sample.py": sample.main, "chat.py": chat.main, "generate_batch.py": generate_batch.main}[mode[0]]
     mode = [a.replace("{turns}", str(tmp_path / "turns.txt")).replace("{prompts}", str(tmp_path / "p.jsonl"))
-            for a in mode]
+            for a in mode[1:]]
     out = tmp_path / "o"
-    rc = sample.main(["--ckpt", str(golden.dir), "--out", str(out), "--device", "cpu"] + mode)
+    rc = main(["--ckpt", str(golden.dir), "--out", str(out), "--device", "cpu"] + mode)
     assert (rc, capsys.readouterr().err) == (2, f"error: --out {out}: cannot write in {tmp_path} (read-only file "
                                                 "system or no permission); make it writable, or pass another --out\n")
     assert not out.exists()
 
 
 def test_ctrl_c_in_a_chat_is_one_line(tmp_path):
-    """Ctrl-C during `--chat-file`: one line saying where the drawings are, exit code 130, no traceback; every
+    """Ctrl-C during `chat.py --file`: one line saying where the drawings are, exit code 130, no traceback; every
     drawing written is whole and no temporary file is left."""
     import os
     import signal
@@ -679,7 +732,7 @@ def test_ctrl_c_in_a_chat_is_one_line(tmp_path):
 
     turns, out = tmp_path / "turns.txt", tmp_path / "chat"
     turns.write_text("/draw a red circle at the top left\n" * 300)
-    p = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), "--chat-file", str(turns), "--out", str(out),
+    p = subprocess.Popen([sys.executable, str(ROOT / "chat.py"), "--file", str(turns), "--out", str(out),
                           "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     while not (line := p.stdout.readline()).startswith("model: "):  # the first drawing is written

@@ -165,7 +165,7 @@ def test_prompt_file_line_is_one_prompt(tmp_path, monkeypatch):
     (str.splitlines used to cut the line there: 'not JSON')."""
     import json
 
-    import sample
+    import generate_batch
 
     class Stop(Exception):
         pass
@@ -182,14 +182,14 @@ def test_prompt_file_line_is_one_prompt(tmp_path, monkeypatch):
     f = tmp_path / "p.jsonl"
     f.write_text(json.dumps(rec, ensure_ascii=False) + "\n", encoding="utf-8")
     with pytest.raises(Stop):
-        sample.main(["--prompts", str(f), "--out", str(tmp_path / "o")])
+        generate_batch.main(["--prompts", str(f), "--out", str(tmp_path / "o")])
     assert seen["prompts"] == [ODD_TEXT]
     assert json.loads((tmp_path / "o" / "p" / "00004" / "metadata.json").read_text(encoding="utf-8")) == rec
 
 
 def test_chat_file_line_is_one_turn(tmp_path, monkeypatch, capsys):
-    """A --chat-file line holding those characters is one turn (it used to become several questions)."""
-    import sample
+    """A chat.py --file line holding those characters is one turn (it used to become several questions)."""
+    import chat
 
     asked = []
 
@@ -204,5 +204,5 @@ def test_chat_file_line_is_one_turn(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(P, "Conversation", Conversation)
     f = tmp_path / "turns.txt"
     f.write_text(f"what color is {ODD_TEXT}?\nwhat shape?\n", encoding="utf-8")
-    assert sample.main(["--chat-file", str(f), "--out", str(tmp_path / "o")]) == 0
+    assert chat.main(["--file", str(f), "--out", str(tmp_path / "o")]) == 0
     assert asked == [f"what color is {ODD_TEXT}?", "what shape?"]
