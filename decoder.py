@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 import bsq
 from config_schema import known_fields
-from kernels import guide
+from model import guide
 
 DECODER_PROMPT = "Please reconstruct this image and restore all the details."
 

@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 import bsq
 from config_schema import known_fields
-from kernels import guide, rotate_half
+from kernels import rotate_half
 from kernels.attention import attention as kernel_attention
 from kernels.attention import build_mask
 from kernels.attention import use_kernel
@@ -599,6 +599,13 @@ class UniAR(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------------
 # Generation: prefill, one decode step, the loop (gpt-fast's shape); the sampler is passed in
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance (Ho & Salimans, 2022): uncond + scale * (cond - uncond); scale 1 gives cond. The
+    bit logits here, the decoder's velocity (decoder.Decoder.velocity_fn) and the bitwise kernel (kernels/bitwise.py,
+    written out there) all guide with it."""
+    return uncond + scale * (cond - uncond)
 
 
 def cfg_guide(logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
