@@ -588,15 +588,15 @@ def ar_config(root: Path):
 
 
 def image_processor_config(root: Path, vcfg):
-    """`<root>/preprocessor_config.json` -> bsq.ImageProcessorConfig (checked against the vision config), or None
+    """`<root>/preprocessor_config.json` -> pipeline.ImageProcessorConfig (checked against the vision config), or None
     when the file is absent: then, as with the official loader (AutoProcessor finds only a tokenizer there), the
     checkpoint has no image preprocessing and understanding refuses images (pipeline.image_processor says so)."""
 
-    path = Path(root) / bsq.PREPROCESSOR_CONFIG
+    path = Path(root) / P.PREPROCESSOR_CONFIG
     if not path.is_file():
         return None
     try:
-        proc = bsq.ImageProcessorConfig.from_dict(read_config(path), path)
+        proc = P.ImageProcessorConfig.from_dict(read_config(path), path)
         proc.check_vision(vcfg, path)
     except CheckpointError:
         raise
@@ -844,9 +844,9 @@ def _write_weights(path: Path, module_or_state, keep: Callable[[str], bool] = la
 
 
 def write_image_processor(root, proc) -> None:
-    """bsq.ImageProcessorConfig -> `<root>/preprocessor_config.json` (read back by `image_processor_config`)."""
+    """pipeline.ImageProcessorConfig -> `<root>/preprocessor_config.json` (read back by `image_processor_config`)."""
 
-    _write_json(Path(root) / bsq.PREPROCESSOR_CONFIG, proc.to_dict())
+    _write_json(Path(root) / P.PREPROCESSOR_CONFIG, proc.to_dict())
 
 
 def save_checkpoint(root, *, ar=None, tokenizer_dir=None, vision=None, decoder=None, sample_defaults=None,

@@ -461,9 +461,10 @@ class UniAR(nn.Module):
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
         self.output_layer_vistok = build_vistok_head(cfg)
         self.visual_decoder = nn.ModuleList(DecoderLayer(cfg.text) for _ in range(cfg.visual_transformer_decoder_depth))
-        # how understanding images are resized (the checkpoint's preprocessor_config.json; set by load_hf.load_ar and
-        # train.build, written by load_hf.save_checkpoint); None: the checkpoint states none
-        self.image_processor: Optional[bsq.ImageProcessorConfig] = None
+        # how understanding images are resized: a pipeline.ImageProcessorConfig (the checkpoint's
+        # preprocessor_config.json; set by load_hf.load_ar and train.build, written by load_hf.save_checkpoint);
+        # None: the checkpoint states none
+        self.image_processor = None
 
     @property
     def visual(self) -> bsq.VisionModel:

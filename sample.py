@@ -393,7 +393,7 @@ def warn_unknown_words(tok, text: str, flag: str, root: Path) -> None:
 def check_image(path, flag: str = "--image") -> None:
     """A readable image file, within PIL's decompression-bomb limit (ValueError naming the flag)."""
     try:
-        bsq.load_image(path)
+        P.load_image(path)
     except ValueError as e:
         raise ValueError(f"{flag}: {e}") from None
 
@@ -562,7 +562,7 @@ def input_images(args, records: list, numbers: list) -> dict:
             raise cli.UsageError(f"{where} does not exist: {f} (--image-root {args.image_root})")
         if f not in bad:
             try:
-                bsq.load_image(f)
+                P.load_image(f)
                 bad[f] = None
             except ValueError as e:
                 bad[f] = str(e)

@@ -106,7 +106,7 @@ def test_a_drawn_image_reads_like_the_same_bits_given_as_a_picture(golden, ar):
     assert torch.equal(drawn[0], bits)
     conv.ask("what is it?", max_new_tokens=3)
     v = net.cfg.vision
-    pv, g = M.bsq.preprocess_image(img, size=(H, W), patch_size=v.patch_size, merge_size=v.spatial_merge_size,
+    pv, g = P.preprocess_image(img, size=(H, W), patch_size=v.patch_size, merge_size=v.spatial_merge_size,
                                    temporal_patch_size=v.temporal_patch_size)
     ids = torch.tensor([conv.ctx.ids])
     with torch.no_grad():

@@ -709,12 +709,10 @@ def _toy_parts(tmp_path):
 def test_project_checkpoint_round_trip(tmp_path):
     import pipeline
 
-    import bsq
-
     net, tok_dir, dec = _toy_parts(tmp_path)
     v = net.cfg.vision
-    net.image_processor = bsq.ImageProcessorConfig(min_pixels=3000, max_pixels=9000, patch_size=v.patch_size,
-                                                   merge_size=v.spatial_merge_size)
+    net.image_processor = pipeline.ImageProcessorConfig(min_pixels=3000, max_pixels=9000, patch_size=v.patch_size,
+                                                        merge_size=v.spatial_merge_size)
     root = load_hf.save_checkpoint(tmp_path / "ckpt", ar=net, tokenizer_dir=tok_dir, vision=net.visual, decoder=dec,
                                    sample_defaults={"ar_size": [64, 64], "upsample": 1.0})
     net2, tok2 = load_hf.load_ar(root)

@@ -301,11 +301,11 @@ def test_answer_renders_the_chat_prompt(golden, ar, tok, monkeypatch):
     ar = own_copy(ar)
     v = ar.cfg.vision
     # the fixture states none: the released pixel bounds, the fixture's patch geometry
-    ar.image_processor = bsq.ImageProcessorConfig(patch_size=v.patch_size, merge_size=v.spatial_merge_size,
-                                                  temporal_patch_size=v.temporal_patch_size)
+    ar.image_processor = P.ImageProcessorConfig(patch_size=v.patch_size, merge_size=v.spatial_merge_size,
+                                                temporal_patch_size=v.temporal_patch_size)
     img = golden["vision.image_uint8"].numpy()
-    pv, grid = bsq.preprocess_image(img, patch_size=v.patch_size, merge_size=v.spatial_merge_size,
-                                    temporal_patch_size=v.temporal_patch_size)
+    pv, grid = P.preprocess_image(img, patch_size=v.patch_size, merge_size=v.spatial_merge_size,
+                                  temporal_patch_size=v.temporal_patch_size)
     n_img = int(grid.prod()) // v.merge_unit
     text = ("<|im_start|>user\n<|vision_start|>" + "<|image_pad|>" * n_img +
             "<|vision_end|>what is it?<|im_end|>\n<|im_start|>assistant\n")
@@ -438,8 +438,8 @@ def test_edit_from_prompt_and_image(golden, ar, tok):
                                                    sc["cfg"], [img])
     n_tokens = (sc["ar_height"] // ar.cfg.downsample) * (sc["ar_width"] // ar.cfg.downsample)
     assert ((ids == ar.cfg.image_token_id).sum(1) == n_tokens).all()  # input image at the AR size, in every row
-    one, g1 = bsq.preprocess_image(img, size=(sc["ar_height"], sc["ar_width"]), patch_size=v.patch_size,
-                                   merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size)
+    one, g1 = P.preprocess_image(img, size=(sc["ar_height"], sc["ar_width"]), patch_size=v.patch_size,
+                                 merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size)
     assert torch.equal(pv, torch.cat([one] * ids.shape[0])) and torch.equal(grid, torch.cat([g1] * ids.shape[0]))
     kw = dict(ar_height=sc["ar_height"], ar_width=sc["ar_width"], cfg_scale=sc["cfg"], temperature=sc["temperature"],
               seed=0, input_images=[img])

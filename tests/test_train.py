@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-import bsq
 import cli
 import load_hf
+import pipeline as P
 import toy
 import train
 from conftest import ROOT, own_copy
@@ -226,7 +226,7 @@ def test_to_pixels_matches_the_processor():
     imgs = np.stack([toy.t2i_example(i).image for i in range(3)])
     pv, grid = train.to_pixels(imgs, vc)
     for i, im in enumerate(imgs):
-        p, g = bsq.preprocess_image(im, resize=False)
+        p, g = P.preprocess_image(im, resize=False)
         n = p.shape[0]
         torch.testing.assert_close(pv[i * n:(i + 1) * n], p, rtol=0, atol=0)
         assert grid[i].tolist() == g[0].tolist()
