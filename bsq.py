@@ -68,17 +68,11 @@ class VisionConfig:
     bsq_hidden_dim: int = 8192
     bsq_skip_final_layernorm: bool = True
 
-    def __post_init__(self):
+    def __post_init__(self):  # a config file is checked where it is read (config_schema.VISION, _vision_rules)
         self.deepstack_visual_indexes = tuple(int(i) for i in self.deepstack_visual_indexes)
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"vision hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
-        if self.hidden_act != "gelu_pytorch_tanh":
-            raise ValueError(f"vision hidden_act {self.hidden_act!r} is not supported (expected 'gelu_pytorch_tanh')")
-        side = math.isqrt(self.num_position_embeddings)
-        if side * side != self.num_position_embeddings:
-            raise ValueError(f"num_position_embeddings {self.num_position_embeddings} is not a square grid")
-        if any(not 0 <= i < self.depth for i in self.deepstack_visual_indexes):
-            raise ValueError(f"deepstack_visual_indexes {self.deepstack_visual_indexes} outside depth {self.depth}")
+        assert self.hidden_size % self.num_heads == 0, ("hidden_size, num_heads", self.hidden_size, self.num_heads)
+        assert math.isqrt(self.num_position_embeddings) ** 2 == self.num_position_embeddings, "square position grid"
+        assert all(0 <= i < self.depth for i in self.deepstack_visual_indexes), ("taps", self.deepstack_visual_indexes)
 
     @property
     def levels(self) -> int:

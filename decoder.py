@@ -25,10 +25,8 @@ Departures from the official code (uniar/modeling_vision_decoder.py + diffusers/
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -48,13 +46,6 @@ class JsonConfig:
     def from_dict(cls, d: dict):
         """A diffusers / transformers config.json dict; unknown keys (_class_name, model_type, ...) are ignored."""
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in known_fields(cls, d).items()})
-
-
-def read_json(path) -> dict:
-    if not Path(path).is_file():
-        raise ValueError(f"config file not found: {path}")
-    with open(path) as f:
-        return json.load(f)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -87,15 +78,9 @@ class MMDiTConfig(JsonConfig):
     drop_image_token_prob_for_cfg: float = 0.0
     prediction_type: str = "velocity"  # the released decoder; "sample" (x0) is the toy pixel-space decoder's
 
-    def __post_init__(self):
+    def __post_init__(self):  # a config file is checked where it is read (config_schema.mmdit, _mmdit_rules)
         self.dual_attention_layers = tuple(self.dual_attention_layers)
-        if self.prediction_type not in ("velocity", "sample"):
-            raise ValueError(f"prediction_type must be 'velocity' or 'sample', got {self.prediction_type!r}")
-        if self.qk_norm not in (None, "rms_norm"):
-            raise ValueError(f"qk_norm must be None or 'rms_norm', got {self.qk_norm!r}")
-        if self.caption_projection_dim != self.inner_dim:
-            raise ValueError(f"caption_projection_dim {self.caption_projection_dim} must equal heads * head_dim "
-                             f"{self.inner_dim}")
+        assert self.caption_projection_dim == self.inner_dim, ("caption_projection_dim", self.caption_projection_dim)
 
     @property
     def inner_dim(self) -> int:
@@ -137,10 +122,8 @@ class VAEConfig(JsonConfig):
     scaling_factor: float = 1.5305
     shift_factor: float = 0.0609
 
-    def __post_init__(self):
+    def __post_init__(self):  # a config file is checked where it is read (config_schema.VAE)
         self.block_out_channels = tuple(self.block_out_channels)
-        if self.use_post_quant_conv or self.act_fn != "silu":
-            raise ValueError("only the SD3 VAE layout is supported (act_fn 'silu', use_post_quant_conv false)")
 
     @property
     def scale(self) -> int:
@@ -635,16 +618,13 @@ class Decoder(nn.Module):
                  prompt_embeds: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
                  context: LearnedContext | None = None):
         super().__init__()
-        if (context is None) == (prompt_embeds is None or pooled is None):
-            raise ValueError("give either prompt_embeds and pooled, or a LearnedContext")
+        assert (context is None) != (prompt_embeds is None or pooled is None), "prompt_embeds and pooled, or a context"
         self.vision, self.transformer, self.vae, self.scheduler, self.context = vision, transformer, vae, scheduler, \
             context
         if context is None:
             self.register_buffer("prompt_embeds", prompt_embeds, persistent=False)
             self.register_buffer("pooled", pooled, persistent=False)
-        if transformer.cfg.siglip_channels != vision.cfg.hidden_size * vision.cfg.levels:
-            raise ValueError(f"transformer siglip_channels {transformer.cfg.siglip_channels} != vision hidden_size * "
-                             f"levels {vision.cfg.hidden_size * vision.cfg.levels}")
+        assert transformer.cfg.siglip_channels == vision.cfg.hidden_size * vision.cfg.levels, "the condition's width"
 
     @property
     def scale(self) -> int:

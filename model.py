@@ -76,17 +76,10 @@ class TextConfig:
     hidden_act: str = "silu"
     attention_bias: bool = False
 
-    def __post_init__(self):
+    def __post_init__(self):  # a config file is checked where it is read (config_schema.TEXT, _text_rules)
         self.mrope_section = tuple(int(s) for s in self.mrope_section)
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
-                             f"num_key_value_heads {self.num_key_value_heads}")
-        if sum(self.mrope_section) != self.head_dim // 2:
-            raise ValueError(f"mrope_section {self.mrope_section} must sum to head_dim / 2 = {self.head_dim // 2}")
-        if self.hidden_act != "silu":
-            raise ValueError(f"text hidden_act {self.hidden_act!r} is not supported (expected 'silu')")
-        if self.attention_bias:
-            raise ValueError("attention_bias=True is not supported (Qwen3-VL has bias-free projections)")
+        assert self.num_attention_heads % self.num_key_value_heads == 0, "query heads share key/value heads evenly"
+        assert sum(self.mrope_section) == self.head_dim // 2, ("mrope_section", self.mrope_section, self.head_dim)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TextConfig":
@@ -120,13 +113,8 @@ class UniARConfig:
     text: TextConfig = field(default_factory=TextConfig)
     vision: bsq.VisionConfig = field(default_factory=bsq.VisionConfig)
 
-    def __post_init__(self):
-        if not (self.vistok_pred and self.visual_transformer_decoder):
-            raise ValueError("UniAR generation needs vistok_pred=True and visual_transformer_decoder=True "
-                             f"(got {self.vistok_pred}, {self.visual_transformer_decoder})")
-        if self.vision.out_hidden_size != self.text.hidden_size:
-            raise ValueError(f"vision out_hidden_size {self.vision.out_hidden_size} != text hidden_size "
-                             f"{self.text.hidden_size}")
+    def __post_init__(self):  # a config file is checked where it is read (config_schema.AR, _ar_rules)
+        assert self.vision.out_hidden_size == self.text.hidden_size, "the vision tower writes the text model's width"
 
     @property
     def head_variant(self) -> str:
@@ -145,8 +133,7 @@ class UniARConfig:
         return self.vision.patch_size * self.vision.spatial_merge_size
 
     def with_head_variant(self, variant: str) -> "UniARConfig":
-        if variant not in HEAD_VARIANTS:
-            raise ValueError(f"unknown head variant {variant!r}, expected one of {HEAD_VARIANTS}")
+        assert variant in HEAD_VARIANTS, variant
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["vistok_pred_use_mlp"] = variant == "rmsnorm_mlp"
         d["vistok_pred_layernorm"] = variant == "rmsnorm_linear"
@@ -156,8 +143,6 @@ class UniARConfig:
     def from_dict(cls, d: dict) -> "UniARConfig":
         """Reads the root `config.json` dict of a checkpoint; unknown keys are ignored."""
         kw = {k: v for k, v in known_fields(cls, d).items() if k not in ("text", "vision")}
-        if "text_config" not in d or "vision_config" not in d:
-            raise ValueError("config dict needs 'text_config' and 'vision_config' (root config.json format)")
         return cls(text=TextConfig.from_dict(d["text_config"]), vision=bsq.VisionConfig.from_dict(d["vision_config"]),
                    **kw)
 
@@ -170,18 +155,6 @@ class UniARConfig:
     def tiny(cls) -> "UniARConfig":
         return cls(image_token_id=310, video_token_id=311, vision_start_token_id=312, vision_end_token_id=313,
                    visual_transformer_decoder_depth=2, text=TextConfig.tiny(), vision=bsq.VisionConfig.tiny())
-
-
-def head_variant_from_keys(keys) -> str:
-    """Which bit head a state dict holds, from its `output_layer_vistok.*` keys."""
-    keys = {k for k in keys if k.startswith("output_layer_vistok.")}
-    if keys == {"output_layer_vistok.weight"}:
-        return "linear"
-    if keys == {"output_layer_vistok.0.weight", "output_layer_vistok.1.weight"}:
-        return "rmsnorm_linear"
-    if keys == {"output_layer_vistok.0.weight", "output_layer_vistok.1.weight", "output_layer_vistok.3.weight"}:
-        return "rmsnorm_mlp"
-    raise ValueError(f"unrecognised output_layer_vistok keys {sorted(keys)}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

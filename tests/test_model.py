@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import bsq
+import load_hf
 import model as M
 import pipeline as P
 from conftest import assert_close_rel, assert_unchanged, fingerprint, load_manifest, own_copy, read_json
@@ -67,7 +68,7 @@ def meta_model(variant: str) -> M.UniAR:
 
 def test_full_size_keys_and_shapes_match_manifest():
     manifest = load_manifest("ar_model")
-    variant = M.head_variant_from_keys(manifest)
+    variant = load_hf.head_variant_from_keys(manifest)
     sd = meta_model(variant).state_dict()
     got = {k: list(v.shape) for k, v in sd.items()}
     assert sorted(set(got) ^ set(manifest)) == []
@@ -91,7 +92,7 @@ def test_other_head_variants_key_sets():
         sd = meta_model(variant).state_dict()
         assert set(sd) == base | set(head), variant
         assert {k: list(sd[k].shape) for k in head} == head, variant
-        assert M.head_variant_from_keys(sd) == variant
+        assert load_hf.head_variant_from_keys(sd) == variant
 
 
 def test_config_from_dict(golden, cfg):
@@ -105,7 +106,7 @@ def test_config_from_dict(golden, cfg):
     assert M.UniARConfig.from_dict(d).head_variant == "rmsnorm_mlp"
     d = dict(c, vistok_pred_use_mlp=False, vistok_pred_layernorm=False)
     assert M.UniARConfig.from_dict(d).head_variant == "linear"
-    assert M.head_variant_from_keys(load_file(str(golden.dir / "model.safetensors"))) == cfg.head_variant
+    assert load_hf.head_variant_from_keys(load_file(str(golden.dir / "model.safetensors"))) == cfg.head_variant
     M.UniAR(M.UniARConfig.tiny())  # the preset builds
 
 
@@ -546,7 +547,7 @@ def test_bit_head_variants_against_plain_torch(golden, ar, cfg, variant):
         for p in m.output_layer_vistok.parameters():  # norm gains around 1, linear weights of unit output scale
             p.copy_(torch.rand(p.shape, generator=g) + 0.5 if p.dim() == 1 else
                     torch.randn(p.shape, generator=g) * 2 / math.sqrt(p.shape[1]))
-    assert M.head_variant_from_keys(m.state_dict()) == variant
+    assert load_hf.head_variant_from_keys(m.state_dict()) == variant
     sd = m.state_dict()
     tf = m.teacher_forced_logits(golden["t2i.prefix_ids"][:1], golden["t2i.attention_mask"][:1], codes,
                                  out_grid(golden["t2i.pos_ids_all"], codes.shape[1]))
