@@ -34,7 +34,6 @@ Departures from the official code:
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field, fields
 from typing import NamedTuple, Optional, Sequence
 
@@ -459,7 +458,7 @@ class UniAR(nn.Module):
 
         Returns (x (B, T, D), visual_mask (B, T) bool or None, deepstack list or None).
         """
-        self.check_prefix_images(input_ids, pixel_values, image_grid_thw)
+        assert self.images_match(input_ids, pixel_values, image_grid_thw), "image placeholders and pixels go together"
         bits = None if pixel_values is None else self.visual.encode_bits(
             pixel_values.to(self.language_model.embed_tokens.weight.dtype), image_grid_thw)
         return self.embed_bits(input_ids, bits)
@@ -479,22 +478,10 @@ class UniAR(nn.Module):
         x = x.masked_scatter(img[..., None].expand_as(x), main.to(x.dtype))
         return x, img, deep
 
-    def check_prefix_images(self, input_ids, pixel_values, image_grid_thw) -> int:
-        """Placeholders and pixels must come together; returns the number of image placeholders."""
-        n = int((input_ids == self.cfg.image_token_id).sum())
-        if pixel_values is None:
-            if n:
-                raise ValueError(f"input_ids contain {n} image tokens (id {self.cfg.image_token_id}) "
-                                 "but no pixel_values were given")
-            if image_grid_thw is not None:
-                raise ValueError("image_grid_thw given without pixel_values")
-        else:
-            if image_grid_thw is None:
-                raise ValueError("pixel_values given without image_grid_thw")
-            if n == 0:
-                raise ValueError("pixel_values given but input_ids hold no image placeholders (an image where "
-                                 "none is expected)")
-        return n
+    def images_match(self, input_ids, pixel_values, image_grid_thw) -> bool:
+        """Image placeholders in input_ids, pixel_values and image_grid_thw come together (or none of them);
+        pipeline.check_prefix_images says which one is missing."""
+        return (pixel_values is None) == (image_grid_thw is None) == (not (input_ids == self.cfg.image_token_id).any())
 
     def vistok_logits(self, h: torch.Tensor) -> torch.Tensor:
         """Bit head on visual-decoder states (..., D) -> (..., L, U, d, 2)."""
@@ -538,9 +525,8 @@ class UniAR(nn.Module):
         B, Lp = prefix_ids.shape
         gh, gw = grid_hw
         N = gh * gw
-        self.check_prefix_images(prefix_ids, pixel_values, image_grid_thw)
-        if tuple(bits.shape) != (B, N, *self.bits_shape):
-            raise ValueError(f"bits must be (B={B}, N={N}, {self.bits_shape}), got {tuple(bits.shape)}")
+        assert self.images_match(prefix_ids, pixel_values, image_grid_thw), "image placeholders and pixels go together"
+        assert tuple(bits.shape) == (B, N, *self.bits_shape), ("bits must be (B, N, L, U, d)", tuple(bits.shape))
         ids, mask, grids = self.append_image_placeholders(prefix_ids, attention_mask, N, gh, gw, image_grid_thw)
         if pixel_values is not None:  # per row: its input image(s), then the image being generated
             counts = (prefix_ids == self.cfg.image_token_id).sum(1).tolist()
@@ -613,8 +599,8 @@ class MultinomialSampler:
     temperature: float = 1.0
     generator: object = None  # None, a torch.Generator, or one per image
 
-    def __post_init__(self):
-        check_sampling(self.cfg_scale, self.temperature)
+    def __post_init__(self):  # user settings are checked in pipeline.check_sampling
+        assert self.cfg_scale >= 1.0 and self.temperature > 0, (self.cfg_scale, self.temperature)
 
     def __call__(self, logits: torch.Tensor, step: int) -> torch.Tensor:
         """Bit logits (B_all, L, U, d, 2) of AR step `step`, rows [cond; uncond] -> bits (B_all, L, U, d)."""
@@ -629,8 +615,8 @@ class KernelSampler:
     temperature: float = 1.0
     seed: int = 0
 
-    def __post_init__(self):
-        check_sampling(self.cfg_scale, self.temperature)
+    def __post_init__(self):  # user settings are checked in pipeline.check_sampling
+        assert self.cfg_scale >= 1.0 and self.temperature > 0, (self.cfg_scale, self.temperature)
 
     def __call__(self, logits: torch.Tensor, step: int) -> torch.Tensor:
         B_all = logits.shape[0]
@@ -689,33 +675,11 @@ class ImageGeneration:
     indices: torch.Tensor  # (B, N, L, U) int64
 
 
-def check_generation_args(model: UniAR, prefix_len: int, ar_height: int, ar_width: int, cfg_scale: float,
-                          temperature: float) -> tuple[int, int]:
-    ds = model.cfg.downsample
-    if ar_height <= 0 or ar_width <= 0 or ar_height % ds or ar_width % ds:
-        raise ValueError(f"AR size {ar_height}x{ar_width} must be positive multiples of {ds} px")
-    check_sampling(cfg_scale, temperature)
-    gh, gw = ar_height // ds, ar_width // ds
-    budget = model.cfg.text.max_position_embeddings
-    if prefix_len + gh * gw > budget:
-        raise ValueError(f"prompt of {prefix_len} tokens + {gh * gw} image tokens exceeds the position budget "
-                         f"max_position_embeddings={budget}")
-    return gh, gw
-
-
 def rows_per_image(sampler, batch_rows: int) -> int:
     """2 when the sampler guides ([cond; uncond] rows), else 1."""
     rows = 2 if getattr(sampler, "cfg_scale", 1.0) > 1.0 else 1
-    if batch_rows % rows:
-        raise ValueError(f"with cfg > 1 the batch must be [cond; uncond] rows, got an odd {batch_rows} rows")
+    assert batch_rows % rows == 0, ("with guidance the rows are [cond; uncond], got an odd number", batch_rows)
     return rows
-
-
-def check_sampling(cfg_scale: float, temperature: float) -> None:
-    if cfg_scale < 1.0 or not math.isfinite(cfg_scale):
-        raise ValueError(f"cfg must be >= 1 (1 = no guidance), got {cfg_scale}")
-    if not temperature > 0 or not math.isfinite(temperature):
-        raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
 def prefill(model: UniAR, ids, mask, pos, cache: KVCache, pixel_values=None, image_grid_thw=None) -> torch.Tensor:
@@ -734,14 +698,16 @@ def generate_image(model: UniAR, prefix_ids: torch.Tensor, attention_mask: torch
 
     prefix_ids / attention_mask (B_all, Lp), left padded, each row ending in <|vision_start|>; with guidance the rows
     are [cond x B; uncond x B]. Edit mode: pixel_values / image_grid_thw of the input image of every row (in row
-    order) whose placeholders are in the prefix.
+    order) whose placeholders are in the prefix. The arguments a person gives are checked in pipeline.generate_bits.
     """
     B_all, Lp = prefix_ids.shape
-    if attention_mask.shape != prefix_ids.shape:
-        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} != prefix_ids {tuple(prefix_ids.shape)}")
-    gh, gw = check_generation_args(model, Lp, ar_height, ar_width, 1.0, 1.0)
+    ds = model.cfg.downsample
+    gh, gw = ar_height // ds, ar_width // ds
+    assert attention_mask.shape == prefix_ids.shape, (attention_mask.shape, prefix_ids.shape)
+    assert gh > 0 and gw > 0 and ar_height % ds == ar_width % ds == 0, ("AR size", ar_height, ar_width, ds)
+    assert Lp + gh * gw <= model.cfg.text.max_position_embeddings, ("position budget", Lp, gh * gw)
     rows = rows_per_image(sampler, B_all)
-    model.check_prefix_images(prefix_ids, pixel_values, image_grid_thw)
+    assert model.images_match(prefix_ids, pixel_values, image_grid_thw), "image placeholders and pixels go together"
     N, lm, dev = gh * gw, model.language_model, prefix_ids.device
     dtype = lm.embed_tokens.weight.dtype
     ids_all, mask_all, grids = model.append_image_placeholders(prefix_ids, attention_mask, N, gh, gw, image_grid_thw)
@@ -818,9 +784,7 @@ class Context:
         """Read tokens into the context, its images' placeholders filled from `images` ((bits, grid) in order).
         -> their pre-norm states (1, T, D)."""
         pos, nxt = row_positions(ids, iter([g for _, g in images]), self.next_pos, self.model.cfg)
-        budget = self.model.cfg.text.max_position_embeddings
-        if nxt > budget:
-            raise ValueError(f"the conversation needs position {nxt}, beyond max_position_embeddings={budget}")
+        assert nxt <= self.model.cfg.text.max_position_embeddings, ("position budget", nxt)  # pipeline.read_context
         self.reserve(len(ids))
         bits = torch.cat([b for b, _ in images]).to(self.dev) if images else None
         x, vmask, deep = self.model.embed_bits(torch.tensor([ids], device=self.dev), bits)
@@ -892,16 +856,12 @@ def generate_text(model: UniAR, input_ids: torch.Tensor, attention_mask: Optiona
                   pixel_values=None, image_grid_thw=None, *, max_new_tokens: int = 64, stop_ids: Sequence[int] = (),
                   temperature: float = 0.0, generator=None) -> list[list[int]]:
     """Understanding: prefill the prompt, then greedy (temperature 0) or sampled decoding with a KV cache, each row
-    stopping at one of `stop_ids` (kept in its output). Returns the new token ids of each row."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    stopping at one of `stop_ids` (kept in its output). Returns the new token ids of each row. The arguments a person
+    gives are checked in pipeline.answer."""
     B, Lp = input_ids.shape
+    assert temperature >= 0 and Lp + max_new_tokens <= model.cfg.text.max_position_embeddings, (temperature, Lp)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    budget = model.cfg.text.max_position_embeddings
-    if Lp + max_new_tokens > budget:
-        raise ValueError(f"prompt of {Lp} tokens + {max_new_tokens} new tokens exceeds the position budget "
-                         f"max_position_embeddings={budget}")
     lm, dev = model.language_model, input_ids.device
     pos = get_rope_index(input_ids, image_grid_thw, attention_mask, model.cfg)
     next_pos = pos.amax(dim=(0, 2)) + 1  # (B,) text after the prompt continues on all three axes

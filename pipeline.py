@@ -29,8 +29,9 @@ from PIL import Image, UnidentifiedImageError
 from tokenizers import Tokenizer as HFTokenizer
 
 import bsq
-from model import (Context, MultinomialSampler, KernelSampler, UniAR, check_generation_args, draw, generate_image,
-                   generate_text, text_step)
+import decoder as D
+from model import (Context, MultinomialSampler, KernelSampler, UniAR, draw, generate_image, generate_text,
+                   row_positions, text_step)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Tokenizer and prompt templates
@@ -415,6 +416,139 @@ def _refuse_unsupported(d: dict, where) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# The arguments a person gives, checked (model.py and decoder.py only assert what these make sure of)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def check_sampling(cfg_scale: float, temperature: float) -> None:
+    if cfg_scale < 1.0 or not math.isfinite(cfg_scale):
+        raise ValueError(f"cfg must be >= 1 (1 = no guidance), got {cfg_scale}")
+    if not temperature > 0 or not math.isfinite(temperature):
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def check_generation_args(model: UniAR, prefix_len: int, ar_height: int, ar_width: int, cfg_scale: float,
+                          temperature: float) -> tuple[int, int]:
+    """The AR size (positive multiples of the token size), the sampling settings and the position budget of a
+    prompt of prefix_len tokens -> the token grid (gh, gw)."""
+    ds = model.cfg.downsample
+    if ar_height <= 0 or ar_width <= 0 or ar_height % ds or ar_width % ds:
+        raise ValueError(f"AR size {ar_height}x{ar_width} must be positive multiples of {ds} px")
+    check_sampling(cfg_scale, temperature)
+    gh, gw = ar_height // ds, ar_width // ds
+    budget = model.cfg.text.max_position_embeddings
+    if prefix_len + gh * gw > budget:
+        raise ValueError(f"prompt of {prefix_len} tokens + {gh * gw} image tokens exceeds the position budget "
+                         f"max_position_embeddings={budget}")
+    return gh, gw
+
+
+def check_prefix_images(model: UniAR, input_ids, pixel_values, image_grid_thw) -> int:
+    """Placeholders and pixels must come together; returns the number of image placeholders."""
+    n = int((input_ids == model.cfg.image_token_id).sum())
+    if pixel_values is None:
+        if n:
+            raise ValueError(f"input_ids contain {n} image tokens (id {model.cfg.image_token_id}) "
+                             "but no pixel_values were given")
+        if image_grid_thw is not None:
+            raise ValueError("image_grid_thw given without pixel_values")
+    else:
+        if image_grid_thw is None:
+            raise ValueError("pixel_values given without image_grid_thw")
+        if n == 0:
+            raise ValueError("pixel_values given but input_ids hold no image placeholders (an image where "
+                             "none is expected)")
+    return n
+
+
+def check_generation_batch(model: UniAR, ids, mask, ar_height: int, ar_width: int, cfg_scale: float,
+                           pixel_values=None, image_grid_thw=None) -> None:
+    """A tokenized generation batch (ids, mask (B_all, Lp), left padded; [cond; uncond] rows when cfg_scale > 1)
+    fits the AR size, the position budget and its images: what model.generate_image assumes."""
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask {tuple(mask.shape)} != prefix_ids {tuple(ids.shape)}")
+    check_generation_args(model, ids.shape[1], ar_height, ar_width, 1.0, 1.0)
+    if cfg_scale > 1.0 and ids.shape[0] % 2:
+        raise ValueError(f"with cfg > 1 the batch must be [cond; uncond] rows, got an odd {ids.shape[0]} rows")
+    check_prefix_images(model, ids, pixel_values, image_grid_thw)
+
+
+def check_answer_args(model: UniAR, prompt_len: int, max_new_tokens: int, temperature: float) -> None:
+    """Understanding: a temperature >= 0 and room in the position budget for the prompt and the answer."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    budget = model.cfg.text.max_position_embeddings
+    if prompt_len + max_new_tokens > budget:
+        raise ValueError(f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens exceeds the position budget "
+                         f"max_position_embeddings={budget}")
+
+
+def read_context(ctx: Context, ids: list, images: Sequence = ()) -> torch.Tensor:
+    """Context.read, refused (ValueError) when the tokens would take positions beyond the position budget."""
+    _, nxt = row_positions(ids, iter([g for _, g in images]), ctx.next_pos, ctx.model.cfg)
+    budget = ctx.model.cfg.text.max_position_embeddings
+    if nxt > budget:
+        raise ValueError(f"the conversation needs position {nxt}, beyond max_position_embeddings={budget}")
+    return ctx.read(ids, images)
+
+
+def output_size(ar_height: int, ar_width: int, upsampling_ratio: float, unit: int,
+                max_grid: int | None = None) -> tuple[int, int]:
+    """The decoder's output size for an AR size and upsampling ratio, checked: ratio in [1, 2], sides multiples of
+    16 and of `unit` (pixels per transformer token: VAE scale x patch size), at most `max_grid` tokens a side (the
+    position table). Needs only the configs, so sample.py checks its flags with it before loading anything."""
+    if not 1.0 <= upsampling_ratio <= 2.0:  # also rejects NaN
+        raise ValueError(f"upsampling_ratio must be in [1, 2], got {upsampling_ratio}")
+    H, W = D.output_size(ar_height, ar_width, upsampling_ratio)
+    if H % 16 or W % 16 or H % unit or W % unit:
+        raise ValueError(f"output size {H}x{W} (AR {ar_height}x{ar_width} x {upsampling_ratio}) must be a "
+                         f"multiple of {math.lcm(16, unit)}")
+    if max_grid is not None and max(H, W) > max_grid * unit:
+        raise ValueError(f"output size {H}x{W} (AR {ar_height}x{ar_width} x {upsampling_ratio}) exceeds the "
+                         f"decoder's largest side {max_grid * unit} px (pos_embed_max_size {max_grid} x {unit} px)")
+    return H, W
+
+
+def decoder_output_size(dec: "D.Decoder", ar_height: int, ar_width: int, upsampling_ratio: float) -> tuple[int, int]:
+    """`output_size` for this decoder's token size and position table."""
+    return output_size(ar_height, ar_width, upsampling_ratio, dec.unit, dec.transformer.cfg.pos_embed_max_size)
+
+
+def check_decode_args(dec: "D.Decoder", bits: torch.Tensor, ar_height: int, ar_width: int, upsampling_ratio: float,
+                      steps: int, noise: torch.Tensor | None, output: str) -> tuple[int, int]:
+    """Decoder.decode's arguments checked before any work -> the output size (H, W); a ValueError naming the
+    argument. bits: (B, N, L, U, d) bits or int64 indices (B, N, L, U)."""
+    H, W = decoder_output_size(dec, ar_height, ar_width, upsampling_ratio)
+    vc = dec.vision.cfg
+    unit = vc.patch_size * vc.spatial_merge_size
+    if ar_height <= 0 or ar_width <= 0 or ar_height % unit or ar_width % unit:
+        raise ValueError(f"AR size {ar_height}x{ar_width} must be positive multiples of {unit}")
+    bits = D.as_bits(bits, vc)
+    N, L, U, d = D.bits_shape(vc, ar_height, ar_width)
+    if bits.dim() != 5 or tuple(bits.shape[1:]) != (N, L, U, d):
+        raise ValueError(f"bits must be (B, N={N}, levels={L}, merge_unit={U}, bsq_dim={d}) for a {ar_height}x"
+                         f"{ar_width} AR image (or int64 indices (B, N, L, U)), got {tuple(bits.shape)}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    want = (bits.shape[0], dec.transformer.cfg.in_channels, H // dec.scale, W // dec.scale)
+    if noise is not None and tuple(noise.shape) != want:
+        raise ValueError(f"noise must be {want}, got {tuple(noise.shape)}")
+    if output not in ("uint8", "float"):
+        raise ValueError(f"output must be 'uint8' or 'float', got {output!r}")
+    return H, W
+
+
+def decode_bits(dec: "D.Decoder", bits: torch.Tensor, ar_height: int, ar_width: int, *, upsampling_ratio: float = 2.0,
+                steps: int = 28, guidance: float = 1.5, seed=0, noise: torch.Tensor | None = None,
+                output: str = "uint8", progress: bool = False) -> torch.Tensor:
+    """Bits -> images with the diffusion decoder (`Decoder.decode`), its arguments checked first
+    (`check_decode_args`)."""
+    check_decode_args(dec, bits, ar_height, ar_width, upsampling_ratio, steps, noise, output)
+    return dec.decode(bits, ar_height, ar_width, upsampling_ratio=upsampling_ratio, steps=steps, guidance=guidance,
+                      seed=seed, noise=noise, output=output, progress=progress)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # High-level API (sample.py)
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -462,10 +596,12 @@ def build_generation_batch(model: UniAR, tokenizer: Tokenizer, prompts: Sequence
 def make_sampler(sampler: str, cfg_scale: float, temperature: float, seed, device):
     """"multinomial" (the official draw; seed: None, an int, or one per image) or "kernel" (one counter stream)."""
     if sampler == "multinomial":
+        check_sampling(cfg_scale, temperature)
         return MultinomialSampler(cfg_scale, temperature, _generator(seed, device))
     if sampler == "kernel":
         if isinstance(seed, (list, tuple)):
             raise ValueError("per-image seeds need sampler='multinomial' (the kernel draws one counter stream)")
+        check_sampling(cfg_scale, temperature)
         return KernelSampler(cfg_scale, temperature, int(torch.randint(2**31 - 1, (1,),
                                                                        generator=_generator(seed, device))))
     raise ValueError(f"sampler must be 'multinomial' or 'kernel', got {sampler!r}")
@@ -485,8 +621,9 @@ def generate_bits(model: UniAR, tokenizer: Tokenizer, prompts, *, ar_height: int
     else:
         ids, mask, pv, grid = build_generation_batch(model, tokenizer, prompts, ar_height, ar_width, cfg_scale,
                                                      input_images)
-    out = generate_image(model, ids.to(dev), mask.to(dev), ar_height, ar_width,
-                         make_sampler(sampler, cfg_scale, temperature, seed, dev),
+    bit_sampler = make_sampler(sampler, cfg_scale, temperature, seed, dev)
+    check_generation_batch(model, ids, mask, ar_height, ar_width, cfg_scale, pv, grid)
+    out = generate_image(model, ids.to(dev), mask.to(dev), ar_height, ar_width, bit_sampler,
                          pixel_values=None if pv is None else pv.to(dev), image_grid_thw=grid, progress=progress)
     return out.bits
 
@@ -525,6 +662,7 @@ def answer(model: UniAR, tokenizer: Tokenizer, image, question: str, *, max_new_
         pv, grid, (n_img,) = understanding_inputs(model, [image])
         pv = pv.to(dev)
     ids, mask = tokenizer.batch([render_chat_prompt(question, n_img)])
+    check_answer_args(model, ids.shape[1], max_new_tokens, temperature)
     new = generate_text(model, ids.to(dev), mask.to(dev), pv, grid, max_new_tokens=max_new_tokens,
                         stop_ids=tokenizer.end_ids, temperature=temperature,
                         generator=_generator(seed, dev))
@@ -565,15 +703,15 @@ class Conversation:
         written. -> the answer text."""
         pic = [] if image is None else [self.picture(image)]
         ids = self.tok.encode(join(render_user_turn(text, pic[0][2] if pic else None), MODEL_TURN))
-        h = self.ctx.read(ids, [(b, g) for b, g, _ in pic])
+        h = read_context(self.ctx, ids, [(b, g) for b, g, _ in pic])
         gen, end = _generator(seed, self.ctx.dev), self.tok.token_id(IM_END)
         out = []
         for _ in range(max_new_tokens):
             out.append(int(text_step(self.model, h, temperature, gen)[0]))
-            h = self.ctx.read(out[-1:])
+            h = read_context(self.ctx, out[-1:])
             if out[-1] in self.tok.end_ids:
                 break
-        self.ctx.read(([] if out and out[-1] == end else [end]) + self.tok.encode("\n"))  # the turn closed
+        read_context(self.ctx, ([] if out and out[-1] == end else [end]) + self.tok.encode("\n"))  # the turn closed
         return self.tok.decode(out)
 
     def draw(self, text: str, image=None, *, ar_height: int = 512, ar_width: int = 512, cfg_scale: float = 1.5,
@@ -588,10 +726,10 @@ class Conversation:
         contexts = [self.ctx]
         if cfg_scale > 1.0:
             contexts.append(self.ctx.fork(self.ctx.length))
-            contexts[1].read(self.tok.encode(join(render_user_turn("", n, (gh, gw)), opened)), images)
-        self.ctx.read(self.tok.encode(join(render_user_turn(text, n, (gh, gw)), opened)), images)
+            read_context(contexts[1], self.tok.encode(join(render_user_turn("", n, (gh, gw)), opened)), images)
+        read_context(self.ctx, self.tok.encode(join(render_user_turn(text, n, (gh, gw)), opened)), images)
         if sampler is None:
             sampler = MultinomialSampler(cfg_scale, temperature, _generator(seed, self.ctx.dev))
         bits = draw(contexts, gh, gw, sampler, progress)
-        self.ctx.read(self.tok.encode(VISION_END + IM_END + "\n"))  # the template's tokens: the turn closed
+        read_context(self.ctx, self.tok.encode(VISION_END + IM_END + "\n"))  # the template's tokens: the turn closed
         return bits[None]

@@ -39,7 +39,6 @@ from tqdm import tqdm
 
 import bsq
 import cli
-import decoder as D
 import load_hf
 import pipeline as P
 
@@ -282,8 +281,8 @@ def _main(argv: list, status: dict) -> int:
     try:
         dec = load_hf.load_decoder(ckpt, dtype=dtype, device=device, cache_dir=args.cache_dir)
         t_dload = time.perf_counter()
-        images = dec.decode(bits, ar_h, ar_w, upsampling_ratio=upsample, steps=args.steps,
-                            guidance=args.decoder_cfg, seed=args.seed, progress=True)
+        images = P.decode_bits(dec, bits, ar_h, ar_w, upsampling_ratio=upsample, steps=args.steps,
+                               guidance=args.decoder_cfg, seed=args.seed, progress=True)
     except (load_hf.CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -412,7 +411,7 @@ def check_generation_plan(ckpt: Path, args, ar_h: int, ar_w: int, upsample: floa
         raise ValueError(f"--ar-size: AR size {ar_h}x{ar_w} must be positive multiples of {ds} px")
     unit, max_grid = decoder_geometry(ckpt)
     try:
-        D.output_size(ar_h, ar_w, upsample, unit, max_grid)
+        P.output_size(ar_h, ar_w, upsample, unit, max_grid)
     except ValueError as e:
         raise ValueError(f"--ar-size {ar_h}x{ar_w} / --upsample {upsample}: {e}") from None
     n_img = None
@@ -760,8 +759,8 @@ def run_prompts(args, ckpt: Path, defaults: dict, status: dict) -> int:
             inputs = [images[r["idx"]] for r, _ in batch] if editing else None
             bits = P.generate_bits(net, tok, [r["prompt"] for r, _ in batch], ar_height=ar_h, ar_width=ar_w,
                                    cfg_scale=args.cfg, temperature=args.temperature, seed=seeds, input_images=inputs)
-            out = dec.decode(bits, ar_h, ar_w, upsampling_ratio=upsample, steps=args.steps, guidance=args.decoder_cfg,
-                             seed=seeds).cpu()
+            out = P.decode_bits(dec, bits, ar_h, ar_w, upsampling_ratio=upsample, steps=args.steps,
+                                guidance=args.decoder_cfg, seed=seeds).cpu()
             for (r, k), im in zip(batch, out):
                 path = sample_path(run_dir, r["idx"], k)
                 with writing(run_dir, resume=True):
@@ -888,8 +887,8 @@ def run_chat(args, ckpt: Path, defaults: dict, status: dict) -> int:
                 seed = P.sample_seed(args.seed, drawn)
                 bits = conv.draw(text, picture, ar_height=ar_h, ar_width=ar_w, cfg_scale=args.cfg,
                                  temperature=args.temperature, seed=seed)
-                image = dec.decode(bits, ar_h, ar_w, upsampling_ratio=upsample, steps=args.steps,
-                                   guidance=args.decoder_cfg, seed=[seed])[0].cpu().numpy()
+                image = P.decode_bits(dec, bits, ar_h, ar_w, upsampling_ratio=upsample, steps=args.steps,
+                                      guidance=args.decoder_cfg, seed=[seed])[0].cpu().numpy()
                 with writing(args.out):
                     path = save_new(args.out, "chat", lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
                 drawn += 1

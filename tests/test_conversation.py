@@ -8,7 +8,7 @@ import torch
 import load_hf
 import model as M
 import pipeline as P
-from conftest import assert_close_rel
+from conftest import assert_close_rel, own_copy
 from reference import Recorder
 
 RTOL = 1e-5
@@ -112,3 +112,19 @@ def test_a_drawn_image_reads_like_the_same_bits_given_as_a_picture(golden, ar):
     with torch.no_grad():
         want = net.text_logits(ids, torch.ones_like(ids), pv, g)  # the picture read from its pixels
     assert_close_rel(net.text_logits_of(conv.ctx.states), want, RTOL, "pixels vs drawn bits")
+
+
+def test_a_turn_beyond_the_position_budget_is_refused(ar):
+    """A turn whose tokens would take positions beyond max_position_embeddings is a ValueError naming the budget,
+    before anything is read (pipeline.read_context; model.Context.read only asserts it)."""
+    net, tok = ar
+    net = own_copy(net)
+    ids = tok.encode(P.join(P.render_user_turn("hello"), P.MODEL_TURN))
+    net.cfg.text.max_position_embeddings = len(ids) - 1
+    conv = P.Conversation(net, tok)
+    with pytest.raises(ValueError, match=f"the conversation needs position {len(ids)}, beyond "
+                                         f"max_position_embeddings={len(ids) - 1}"):
+        conv.ask("hello", max_new_tokens=1)
+    assert conv.ctx.length == 0
+    with pytest.raises(AssertionError, match="position budget"):
+        conv.ctx.read(ids)

@@ -454,31 +454,47 @@ def test_edit_from_prompt_and_image(golden, ar, tok):
 # ----- bad input -----
 
 def test_bad_inputs(golden, ar, tok):
+    """Bad generation arguments are refused where a person gives them (pipeline.generate_bits and its checks, with
+    the messages the model gave before); inside the model they are asserts."""
     sc = golden.scenario("t2i")
     ids, mask = golden["t2i.prefix_ids"], golden["t2i.attention_mask"]
     H, W = sc["ar_height"], sc["ar_width"]
     ds = ar.cfg.downsample
     budget = ar.cfg.text.max_position_embeddings
     long = torch.zeros(2, budget, dtype=torch.int64)
+    kw = dict(ar_height=H, ar_width=W, cfg_scale=sc["cfg"])
     with pytest.raises(ValueError, match="position budget"):
-        M.generate_image(ar, long, torch.ones_like(long), H, W, M.MultinomialSampler(sc["cfg"]))
+        P.generate_bits(ar, tok, (long, torch.ones_like(long)), **kw)
     with pytest.raises(ValueError, match=f"multiples of {ds}"):
-        M.generate_image(ar, ids, mask, H + ds // 2, W, M.MultinomialSampler(sc["cfg"]))
+        P.generate_bits(ar, tok, (ids, mask), **{**kw, "ar_height": H + ds // 2})
     with pytest.raises(ValueError, match=f"multiples of {ds}"):
         P.generate_bits(ar, tok, ["x"], ar_height=H, ar_width=W - 1)
     with pytest.raises(ValueError, match="cfg must be >= 1"):
-        M.generate_image(ar, ids, mask, H, W, M.MultinomialSampler(0.5))
+        P.generate_bits(ar, tok, (ids, mask), **{**kw, "cfg_scale": 0.5})
     with pytest.raises(ValueError, match="temperature must be > 0"):
-        M.generate_image(ar, ids, mask, H, W, M.MultinomialSampler(sc["cfg"], 0.0))
+        P.generate_bits(ar, tok, (ids, mask), **kw, temperature=0.0)
     # an image where none is expected: pixels for a prompt without placeholders, placeholders without pixels
     with pytest.raises(ValueError, match="none is expected"):
-        M.generate_image(ar, ids, mask, H, W, M.MultinomialSampler(sc["cfg"]), pixel_values=golden["vision.patches"],
-                         image_grid_thw=golden["vision.grid_thw"])
+        P.check_prefix_images(ar, ids, golden["vision.patches"], golden["vision.grid_thw"])
     with pytest.raises(ValueError, match="no pixel_values"):
-        M.generate_image(ar, golden["edit.prefix_ids"], golden["edit.attention_mask"], H, W, M.MultinomialSampler(sc["cfg"]))
+        P.generate_bits(ar, tok, (golden["edit.prefix_ids"], golden["edit.attention_mask"]), **kw)
     with pytest.raises(ValueError, match="prompts must be"):
         P.generate_bits(ar, tok, [], ar_height=H, ar_width=W)
-    with pytest.raises(ValueError, match="bits must be"):
+    with pytest.raises(ValueError, match=r"temperature must be >= 0 \(0 = greedy\), got -1"):
+        P.answer(ar, tok, None, "what?", temperature=-1)
+    with pytest.raises(ValueError, match=f"new tokens exceeds the position budget max_position_embeddings={budget}"):
+        P.answer(ar, tok, None, "what?", max_new_tokens=budget)
+    # called directly, the model asserts what those checks make sure of
+    with pytest.raises(AssertionError, match="position budget"):
+        M.generate_image(ar, long, torch.ones_like(long), H, W, M.MultinomialSampler(sc["cfg"]))
+    with pytest.raises(AssertionError, match="placeholders and pixels"):
+        M.generate_image(ar, ids, mask, H, W, M.MultinomialSampler(sc["cfg"]), pixel_values=golden["vision.patches"],
+                         image_grid_thw=golden["vision.grid_thw"])
+    with pytest.raises(AssertionError):
+        M.MultinomialSampler(0.5)
+    with pytest.raises(AssertionError):
+        M.generate_text(ar, ids[:1], mask[:1], max_new_tokens=budget)
+    with pytest.raises(AssertionError, match="bits must be"):
         ar.teacher_forced_logits(ids[:1], mask[:1], golden["t2i.codes"][:, :1], out_grid(golden["t2i.pos_ids_all"],
                                                                                         golden["t2i.codes"].shape[1]))
 
