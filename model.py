@@ -707,7 +707,6 @@ def generate_image(model: UniAR, prefix_ids: torch.Tensor, attention_mask: torch
     assert gh > 0 and gw > 0 and ar_height % ds == ar_width % ds == 0, ("AR size", ar_height, ar_width, ds)
     assert Lp + gh * gw <= model.cfg.text.max_position_embeddings, ("position budget", Lp, gh * gw)
     rows = rows_per_image(sampler, B_all)
-    assert model.images_match(prefix_ids, pixel_values, image_grid_thw), "image placeholders and pixels go together"
     N, lm, dev = gh * gw, model.language_model, prefix_ids.device
     dtype = lm.embed_tokens.weight.dtype
     ids_all, mask_all, grids = model.append_image_placeholders(prefix_ids, attention_mask, N, gh, gw, image_grid_thw)

@@ -1,6 +1,8 @@
-"""The boundary between people and the model: the checkpoint's tokenizer, the chat templates, pictures in, and the
-high-level calls (`generate_bits`, `answer`, `Conversation`) that sample.py, train.py and rl.py use. Everything a
-person types or hands over is checked here and becomes token ids, bits and tensors for the math in `model.py`.
+"""The boundary between people and the model: the checkpoint's tokenizer, the chat templates, pictures in (image
+files and the checkpoint's preprocessor_config.json), and the high-level calls (`generate_bits`, `answer`,
+`Conversation`, `decode_bits`) that sample.py, train.py and rl.py use. Everything a person types or hands over is
+checked here (with a ValueError naming it) and becomes token ids, bits and tensors for the math in `bsq.py`,
+`model.py` and `decoder.py`, which only assert what these checks make sure of.
 
 Departures from the official code:
     - Prompts are rendered by plain string templates (the official code renders them with Jinja chat templates:
@@ -585,7 +587,7 @@ def build_generation_batch(model: UniAR, tokenizer: Tokenizer, prompts: Sequence
         raise ValueError(f"{len(input_images)} input images for {len(prompts)} prompts")
     v = model.cfg.vision
     pre = [preprocess_image(im, size=(ar_height, ar_width), patch_size=v.patch_size,
-                                merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size)
+                            merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size)
            for im in input_images]
     pre = pre + (pre if cfg_scale > 1.0 else [])
     texts = [render_generation_prompt(p, gh, gw, int(g[0].prod()) // v.merge_unit) for p, (_, g) in zip(rows, pre)]
@@ -691,7 +693,7 @@ class Conversation:
             pv, grid, (n,) = understanding_inputs(self.model, [image])
         else:
             pv, grid = preprocess_image(image, size=size, patch_size=v.patch_size, merge_size=v.spatial_merge_size,
-                                            temporal_patch_size=v.temporal_patch_size)
+                                        temporal_patch_size=v.temporal_patch_size)
             n = int(grid[0].prod()) // v.merge_unit
         with torch.no_grad():
             bits = self.model.visual.encode_bits(pv.to(dev, self.ctx.dtype), grid)
