@@ -14,8 +14,8 @@ projections alone.
 Sections of this file:
     BSQ: the quantizer, the 64-bit index conventions of the released code, the entropy loss
     vision tower: patch embedding, interpolated position grid, 2-D RoPE, blocks, mergers, the four BSQ levels
-    preprocessing: PIL / uint8 -> patch rows in 2x2-merge block order, like the Qwen2-VL image processor
-    the checkpoint's preprocessing settings (preprocessor_config.json: min / max pixels, patch geometry)
+    the tokenizer's input: the resize rule and uint8 RGB -> patch rows in 2x2-merge block order, like the Qwen2-VL
+    image processor (reading images and the checkpoint's preprocessor_config.json: pipeline.py)
 
 Letters in shape comments:
     Np patches (16 px), M merged tokens (32 px, Np = 4 M), d = bsq_dim (64), C = ViT width, Co = LLM width,
@@ -30,16 +30,13 @@ Departures from the official code:
 from __future__ import annotations
 
 import math
-import warnings
-from dataclasses import dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 
 from config_schema import known_fields
 from kernels import rotate_half
@@ -71,17 +68,11 @@ class VisionConfig:
     bsq_hidden_dim: int = 8192
     bsq_skip_final_layernorm: bool = True
 
-    def __post_init__(self):
+    def __post_init__(self):  # a config file is checked where it is read (config_schema.VISION, _vision_rules)
         self.deepstack_visual_indexes = tuple(int(i) for i in self.deepstack_visual_indexes)
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"vision hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
-        if self.hidden_act != "gelu_pytorch_tanh":
-            raise ValueError(f"vision hidden_act {self.hidden_act!r} is not supported (expected 'gelu_pytorch_tanh')")
-        side = math.isqrt(self.num_position_embeddings)
-        if side * side != self.num_position_embeddings:
-            raise ValueError(f"num_position_embeddings {self.num_position_embeddings} is not a square grid")
-        if any(not 0 <= i < self.depth for i in self.deepstack_visual_indexes):
-            raise ValueError(f"deepstack_visual_indexes {self.deepstack_visual_indexes} outside depth {self.depth}")
+        assert self.hidden_size % self.num_heads == 0, ("hidden_size, num_heads", self.hidden_size, self.num_heads)
+        assert math.isqrt(self.num_position_embeddings) ** 2 == self.num_position_embeddings, "square position grid"
+        assert all(0 <= i < self.depth for i in self.deepstack_visual_indexes), ("taps", self.deepstack_visual_indexes)
 
     @property
     def levels(self) -> int:
@@ -500,7 +491,8 @@ def flip_codes(q: torch.Tensor, p: float, generator=None) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Preprocessing (like the Qwen2-VL image processor)
+# The tokenizer's input (like the Qwen2-VL image processor): the resize rule and the patch rows. Reading a user's
+# image (file, PIL, array) and the checkpoint's preprocessor_config.json are pipeline.py's (`preprocess_image`).
 # ---------------------------------------------------------------------------------------------------------------------
 
 MIN_PIXELS = 65536  # the released processor's size["shortest_edge"] (in pixels)
@@ -509,11 +501,9 @@ MAX_PIXELS = 16777216  # size["longest_edge"]
 
 def smart_resize(h: int, w: int, factor: int = 32, min_pixels: int = MIN_PIXELS,
                  max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
-    """The nearest (H, W), multiples of `factor`, with H * W in [min_pixels, max_pixels] and the aspect kept."""
-    if min(h, w) <= 0:
-        raise ValueError(f"image has zero size ({h}x{w})")
-    if max(h, w) / min(h, w) > 200:
-        raise ValueError(f"image aspect ratio {max(h, w) / min(h, w):.1f} exceeds 200 ({h}x{w})")
+    """The nearest (H, W), multiples of `factor`, with H * W in [min_pixels, max_pixels] and the aspect kept (an
+    aspect ratio over 200 is refused where the image is read, pipeline.preprocess_image)."""
+    assert min(h, w) > 0 and max(h, w) / min(h, w) <= 200, ("image size", h, w)
     hb, wb = round(h / factor) * factor, round(w / factor) * factor
     if hb * wb > max_pixels:
         beta = math.sqrt(h * w / max_pixels)
@@ -522,93 +512,6 @@ def smart_resize(h: int, w: int, factor: int = 32, min_pixels: int = MIN_PIXELS,
         beta = math.sqrt(min_pixels / (h * w))
         hb, wb = math.ceil(h * beta / factor) * factor, math.ceil(w * beta / factor) * factor
     return max(hb, factor), max(wb, factor)
-
-
-def load_image(image) -> np.ndarray:
-    """A path, PIL image or array -> uint8 (H, W, 3) RGB. Grayscale and RGBA are converted (alpha over white),
-    16-bit grayscale scaled to 8 bits; an image over PIL's decompression-bomb limit is refused (ValueError)."""
-    if isinstance(image, (str, Path)):
-        image = _read_image_file(image)
-    if isinstance(image, Image.Image) and image.mode.startswith("I"):
-        # 16-bit grayscale (PNG: mode I;16, or I in older Pillow): scale 0..65535 to 0..255 (convert("RGB") clips)
-        image = np.clip(np.round(np.asarray(image, np.float64) * (255 / 65535)), 0, 255).astype(np.uint8)
-    if isinstance(image, Image.Image):
-        if image.mode in ("RGBA", "LA", "P") and ("A" in image.mode or "transparency" in image.info):
-            bg = Image.new("RGBA", image.size, (255, 255, 255, 255))
-            image = Image.alpha_composite(bg, image.convert("RGBA"))
-        image = np.asarray(image.convert("RGB"))
-    return _array_to_rgb_uint8(np.asarray(image))
-
-
-def _read_image_file(path) -> Image.Image:
-    """An image file, read whole; a missing, unreadable or oversized file is a ValueError naming it."""
-    try:
-        with warnings.catch_warnings():  # PIL only warns between MAX_IMAGE_PIXELS and twice that: refuse both
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                im.load()
-                return im.copy()
-    except FileNotFoundError:
-        raise ValueError(f"image file not found: {path}") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ValueError(f"{path} is over PIL's decompression-bomb limit of Image.MAX_IMAGE_PIXELS = "
-                         f"{Image.MAX_IMAGE_PIXELS} pixels ({e}); downscale the image first") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{path} is not a readable image file ({e})") from None
-
-
-def _array_to_rgb_uint8(arr: np.ndarray) -> np.ndarray:
-    """(H, W), (H, W, 1 / 3 / 4) uint8 or float ([0, 1] or [0, 255]) -> uint8 (H, W, 3), alpha over white."""
-    if arr.ndim == 2:
-        arr = np.repeat(arr[..., None], 3, axis=-1)
-    if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"image array must be (H, W), (H, W, 3) or (H, W, 4), got shape {arr.shape}")
-    if arr.shape[-1] == 1:
-        arr = np.repeat(arr, 3, axis=-1)
-    if arr.shape[-1] == 4:
-        a = arr[..., 3:].astype(np.float64) / 255 if arr.dtype == np.uint8 else arr[..., 3:]
-        out = arr[..., :3] * a + (255 if arr.dtype == np.uint8 else 1.0) * (1 - a)
-        # uint8 stays uint8: a dark composite (all values <= 1) must not be taken for a [0, 1] float image below
-        arr = np.clip(np.round(out), 0, 255).astype(np.uint8) if arr.dtype == np.uint8 else out
-    if arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise ValueError(f"image has zero size ({arr.shape[0]}x{arr.shape[1]})")
-    if arr.dtype != np.uint8:
-        arr = arr.astype(np.float64)
-        if not np.isfinite(arr).all():
-            raise ValueError("image contains NaN or inf pixels")
-        if arr.max() <= 1.0:  # float images in [0, 1]
-            arr = arr * 255.0
-        arr = np.clip(np.round(arr), 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(arr)
-
-
-def preprocess_image(image, *, size: tuple[int, int] | None = None, resize: bool = True,
-                     min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS, patch_size: int = 16,
-                     merge_size: int = 2, temporal_patch_size: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-    """Image -> (pixel_values (Np, 3 * T * P * P) float32, grid_thw (1, 3) int64), rows in 2x2-merge block order.
-
-    `size=(H, W)` forces a resize (the edit input image is resized to the AR size); otherwise the image is resized to
-    the nearest multiple of 32 px within [min_pixels, max_pixels] (`resize=False` keeps it as it is, then its sides
-    must already be multiples of 32). Resampling is PIL bicubic, then x / 255, then (x - 0.5) / 0.5.
-    """
-    arr = load_image(image)
-    h, w = arr.shape[:2]
-    factor = patch_size * merge_size
-    if size is not None:
-        th, tw = int(size[0]), int(size[1])
-        if th <= 0 or tw <= 0 or th % factor or tw % factor:
-            raise ValueError(f"size {size} must be positive multiples of {factor}")
-    elif resize:
-        if h < factor or w < factor:
-            raise ValueError(f"image {h}x{w} is smaller than one merged patch ({factor}x{factor} px)")
-        th, tw = smart_resize(h, w, factor, min_pixels, max_pixels)
-    else:
-        if h % factor or w % factor:
-            raise ValueError(f"image {h}x{w}: sides must be multiples of {factor} px when resize=False")
-        th, tw = h, w
-    if (th, tw) != (h, w):
-        arr = np.asarray(Image.fromarray(arr).resize((tw, th), resample=Image.BICUBIC))
-    return patch_rows(arr, patch_size, merge_size, temporal_patch_size)
 
 
 def patch_rows(arr: np.ndarray, patch_size: int = 16, merge_size: int = 2,
@@ -625,113 +528,3 @@ def patch_rows(arr: np.ndarray, patch_size: int = 16, merge_size: int = 2,
     x = x.permute(2, 5, 3, 6, 1, 0, 4, 7)  # (h/2, w/2, dy, dx, C, T, P, P): 2x2 blocks contiguous
     pixel_values = x.reshape(gh * gw, -1).contiguous()
     return pixel_values, torch.tensor([[1, gh, gw]], dtype=torch.int64)
-
-
-# The checkpoint's image-preprocessing settings: its preprocessor_config.json (Qwen2-VL image processor fields)
-
-PREPROCESSOR_CONFIG = "preprocessor_config.json"
-_HF_MIN_PIXELS, _HF_MAX_PIXELS, _HF_PATCH_SIZE = 56 * 56, 28 * 28 * 1280, 14  # the transformers class defaults
-
-
-@dataclass(frozen=True)
-class ImageProcessorConfig:
-    """How one checkpoint turns an understanding image into vision-tower inputs: resize to the nearest multiples of
-    patch_size * merge_size px with H * W in [min_pixels, max_pixels] (aspect kept), then `preprocess_image`.
-    Defaults: the released processor (Qwen3-VL's). A checkpoint states its own in `preprocessor_config.json`."""
-
-    min_pixels: int = MIN_PIXELS
-    max_pixels: int = MAX_PIXELS
-    patch_size: int = 16
-    temporal_patch_size: int = 2
-    merge_size: int = 2
-
-    def __post_init__(self):
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{f.name} must be a positive integer, got {v!r}")
-        if self.min_pixels > self.max_pixels:
-            raise ValueError(f"min_pixels {self.min_pixels} > max_pixels {self.max_pixels}")
-
-    def __call__(self, image) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image (path, PIL image or array) -> (pixel_values, grid_thw), resized by these settings."""
-        return preprocess_image(image, min_pixels=self.min_pixels, max_pixels=self.max_pixels,
-                                patch_size=self.patch_size, merge_size=self.merge_size,
-                                temporal_patch_size=self.temporal_patch_size)
-
-    def check_vision(self, vcfg: "VisionConfig", where) -> None:
-        """The patch geometry must be the vision tower's (ValueError naming `where` and the field)."""
-        for mine, theirs in (("patch_size", "patch_size"), ("merge_size", "spatial_merge_size"),
-                             ("temporal_patch_size", "temporal_patch_size")):
-            if getattr(self, mine) != getattr(vcfg, theirs):
-                raise ValueError(f"{where}: {mine} {getattr(self, mine)} differs from the vision config's {theirs} "
-                                 f"{getattr(vcfg, theirs)}")
-
-    def to_dict(self) -> dict:
-        """The preprocessor_config.json of a released checkpoint (Qwen2-VL image processor fields). min_pixels /
-        max_pixels repeat `size`: transformers' slow Qwen2VLImageProcessor reads only those."""
-        return {"image_processor_type": "Qwen2VLImageProcessorFast", "do_resize": True, "resample": 3,
-                "size": {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels},
-                "min_pixels": self.min_pixels, "max_pixels": self.max_pixels, "patch_size": self.patch_size,
-                "temporal_patch_size": self.temporal_patch_size, "merge_size": self.merge_size,
-                "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-                "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_convert_rgb": True}
-
-    @classmethod
-    def from_dict(cls, d: dict, where) -> "ImageProcessorConfig":
-        """A preprocessor_config.json's contents, read as transformers' Qwen2VLImageProcessorFast reads them:
-        `size` {shortest_edge, longest_edge} in pixels, overridden by top-level min_pixels / max_pixels; a missing
-        field takes that class's default (then patch_size is 14 and image_mean CLIP's: refused below). Fields this
-        implementation does not follow (no resize, other rescaling or normalisation, non-bicubic resampling) are
-        refused. ValueError naming `where` and the field."""
-        if not isinstance(d, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(d).__name__}")
-        lo, hi = _pixel_bounds(d, where)
-        _refuse_unsupported(d, where)
-        return cls(min_pixels=lo, max_pixels=hi,
-                   patch_size=_positive(where, "patch_size", d.get("patch_size", _HF_PATCH_SIZE)),
-                   temporal_patch_size=_positive(where, "temporal_patch_size", d.get("temporal_patch_size", 2)),
-                   merge_size=_positive(where, "merge_size", d.get("merge_size", 2)))
-
-
-def _positive(where, name: str, v) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-        raise ValueError(f"{where}: {name} must be a positive integer, got {v!r}")
-    return v
-
-
-def _pixel_bounds(d: dict, where) -> tuple[int, int]:
-    """(min_pixels, max_pixels) of a preprocessor_config.json: `size`, overridden by the top-level fields."""
-    size = d.get("size")
-    lo, hi = _HF_MIN_PIXELS, _HF_MAX_PIXELS
-    if size is not None:
-        if not isinstance(size, dict) or "shortest_edge" not in size or "longest_edge" not in size:
-            raise ValueError(f"{where}: size must be an object with shortest_edge and longest_edge (pixels), got "
-                             f"{size!r}")
-        lo = _positive(where, "size.shortest_edge", size["shortest_edge"])
-        hi = _positive(where, "size.longest_edge", size["longest_edge"])
-    if d.get("min_pixels") is not None:
-        lo = _positive(where, "min_pixels", d["min_pixels"])
-    if d.get("max_pixels") is not None:
-        hi = _positive(where, "max_pixels", d["max_pixels"])
-    if lo > hi:
-        raise ValueError(f"{where}: min_pixels / size.shortest_edge {lo} > max_pixels / size.longest_edge {hi}")
-    return lo, hi
-
-
-def _refuse_unsupported(d: dict, where) -> None:
-    """Resizing, rescaling and normalising other than the released processor's: ValueError naming the field."""
-    supported = {"do_resize": True, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True, "resample": 3}
-    for name, want in supported.items():
-        if name in d and d[name] is not None and d[name] != want:
-            raise ValueError(f"{where}: {name} {d[name]!r} is not supported (only {want!r})")
-    if d.get("rescale_factor") is not None and (isinstance(d["rescale_factor"], bool) or not isinstance(
-            d["rescale_factor"], (int, float)) or not math.isclose(d["rescale_factor"], 1 / 255)):
-        raise ValueError(f"{where}: rescale_factor {d['rescale_factor']!r} is not supported (only 1/255)")
-    for name in ("image_mean", "image_std"):
-        v = d.get(name)
-        if v is None:
-            raise ValueError(f"{where}: {name} is missing (the image processor's default is CLIP's); only "
-                             "[0.5, 0.5, 0.5] is supported")
-        if not (v == 0.5 or (isinstance(v, list) and len(v) == 3 and all(x == 0.5 for x in v))):
-            raise ValueError(f"{where}: {name} {v!r} is not supported (only [0.5, 0.5, 0.5])")

@@ -110,8 +110,8 @@ def converse(args, ckpt: Path, net, tok, dec, status: dict) -> int:
                 seed = P.sample_seed(args.seed, drawn)
                 bits = conv.draw(text, picture, ar_height=ar_h, ar_width=ar_w, cfg_scale=args.cfg,
                                  temperature=args.temperature, seed=seed)
-                image = dec.decode(bits, ar_h, ar_w, upsampling_ratio=args.upsample, steps=args.steps,
-                                   guidance=args.decoder_cfg, seed=[seed])[0].cpu().numpy()
+                image = P.decode_bits(dec, bits, ar_h, ar_w, upsampling_ratio=args.upsample, steps=args.steps,
+                                      guidance=args.decoder_cfg, seed=[seed])[0].cpu().numpy()
                 with cli.writing(args.out):
                     path = save_new(args.out, "chat", lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
                 drawn += 1

@@ -23,8 +23,6 @@ import torch
 from safetensors import SafetensorError
 from tokenizers import models
 
-import bsq
-import decoder as D
 import files
 import pipeline as P
 from files import UsageError  # the one error type of bad input, raised by the file operations too
@@ -627,7 +625,7 @@ def check_device_and_out(args, writes: bool = True) -> torch.device:
 def check_image(path, flag: str = "--image") -> None:
     """A readable image file, within PIL's decompression-bomb limit (ValueError naming the flag)."""
     try:
-        bsq.load_image(path)
+        P.load_image(path)
     except ValueError as e:
         raise ValueError(f"{flag}: {e}") from None
 
@@ -663,7 +661,7 @@ def check_generation(plan, ar_h: int, ar_w: int, upsample: float, prompts: list,
         raise ValueError(f"--ar-size: AR size {ar_h}x{ar_w} must be positive multiples of {ds} px")
     unit, max_grid = plan.decoder_geometry
     try:
-        D.output_size(ar_h, ar_w, upsample, unit, max_grid)
+        P.output_size(ar_h, ar_w, upsample, unit, max_grid)
     except ValueError as e:
         raise ValueError(f"--ar-size {ar_h}x{ar_w} / --upsample {upsample}: {e}") from None
     n_img = None

@@ -3,8 +3,9 @@ each, and the default of the few it may leave out.
 
 load_hf checks every config file against its schema before a config dataclass is built from it, so a missing,
 mistyped or out-of-range value is one error naming the file and the field, never a silent default nor a traceback
-from inside a model file. Rules that relate several fields and belong to the model (heads divide evenly, the
-mrope sections sum to half a head) stay in the dataclasses' __post_init__; load_hf names the file for them too.
+from inside a model file. Rules that relate several fields (heads divide evenly, the mrope sections sum to half a
+head, the vision tower's width is the text model's) are checked here too, once the fields are; the config
+dataclasses only assert them, for configs built in code.
 
 What is required. transformers and diffusers write every field of a config class when they save a model, and their
 class defaults are not the released model's (Qwen3VLTextConfig's intermediate_size, T5Config's feed_forward_proj,
@@ -221,18 +222,52 @@ def check_added_tokens(d, where) -> dict:
     return d
 
 
+def _text_rules(t: dict) -> str | None:
+    """text_config: the heads share key/value heads evenly; the MRoPE sections cover half a head."""
+    if t["num_attention_heads"] % t["num_key_value_heads"]:
+        return (f"num_attention_heads {t['num_attention_heads']} is not a multiple of num_key_value_heads "
+                f"{t['num_key_value_heads']}")
+    section = tuple(t["rope_scaling"]["mrope_section"])
+    if sum(section) != t["head_dim"] // 2:
+        return f"mrope_section {section} must sum to head_dim / 2 = {t['head_dim'] // 2}"
+    return None
+
+
+def _vision_rules(v: dict) -> str | None:
+    """A vision config: the heads divide the width; the learned position grid is square; the DeepStack taps are
+    blocks of the tower."""
+    if v["hidden_size"] % v["num_heads"]:
+        return f"vision hidden_size {v['hidden_size']} is not a multiple of num_heads {v['num_heads']}"
+    if math.isqrt(v["num_position_embeddings"]) ** 2 != v["num_position_embeddings"]:
+        return f"num_position_embeddings {v['num_position_embeddings']} is not a square grid"
+    taps = tuple(v["deepstack_visual_indexes"])
+    if any(not 0 <= i < v["depth"] for i in taps):
+        return f"deepstack_visual_indexes {taps} outside depth {v['depth']}"
+    return None
+
+
+def _invalid(message: str | None, what: str = "config") -> str | None:
+    return None if message is None else f"invalid {what} ({message})"
+
+
 def _ar_rules(d: dict) -> str | None:
-    vocab = d["text_config"]["vocab_size"]
+    t, v = d["text_config"], d["vision_config"]
+    vocab = t["vocab_size"]
     for n in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
         if d[n] >= vocab:
             return f"field '{n}' must be a token id below text_config.vocab_size {vocab}, got {d[n]}"
-    return None
+    widths = (f"vision out_hidden_size {v['out_hidden_size']} != text hidden_size {t['hidden_size']}"
+              if v["out_hidden_size"] != t["hidden_size"] else None)
+    return _invalid(_text_rules(t) or _vision_rules(v) or widths)
 
 
 def _mmdit_rules(d: dict) -> str | None:
     bad = [i for i in d["dual_attention_layers"] if i >= d["num_layers"]]
     if bad:
         return f"field 'dual_attention_layers' names layers {bad} beyond num_layers {d['num_layers']}"
+    inner = d["num_attention_heads"] * d["attention_head_dim"]
+    if d["caption_projection_dim"] != inner:
+        return _invalid(f"caption_projection_dim {d['caption_projection_dim']} must equal heads * head_dim {inner}")
     return None
 
 
@@ -292,6 +327,11 @@ def known_fields(cls, d: dict) -> dict:
 
 def check_ar(d, where) -> dict:
     return check(d, where, AR, _ar_rules)
+
+
+def check_vision(d, where) -> dict:
+    """bsq_encoder/config.json."""
+    return check(d, where, VISION, lambda v: _invalid(_vision_rules(v), "vision config"))
 
 
 def check_mmdit(d, where, pixel_space: bool) -> dict:

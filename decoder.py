@@ -25,10 +25,8 @@ Departures from the official code (uniar/modeling_vision_decoder.py + diffusers/
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -38,7 +36,7 @@ from tqdm import tqdm
 
 import bsq
 from config_schema import known_fields
-from kernels import guide
+from model import guide
 
 DECODER_PROMPT = "Please reconstruct this image and restore all the details."
 
@@ -48,13 +46,6 @@ class JsonConfig:
     def from_dict(cls, d: dict):
         """A diffusers / transformers config.json dict; unknown keys (_class_name, model_type, ...) are ignored."""
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in known_fields(cls, d).items()})
-
-
-def read_json(path) -> dict:
-    if not Path(path).is_file():
-        raise ValueError(f"config file not found: {path}")
-    with open(path) as f:
-        return json.load(f)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -87,15 +78,9 @@ class MMDiTConfig(JsonConfig):
     drop_image_token_prob_for_cfg: float = 0.0
     prediction_type: str = "velocity"  # the released decoder; "sample" (x0) is the toy pixel-space decoder's
 
-    def __post_init__(self):
+    def __post_init__(self):  # a config file is checked where it is read (config_schema.mmdit, _mmdit_rules)
         self.dual_attention_layers = tuple(self.dual_attention_layers)
-        if self.prediction_type not in ("velocity", "sample"):
-            raise ValueError(f"prediction_type must be 'velocity' or 'sample', got {self.prediction_type!r}")
-        if self.qk_norm not in (None, "rms_norm"):
-            raise ValueError(f"qk_norm must be None or 'rms_norm', got {self.qk_norm!r}")
-        if self.caption_projection_dim != self.inner_dim:
-            raise ValueError(f"caption_projection_dim {self.caption_projection_dim} must equal heads * head_dim "
-                             f"{self.inner_dim}")
+        assert self.caption_projection_dim == self.inner_dim, ("caption_projection_dim", self.caption_projection_dim)
 
     @property
     def inner_dim(self) -> int:
@@ -137,10 +122,8 @@ class VAEConfig(JsonConfig):
     scaling_factor: float = 1.5305
     shift_factor: float = 0.0609
 
-    def __post_init__(self):
+    def __post_init__(self):  # a config file is checked where it is read (config_schema.VAE)
         self.block_out_channels = tuple(self.block_out_channels)
-        if self.use_post_quant_conv or self.act_fn != "silu":
-            raise ValueError("only the SD3 VAE layout is supported (act_fn 'silu', use_post_quant_conv false)")
 
     @property
     def scale(self) -> int:
@@ -610,21 +593,10 @@ class LearnedContext(nn.Module):
         return self.prompt_embeds, self.pooled
 
 
-def output_size(ar_height: int, ar_width: int, upsampling_ratio: float, unit: int,
-                max_grid: int | None = None) -> tuple[int, int]:
-    """The decoder's output size for an AR size and upsampling ratio, checked: ratio in [1, 2], sides multiples of
-    16 and of `unit` (pixels per transformer token: VAE scale x patch size), at most `max_grid` tokens a side (the
-    position table). Needs only the configs, so sample.py checks its flags with it before loading anything."""
-    if not 1.0 <= upsampling_ratio <= 2.0:  # also rejects NaN
-        raise ValueError(f"upsampling_ratio must be in [1, 2], got {upsampling_ratio}")
-    H, W = int(round(ar_height * upsampling_ratio)), int(round(ar_width * upsampling_ratio))
-    if H % 16 or W % 16 or H % unit or W % unit:
-        raise ValueError(f"output size {H}x{W} (AR {ar_height}x{ar_width} x {upsampling_ratio}) must be a "
-                         f"multiple of {math.lcm(16, unit)}")
-    if max_grid is not None and max(H, W) > max_grid * unit:
-        raise ValueError(f"output size {H}x{W} (AR {ar_height}x{ar_width} x {upsampling_ratio}) exceeds the "
-                         f"decoder's largest side {max_grid * unit} px (pos_embed_max_size {max_grid} x {unit} px)")
-    return H, W
+def output_size(ar_height: int, ar_width: int, upsampling_ratio: float) -> tuple[int, int]:
+    """The decoder's output size (H, W) for an AR size and upsampling ratio (which ones a decoder takes:
+    pipeline.output_size)."""
+    return int(round(ar_height * upsampling_ratio)), int(round(ar_width * upsampling_ratio))
 
 
 class Decoder(nn.Module):
@@ -635,29 +607,27 @@ class Decoder(nn.Module):
                  prompt_embeds: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
                  context: LearnedContext | None = None):
         super().__init__()
-        if (context is None) == (prompt_embeds is None or pooled is None):
-            raise ValueError("give either prompt_embeds and pooled, or a LearnedContext")
+        assert (context is None) != (prompt_embeds is None or pooled is None), "prompt_embeds and pooled, or a context"
         self.vision, self.transformer, self.vae, self.scheduler, self.context = vision, transformer, vae, scheduler, \
             context
         if context is None:
             self.register_buffer("prompt_embeds", prompt_embeds, persistent=False)
             self.register_buffer("pooled", pooled, persistent=False)
-        if transformer.cfg.siglip_channels != vision.cfg.hidden_size * vision.cfg.levels:
-            raise ValueError(f"transformer siglip_channels {transformer.cfg.siglip_channels} != vision hidden_size * "
-                             f"levels {vision.cfg.hidden_size * vision.cfg.levels}")
+        assert transformer.cfg.siglip_channels == vision.cfg.hidden_size * vision.cfg.levels, "the condition's width"
 
     @property
     def scale(self) -> int:
         """Pixels per latent cell (8 with the SD3 VAE, 1 in pixel space)."""
         return self.vae.cfg.scale if self.vae is not None else 1
 
+    @property
+    def unit(self) -> int:
+        """Pixels per transformer token (latent cell x patch size): output sides are multiples of it."""
+        return self.scale * self.transformer.cfg.patch_size
+
     def text(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         pe, pooled = self.context() if self.context is not None else (self.prompt_embeds, self.pooled)
         return pe.expand(batch, -1, -1), pooled.expand(batch, -1)
-
-    def output_size(self, ar_height: int, ar_width: int, upsampling_ratio: float) -> tuple[int, int]:
-        return output_size(ar_height, ar_width, upsampling_ratio, self.scale * self.transformer.cfg.patch_size,
-                           self.transformer.cfg.pos_embed_max_size)
 
     def velocity_fn(self, cond: torch.Tensor, cond_grid, guidance: float) -> Callable:
         """v(x, t) with guidance over the visual condition: rows [zeros; features], the same prompt on both."""
@@ -707,7 +677,8 @@ class Decoder(nn.Module):
                steps: int = 28, guidance: float = 1.5, seed: int | list | None = 0, noise: torch.Tensor | None = None,
                output: str = "uint8", progress: bool = False) -> torch.Tensor:
         """Bits (B, N, L, U, d) or int64 indices (B, N, L, U) of an ar_height x ar_width image -> images
-        (B, H, W, 3) uint8 (output="uint8") or (B, 3, H, W) float in [0, 1] (output="float")."""
+        (B, H, W, 3) uint8 (output="uint8") or (B, 3, H, W) float in [0, 1] (output="float"). The arguments a
+        person gives are checked in pipeline.decode_bits."""
         if isinstance(seed, (list, tuple)) and len(seed) > 1 and noise is None:
             # one image at a time: batched matrix products round differently, and a pixel on a rounding boundary
             # would otherwise depend on the batch; with its own seed, each image depends on its bits and seed only
@@ -715,7 +686,10 @@ class Decoder(nn.Module):
                                           steps=steps, guidance=guidance, seed=seed[i:i + 1], output=output,
                                           progress=progress) for i in range(len(seed))])
         bits = as_bits(bits, self.vision.cfg)
-        H, W = self.check_decode_args(bits, ar_height, ar_width, upsampling_ratio, steps, noise, output)
+        unit = self.vision.cfg.patch_size * self.vision.cfg.spatial_merge_size  # pixels per AR token
+        assert ar_height % unit == ar_width % unit == 0, ("AR size", ar_height, ar_width)
+        H, W = output_size(ar_height, ar_width, upsampling_ratio)
+        assert H % self.unit == W % self.unit == 0 and output in ("uint8", "float"), (H, W, output)
         vdev = self.vision.bsq_output_proj.linear_fc1.weight.device  # the only part of the tower used here
         cond = bits_to_condition(self.vision, bits.to(vdev), ar_height, ar_width)
         cond = cond.to(self.transformer.proj_out.weight.device)
@@ -723,27 +697,6 @@ class Decoder(nn.Module):
         img = self.latents_to_image(self.sample_latents(cond, grid, (H, W), steps=steps, guidance=guidance, seed=seed,
                                                         noise=noise, progress=progress))
         return img if output == "float" else (img * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
-
-    def check_decode_args(self, bits: torch.Tensor, ar_height: int, ar_width: int, upsampling_ratio: float,
-                          steps: int, noise: torch.Tensor | None, output: str) -> tuple[int, int]:
-        """decode's arguments checked before any work -> the output size (H, W); a ValueError naming the argument."""
-        H, W = self.output_size(ar_height, ar_width, upsampling_ratio)
-        vc = self.vision.cfg
-        unit = vc.patch_size * vc.spatial_merge_size
-        if ar_height <= 0 or ar_width <= 0 or ar_height % unit or ar_width % unit:
-            raise ValueError(f"AR size {ar_height}x{ar_width} must be positive multiples of {unit}")
-        N, L, U, d = bits_shape(vc, ar_height, ar_width)
-        if bits.dim() != 5 or tuple(bits.shape[1:]) != (N, L, U, d):
-            raise ValueError(f"bits must be (B, N={N}, levels={L}, merge_unit={U}, bsq_dim={d}) for a {ar_height}x"
-                             f"{ar_width} AR image (or int64 indices (B, N, L, U)), got {tuple(bits.shape)}")
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
-        want = (bits.shape[0], self.transformer.cfg.in_channels, H // self.scale, W // self.scale)
-        if noise is not None and tuple(noise.shape) != want:
-            raise ValueError(f"noise must be {want}, got {tuple(noise.shape)}")
-        if output not in ("uint8", "float"):
-            raise ValueError(f"output must be 'uint8' or 'float', got {output!r}")
-        return H, W
 
     @classmethod
     def toy(cls, vision: "bsq.VisionModel", cfg: MMDiTConfig | None = None) -> "Decoder":

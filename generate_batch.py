@@ -29,7 +29,6 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-import bsq
 import cli
 import files
 import load_hf
@@ -134,8 +133,8 @@ def run(argv: list, status: dict) -> int:
             inputs = [images[r["idx"]] for r, _ in batch] if editing else None
             bits = P.generate_bits(net, tok, [r["prompt"] for r, _ in batch], ar_height=ar_h, ar_width=ar_w,
                                    cfg_scale=args.cfg, temperature=args.temperature, seed=seeds, input_images=inputs)
-            out = dec.decode(bits, ar_h, ar_w, upsampling_ratio=args.upsample, steps=args.steps,
-                             guidance=args.decoder_cfg, seed=seeds).cpu()
+            out = P.decode_bits(dec, bits, ar_h, ar_w, upsampling_ratio=args.upsample, steps=args.steps,
+                                guidance=args.decoder_cfg, seed=seeds).cpu()
             for (r, k), im in zip(batch, out):
                 path = sample_path(run_dir, r["idx"], k)
                 with cli.writing(run_dir, resume=True):
@@ -267,7 +266,7 @@ def input_images(args, records: list, numbers: list) -> dict:
             raise cli.UsageError(f"{where} does not exist: {f} (--image-root {args.image_root})")
         if f not in bad:
             try:
-                bsq.load_image(f)
+                P.load_image(f)
                 bad[f] = None
             except ValueError as e:
                 bad[f] = str(e)

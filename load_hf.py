@@ -466,7 +466,7 @@ def load_vision(folder, *, dtype=None, device="cpu", decoder_only: bool = False)
 def vision_config(d: dict, where):
     """A vision config (bsq_encoder/config.json, or the root's vision_config) -> bsq.VisionConfig, checked."""
 
-    d = checked_config(d, where, schema.check, schema.VISION)
+    d = checked_config(d, where, schema.check_vision)
     try:
         return bsq.VisionConfig.from_dict(d)
     except (TypeError, ValueError) as e:
@@ -557,6 +557,19 @@ def check_tokenizer(path: Path, cfg, tok: "P.Tokenizer") -> None:
                               "checkpoint's original files")
 
 
+def head_variant_from_keys(keys) -> str:
+    """Which bit head (model.HEAD_VARIANTS, model.build_vistok_head) a state dict holds, from its
+    `output_layer_vistok.*` keys."""
+    keys = {k for k in keys if k.startswith("output_layer_vistok.")}
+    if keys == {"output_layer_vistok.weight"}:
+        return "linear"
+    if keys == {"output_layer_vistok.0.weight", "output_layer_vistok.1.weight"}:
+        return "rmsnorm_linear"
+    if keys == {"output_layer_vistok.0.weight", "output_layer_vistok.1.weight", "output_layer_vistok.3.weight"}:
+        return "rmsnorm_mlp"
+    raise ValueError(f"unrecognised output_layer_vistok keys {sorted(keys)}")
+
+
 def _ar_config(root: Path):
     """(model.UniARConfig, pipeline.Tokenizer) of the AR root, checked: config.json against its schema and against
     the tokenizer files; the bit-head variant read from the keys."""
@@ -572,7 +585,7 @@ def _ar_config(root: Path):
     check_tokenizer(path, cfg, tok)
     keys = tensor_index(weight_files(root)).keys()
     try:
-        variant = M.head_variant_from_keys(keys)
+        variant = head_variant_from_keys(keys)
     except ValueError as e:
         raise CheckpointError(f"{root}: unknown bit-head variant: {e}") from None
     if variant != cfg.head_variant:
@@ -588,15 +601,15 @@ def ar_config(root: Path):
 
 
 def image_processor_config(root: Path, vcfg):
-    """`<root>/preprocessor_config.json` -> bsq.ImageProcessorConfig (checked against the vision config), or None
+    """`<root>/preprocessor_config.json` -> pipeline.ImageProcessorConfig (checked against the vision config), or None
     when the file is absent: then, as with the official loader (AutoProcessor finds only a tokenizer there), the
     checkpoint has no image preprocessing and understanding refuses images (pipeline.image_processor says so)."""
 
-    path = Path(root) / bsq.PREPROCESSOR_CONFIG
+    path = Path(root) / P.PREPROCESSOR_CONFIG
     if not path.is_file():
         return None
     try:
-        proc = bsq.ImageProcessorConfig.from_dict(read_config(path), path)
+        proc = P.ImageProcessorConfig.from_dict(read_config(path), path)
         proc.check_vision(vcfg, path)
     except CheckpointError:
         raise
@@ -843,10 +856,10 @@ def load_decoder(root, *, dtype=None, device="cpu", cache_dir=None, prompt_embed
         prompt_embeds = cached_prompt_embeds(pipe, cache_dir or default_cache_dir(), D.DECODER_PROMPT,
                                                 tcfg.joint_attention_dim, device=device)
     pe, pooled = (t.to(device=device, dtype=dtype or t.dtype) for t in prompt_embeds)
-    try:
-        return D.Decoder(vision, transformer.eval(), vae, sched, pe, pooled).eval()
-    except ValueError as e:
-        raise CheckpointError(f"{root}: parts do not fit together ({e})") from None
+    if tcfg.siglip_channels != vision.cfg.hidden_size * vision.cfg.levels:
+        raise CheckpointError(f"{root}: parts do not fit together (transformer siglip_channels {tcfg.siglip_channels} "
+                              f"!= vision hidden_size * levels {vision.cfg.hidden_size * vision.cfg.levels})")
+    return D.Decoder(vision, transformer.eval(), vae, sched, pe, pooled).eval()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -884,9 +897,9 @@ def _write_weights(path: Path, module_or_state, keep: Callable[[str], bool] = la
 
 
 def write_image_processor(root, proc) -> None:
-    """bsq.ImageProcessorConfig -> `<root>/preprocessor_config.json` (read back by `image_processor_config`)."""
+    """pipeline.ImageProcessorConfig -> `<root>/preprocessor_config.json` (read back by `image_processor_config`)."""
 
-    _write_json(Path(root) / bsq.PREPROCESSOR_CONFIG, proc.to_dict())
+    _write_json(Path(root) / P.PREPROCESSOR_CONFIG, proc.to_dict())
 
 
 def save_checkpoint(root, *, ar=None, tokenizer_dir=None, vision=None, decoder=None, sample_defaults=None,

@@ -34,7 +34,6 @@ Departures from the official code:
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field, fields
 from typing import NamedTuple, Optional, Sequence
 
@@ -45,7 +44,7 @@ from tqdm import tqdm
 
 import bsq
 from config_schema import known_fields
-from kernels import guide, rotate_half
+from kernels import rotate_half
 from kernels.attention import attention as kernel_attention
 from kernels.attention import build_mask
 from kernels.attention import use_kernel
@@ -76,17 +75,10 @@ class TextConfig:
     hidden_act: str = "silu"
     attention_bias: bool = False
 
-    def __post_init__(self):
+    def __post_init__(self):  # a config file is checked where it is read (config_schema.TEXT, _text_rules)
         self.mrope_section = tuple(int(s) for s in self.mrope_section)
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
-                             f"num_key_value_heads {self.num_key_value_heads}")
-        if sum(self.mrope_section) != self.head_dim // 2:
-            raise ValueError(f"mrope_section {self.mrope_section} must sum to head_dim / 2 = {self.head_dim // 2}")
-        if self.hidden_act != "silu":
-            raise ValueError(f"text hidden_act {self.hidden_act!r} is not supported (expected 'silu')")
-        if self.attention_bias:
-            raise ValueError("attention_bias=True is not supported (Qwen3-VL has bias-free projections)")
+        assert self.num_attention_heads % self.num_key_value_heads == 0, "query heads share key/value heads evenly"
+        assert sum(self.mrope_section) == self.head_dim // 2, ("mrope_section", self.mrope_section, self.head_dim)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TextConfig":
@@ -120,13 +112,8 @@ class UniARConfig:
     text: TextConfig = field(default_factory=TextConfig)
     vision: bsq.VisionConfig = field(default_factory=bsq.VisionConfig)
 
-    def __post_init__(self):
-        if not (self.vistok_pred and self.visual_transformer_decoder):
-            raise ValueError("UniAR generation needs vistok_pred=True and visual_transformer_decoder=True "
-                             f"(got {self.vistok_pred}, {self.visual_transformer_decoder})")
-        if self.vision.out_hidden_size != self.text.hidden_size:
-            raise ValueError(f"vision out_hidden_size {self.vision.out_hidden_size} != text hidden_size "
-                             f"{self.text.hidden_size}")
+    def __post_init__(self):  # a config file is checked where it is read (config_schema.AR, _ar_rules)
+        assert self.vision.out_hidden_size == self.text.hidden_size, "the vision tower writes the text model's width"
 
     @property
     def head_variant(self) -> str:
@@ -145,8 +132,7 @@ class UniARConfig:
         return self.vision.patch_size * self.vision.spatial_merge_size
 
     def with_head_variant(self, variant: str) -> "UniARConfig":
-        if variant not in HEAD_VARIANTS:
-            raise ValueError(f"unknown head variant {variant!r}, expected one of {HEAD_VARIANTS}")
+        assert variant in HEAD_VARIANTS, variant
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["vistok_pred_use_mlp"] = variant == "rmsnorm_mlp"
         d["vistok_pred_layernorm"] = variant == "rmsnorm_linear"
@@ -156,8 +142,6 @@ class UniARConfig:
     def from_dict(cls, d: dict) -> "UniARConfig":
         """Reads the root `config.json` dict of a checkpoint; unknown keys are ignored."""
         kw = {k: v for k, v in known_fields(cls, d).items() if k not in ("text", "vision")}
-        if "text_config" not in d or "vision_config" not in d:
-            raise ValueError("config dict needs 'text_config' and 'vision_config' (root config.json format)")
         return cls(text=TextConfig.from_dict(d["text_config"]), vision=bsq.VisionConfig.from_dict(d["vision_config"]),
                    **kw)
 
@@ -170,18 +154,6 @@ class UniARConfig:
     def tiny(cls) -> "UniARConfig":
         return cls(image_token_id=310, video_token_id=311, vision_start_token_id=312, vision_end_token_id=313,
                    visual_transformer_decoder_depth=2, text=TextConfig.tiny(), vision=bsq.VisionConfig.tiny())
-
-
-def head_variant_from_keys(keys) -> str:
-    """Which bit head a state dict holds, from its `output_layer_vistok.*` keys."""
-    keys = {k for k in keys if k.startswith("output_layer_vistok.")}
-    if keys == {"output_layer_vistok.weight"}:
-        return "linear"
-    if keys == {"output_layer_vistok.0.weight", "output_layer_vistok.1.weight"}:
-        return "rmsnorm_linear"
-    if keys == {"output_layer_vistok.0.weight", "output_layer_vistok.1.weight", "output_layer_vistok.3.weight"}:
-        return "rmsnorm_mlp"
-    raise ValueError(f"unrecognised output_layer_vistok keys {sorted(keys)}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -461,9 +433,10 @@ class UniAR(nn.Module):
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
         self.output_layer_vistok = build_vistok_head(cfg)
         self.visual_decoder = nn.ModuleList(DecoderLayer(cfg.text) for _ in range(cfg.visual_transformer_decoder_depth))
-        # how understanding images are resized (the checkpoint's preprocessor_config.json; set by load_hf.load_ar and
-        # train.build, written by load_hf.save_checkpoint); None: the checkpoint states none
-        self.image_processor: Optional[bsq.ImageProcessorConfig] = None
+        # how understanding images are resized: a pipeline.ImageProcessorConfig (the checkpoint's
+        # preprocessor_config.json; set by load_hf.load_ar and train.build, written by load_hf.save_checkpoint);
+        # None: the checkpoint states none
+        self.image_processor = None
 
     @property
     def visual(self) -> bsq.VisionModel:
@@ -485,7 +458,7 @@ class UniAR(nn.Module):
 
         Returns (x (B, T, D), visual_mask (B, T) bool or None, deepstack list or None).
         """
-        self.check_prefix_images(input_ids, pixel_values, image_grid_thw)
+        assert self.images_match(input_ids, pixel_values, image_grid_thw), "image placeholders and pixels go together"
         bits = None if pixel_values is None else self.visual.encode_bits(
             pixel_values.to(self.language_model.embed_tokens.weight.dtype), image_grid_thw)
         return self.embed_bits(input_ids, bits)
@@ -505,22 +478,10 @@ class UniAR(nn.Module):
         x = x.masked_scatter(img[..., None].expand_as(x), main.to(x.dtype))
         return x, img, deep
 
-    def check_prefix_images(self, input_ids, pixel_values, image_grid_thw) -> int:
-        """Placeholders and pixels must come together; returns the number of image placeholders."""
-        n = int((input_ids == self.cfg.image_token_id).sum())
-        if pixel_values is None:
-            if n:
-                raise ValueError(f"input_ids contain {n} image tokens (id {self.cfg.image_token_id}) "
-                                 "but no pixel_values were given")
-            if image_grid_thw is not None:
-                raise ValueError("image_grid_thw given without pixel_values")
-        else:
-            if image_grid_thw is None:
-                raise ValueError("pixel_values given without image_grid_thw")
-            if n == 0:
-                raise ValueError("pixel_values given but input_ids hold no image placeholders (an image where "
-                                 "none is expected)")
-        return n
+    def images_match(self, input_ids, pixel_values, image_grid_thw) -> bool:
+        """Image placeholders in input_ids, pixel_values and image_grid_thw come together (or none of them);
+        pipeline.check_prefix_images says which one is missing."""
+        return (pixel_values is None) == (image_grid_thw is None) == (not (input_ids == self.cfg.image_token_id).any())
 
     def vistok_logits(self, h: torch.Tensor) -> torch.Tensor:
         """Bit head on visual-decoder states (..., D) -> (..., L, U, d, 2)."""
@@ -564,9 +525,8 @@ class UniAR(nn.Module):
         B, Lp = prefix_ids.shape
         gh, gw = grid_hw
         N = gh * gw
-        self.check_prefix_images(prefix_ids, pixel_values, image_grid_thw)
-        if tuple(bits.shape) != (B, N, *self.bits_shape):
-            raise ValueError(f"bits must be (B={B}, N={N}, {self.bits_shape}), got {tuple(bits.shape)}")
+        assert self.images_match(prefix_ids, pixel_values, image_grid_thw), "image placeholders and pixels go together"
+        assert tuple(bits.shape) == (B, N, *self.bits_shape), ("bits must be (B, N, L, U, d)", tuple(bits.shape))
         ids, mask, grids = self.append_image_placeholders(prefix_ids, attention_mask, N, gh, gw, image_grid_thw)
         if pixel_values is not None:  # per row: its input image(s), then the image being generated
             counts = (prefix_ids == self.cfg.image_token_id).sum(1).tolist()
@@ -601,6 +561,13 @@ class UniAR(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance (Ho & Salimans, 2022): uncond + scale * (cond - uncond); scale 1 gives cond. The
+    bit logits here, the decoder's velocity (decoder.Decoder.velocity_fn) and the bitwise kernel (kernels/bitwise.py,
+    written out there) all guide with it."""
+    return uncond + scale * (cond - uncond)
+
+
 def cfg_guide(logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
     """Classifier-free guidance on logits: rows [cond; uncond] -> guided logits for both halves."""
     if cfg_scale <= 1.0:
@@ -632,8 +599,8 @@ class MultinomialSampler:
     temperature: float = 1.0
     generator: object = None  # None, a torch.Generator, or one per image
 
-    def __post_init__(self):
-        check_sampling(self.cfg_scale, self.temperature)
+    def __post_init__(self):  # user settings are checked in pipeline.check_sampling
+        assert self.cfg_scale >= 1.0 and self.temperature > 0, (self.cfg_scale, self.temperature)
 
     def __call__(self, logits: torch.Tensor, step: int) -> torch.Tensor:
         """Bit logits (B_all, L, U, d, 2) of AR step `step`, rows [cond; uncond] -> bits (B_all, L, U, d)."""
@@ -648,8 +615,8 @@ class KernelSampler:
     temperature: float = 1.0
     seed: int = 0
 
-    def __post_init__(self):
-        check_sampling(self.cfg_scale, self.temperature)
+    def __post_init__(self):  # user settings are checked in pipeline.check_sampling
+        assert self.cfg_scale >= 1.0 and self.temperature > 0, (self.cfg_scale, self.temperature)
 
     def __call__(self, logits: torch.Tensor, step: int) -> torch.Tensor:
         B_all = logits.shape[0]
@@ -708,33 +675,11 @@ class ImageGeneration:
     indices: torch.Tensor  # (B, N, L, U) int64
 
 
-def check_generation_args(model: UniAR, prefix_len: int, ar_height: int, ar_width: int, cfg_scale: float,
-                          temperature: float) -> tuple[int, int]:
-    ds = model.cfg.downsample
-    if ar_height <= 0 or ar_width <= 0 or ar_height % ds or ar_width % ds:
-        raise ValueError(f"AR size {ar_height}x{ar_width} must be positive multiples of {ds} px")
-    check_sampling(cfg_scale, temperature)
-    gh, gw = ar_height // ds, ar_width // ds
-    budget = model.cfg.text.max_position_embeddings
-    if prefix_len + gh * gw > budget:
-        raise ValueError(f"prompt of {prefix_len} tokens + {gh * gw} image tokens exceeds the position budget "
-                         f"max_position_embeddings={budget}")
-    return gh, gw
-
-
 def rows_per_image(sampler, batch_rows: int) -> int:
     """2 when the sampler guides ([cond; uncond] rows), else 1."""
     rows = 2 if getattr(sampler, "cfg_scale", 1.0) > 1.0 else 1
-    if batch_rows % rows:
-        raise ValueError(f"with cfg > 1 the batch must be [cond; uncond] rows, got an odd {batch_rows} rows")
+    assert batch_rows % rows == 0, ("with guidance the rows are [cond; uncond], got an odd number", batch_rows)
     return rows
-
-
-def check_sampling(cfg_scale: float, temperature: float) -> None:
-    if cfg_scale < 1.0 or not math.isfinite(cfg_scale):
-        raise ValueError(f"cfg must be >= 1 (1 = no guidance), got {cfg_scale}")
-    if not temperature > 0 or not math.isfinite(temperature):
-        raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
 def prefill(model: UniAR, ids, mask, pos, cache: KVCache, pixel_values=None, image_grid_thw=None) -> torch.Tensor:
@@ -753,14 +698,15 @@ def generate_image(model: UniAR, prefix_ids: torch.Tensor, attention_mask: torch
 
     prefix_ids / attention_mask (B_all, Lp), left padded, each row ending in <|vision_start|>; with guidance the rows
     are [cond x B; uncond x B]. Edit mode: pixel_values / image_grid_thw of the input image of every row (in row
-    order) whose placeholders are in the prefix.
+    order) whose placeholders are in the prefix. The arguments a person gives are checked in pipeline.generate_bits.
     """
     B_all, Lp = prefix_ids.shape
-    if attention_mask.shape != prefix_ids.shape:
-        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} != prefix_ids {tuple(prefix_ids.shape)}")
-    gh, gw = check_generation_args(model, Lp, ar_height, ar_width, 1.0, 1.0)
+    ds = model.cfg.downsample
+    gh, gw = ar_height // ds, ar_width // ds
+    assert attention_mask.shape == prefix_ids.shape, (attention_mask.shape, prefix_ids.shape)
+    assert gh > 0 and gw > 0 and ar_height % ds == ar_width % ds == 0, ("AR size", ar_height, ar_width, ds)
+    assert Lp + gh * gw <= model.cfg.text.max_position_embeddings, ("position budget", Lp, gh * gw)
     rows = rows_per_image(sampler, B_all)
-    model.check_prefix_images(prefix_ids, pixel_values, image_grid_thw)
     N, lm, dev = gh * gw, model.language_model, prefix_ids.device
     dtype = lm.embed_tokens.weight.dtype
     ids_all, mask_all, grids = model.append_image_placeholders(prefix_ids, attention_mask, N, gh, gw, image_grid_thw)
@@ -837,9 +783,7 @@ class Context:
         """Read tokens into the context, its images' placeholders filled from `images` ((bits, grid) in order).
         -> their pre-norm states (1, T, D)."""
         pos, nxt = row_positions(ids, iter([g for _, g in images]), self.next_pos, self.model.cfg)
-        budget = self.model.cfg.text.max_position_embeddings
-        if nxt > budget:
-            raise ValueError(f"the conversation needs position {nxt}, beyond max_position_embeddings={budget}")
+        assert nxt <= self.model.cfg.text.max_position_embeddings, ("position budget", nxt)  # pipeline.read_context
         self.reserve(len(ids))
         bits = torch.cat([b for b, _ in images]).to(self.dev) if images else None
         x, vmask, deep = self.model.embed_bits(torch.tensor([ids], device=self.dev), bits)
@@ -911,16 +855,12 @@ def generate_text(model: UniAR, input_ids: torch.Tensor, attention_mask: Optiona
                   pixel_values=None, image_grid_thw=None, *, max_new_tokens: int = 64, stop_ids: Sequence[int] = (),
                   temperature: float = 0.0, generator=None) -> list[list[int]]:
     """Understanding: prefill the prompt, then greedy (temperature 0) or sampled decoding with a KV cache, each row
-    stopping at one of `stop_ids` (kept in its output). Returns the new token ids of each row."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    stopping at one of `stop_ids` (kept in its output). Returns the new token ids of each row. The arguments a person
+    gives are checked in pipeline.answer."""
     B, Lp = input_ids.shape
+    assert temperature >= 0 and Lp + max_new_tokens <= model.cfg.text.max_position_embeddings, (temperature, Lp)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    budget = model.cfg.text.max_position_embeddings
-    if Lp + max_new_tokens > budget:
-        raise ValueError(f"prompt of {Lp} tokens + {max_new_tokens} new tokens exceeds the position budget "
-                         f"max_position_embeddings={budget}")
     lm, dev = model.language_model, input_ids.device
     pos = get_rope_index(input_ids, image_grid_thw, attention_mask, model.cfg)
     next_pos = pos.amax(dim=(0, 2)) + 1  # (B,) text after the prompt continues on all three axes

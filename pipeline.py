@@ -1,6 +1,8 @@
-"""The boundary between people and the model: the checkpoint's tokenizer, the chat templates, pictures in, and the
-high-level calls (`generate_bits`, `answer`, `Conversation`) that sample.py, train.py and rl.py use. Everything a
-person types or hands over is checked here and becomes token ids, bits and tensors for the math in `model.py`.
+"""The boundary between people and the model: the checkpoint's tokenizer, the chat templates, pictures in (image
+files and the checkpoint's preprocessor_config.json), and the high-level calls (`generate_bits`, `answer`,
+`Conversation`, `decode_bits`) that sample.py, train.py and rl.py use. Everything a person types or hands over is
+checked here (with a ValueError naming it) and becomes token ids, bits and tensors for the math in `bsq.py`,
+`model.py` and `decoder.py`, which only assert what these checks make sure of.
 
 Departures from the official code:
     - Prompts are rendered by plain string templates (the official code renders them with Jinja chat templates:
@@ -16,17 +18,22 @@ Departures from the official code:
 from __future__ import annotations
 
 import json
+import math
 import re
+import warnings
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 from tokenizers import Tokenizer as HFTokenizer
 
 import bsq
-from model import (Context, MultinomialSampler, KernelSampler, UniAR, check_generation_args, draw, generate_image,
-                   generate_text, text_step)
+import decoder as D
+from model import (Context, MultinomialSampler, KernelSampler, UniAR, draw, generate_image, generate_text,
+                   row_positions, text_step)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Tokenizer and prompt templates
@@ -206,6 +213,344 @@ def render_chat_prompt(question: str, image_tokens: Optional[int] = None, answer
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Pictures in: image files, PIL images and arrays -> the tokenizer's patch rows; the checkpoint's preprocessing
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def load_image(image) -> np.ndarray:
+    """A path, PIL image or array -> uint8 (H, W, 3) RGB. Grayscale and RGBA are converted (alpha over white),
+    16-bit grayscale scaled to 8 bits; an image over PIL's decompression-bomb limit is refused (ValueError)."""
+    if isinstance(image, (str, Path)):
+        image = _read_image_file(image)
+    if isinstance(image, Image.Image) and image.mode.startswith("I"):
+        # 16-bit grayscale (PNG: mode I;16, or I in older Pillow): scale 0..65535 to 0..255 (convert("RGB") clips)
+        image = np.clip(np.round(np.asarray(image, np.float64) * (255 / 65535)), 0, 255).astype(np.uint8)
+    if isinstance(image, Image.Image):
+        if image.mode in ("RGBA", "LA", "P") and ("A" in image.mode or "transparency" in image.info):
+            bg = Image.new("RGBA", image.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(bg, image.convert("RGBA"))
+        image = np.asarray(image.convert("RGB"))
+    return _array_to_rgb_uint8(np.asarray(image))
+
+
+def _read_image_file(path) -> Image.Image:
+    """An image file, read whole; a missing, unreadable or oversized file is a ValueError naming it."""
+    try:
+        with warnings.catch_warnings():  # PIL only warns between MAX_IMAGE_PIXELS and twice that: refuse both
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+                return im.copy()
+    except FileNotFoundError:
+        raise ValueError(f"image file not found: {path}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ValueError(f"{path} is over PIL's decompression-bomb limit of Image.MAX_IMAGE_PIXELS = "
+                         f"{Image.MAX_IMAGE_PIXELS} pixels ({e}); downscale the image first") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{path} is not a readable image file ({e})") from None
+
+
+def _array_to_rgb_uint8(arr: np.ndarray) -> np.ndarray:
+    """(H, W), (H, W, 1 / 3 / 4) uint8 or float ([0, 1] or [0, 255]) -> uint8 (H, W, 3), alpha over white."""
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=-1)
+    if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"image array must be (H, W), (H, W, 3) or (H, W, 4), got shape {arr.shape}")
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    if arr.shape[-1] == 4:
+        a = arr[..., 3:].astype(np.float64) / 255 if arr.dtype == np.uint8 else arr[..., 3:]
+        out = arr[..., :3] * a + (255 if arr.dtype == np.uint8 else 1.0) * (1 - a)
+        # uint8 stays uint8: a dark composite (all values <= 1) must not be taken for a [0, 1] float image below
+        arr = np.clip(np.round(out), 0, 255).astype(np.uint8) if arr.dtype == np.uint8 else out
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"image has zero size ({arr.shape[0]}x{arr.shape[1]})")
+    if arr.dtype != np.uint8:
+        arr = arr.astype(np.float64)
+        if not np.isfinite(arr).all():
+            raise ValueError("image contains NaN or inf pixels")
+        if arr.max() <= 1.0:  # float images in [0, 1]
+            arr = arr * 255.0
+        arr = np.clip(np.round(arr), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(arr)
+
+
+def preprocess_image(image, *, size: tuple[int, int] | None = None, resize: bool = True,
+                     min_pixels: int = bsq.MIN_PIXELS, max_pixels: int = bsq.MAX_PIXELS, patch_size: int = 16,
+                     merge_size: int = 2, temporal_patch_size: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image -> (pixel_values (Np, 3 * T * P * P) float32, grid_thw (1, 3) int64), rows in 2x2-merge block order.
+
+    `size=(H, W)` forces a resize (the edit input image is resized to the AR size); otherwise the image is resized to
+    the nearest multiple of 32 px within [min_pixels, max_pixels] (`resize=False` keeps it as it is, then its sides
+    must already be multiples of 32). Resampling is PIL bicubic, then x / 255, then (x - 0.5) / 0.5 (bsq.smart_resize,
+    bsq.patch_rows: the tokenizer's input math; here the image is read and the sizes are checked).
+    """
+    arr = load_image(image)
+    h, w = arr.shape[:2]
+    factor = patch_size * merge_size
+    if size is not None:
+        th, tw = int(size[0]), int(size[1])
+        if th <= 0 or tw <= 0 or th % factor or tw % factor:
+            raise ValueError(f"size {size} must be positive multiples of {factor}")
+    elif resize:
+        if h < factor or w < factor:
+            raise ValueError(f"image {h}x{w} is smaller than one merged patch ({factor}x{factor} px)")
+        if max(h, w) / min(h, w) > 200:
+            raise ValueError(f"image aspect ratio {max(h, w) / min(h, w):.1f} exceeds 200 ({h}x{w})")
+        th, tw = bsq.smart_resize(h, w, factor, min_pixels, max_pixels)
+    else:
+        if h % factor or w % factor:
+            raise ValueError(f"image {h}x{w}: sides must be multiples of {factor} px when resize=False")
+        th, tw = h, w
+    if (th, tw) != (h, w):
+        arr = np.asarray(Image.fromarray(arr).resize((tw, th), resample=Image.BICUBIC))
+    return bsq.patch_rows(arr, patch_size, merge_size, temporal_patch_size)
+
+
+# The checkpoint's image-preprocessing settings: its preprocessor_config.json (Qwen2-VL image processor fields)
+
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+_HF_MIN_PIXELS, _HF_MAX_PIXELS, _HF_PATCH_SIZE = 56 * 56, 28 * 28 * 1280, 14  # the transformers class defaults
+
+
+@dataclass(frozen=True)
+class ImageProcessorConfig:
+    """How one checkpoint turns an understanding image into vision-tower inputs: resize to the nearest multiples of
+    patch_size * merge_size px with H * W in [min_pixels, max_pixels] (aspect kept), then `preprocess_image`.
+    Defaults: the released processor (Qwen3-VL's). A checkpoint states its own in `preprocessor_config.json`."""
+
+    min_pixels: int = bsq.MIN_PIXELS
+    max_pixels: int = bsq.MAX_PIXELS
+    patch_size: int = 16
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+
+    def __post_init__(self):
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{f.name} must be a positive integer, got {v!r}")
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels {self.min_pixels} > max_pixels {self.max_pixels}")
+
+    def __call__(self, image) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image (path, PIL image or array) -> (pixel_values, grid_thw), resized by these settings."""
+        return preprocess_image(image, min_pixels=self.min_pixels, max_pixels=self.max_pixels,
+                                patch_size=self.patch_size, merge_size=self.merge_size,
+                                temporal_patch_size=self.temporal_patch_size)
+
+    def check_vision(self, vcfg: "bsq.VisionConfig", where) -> None:
+        """The patch geometry must be the vision tower's (ValueError naming `where` and the field)."""
+        for mine, theirs in (("patch_size", "patch_size"), ("merge_size", "spatial_merge_size"),
+                             ("temporal_patch_size", "temporal_patch_size")):
+            if getattr(self, mine) != getattr(vcfg, theirs):
+                raise ValueError(f"{where}: {mine} {getattr(self, mine)} differs from the vision config's {theirs} "
+                                 f"{getattr(vcfg, theirs)}")
+
+    def to_dict(self) -> dict:
+        """The preprocessor_config.json of a released checkpoint (Qwen2-VL image processor fields). min_pixels /
+        max_pixels repeat `size`: transformers' slow Qwen2VLImageProcessor reads only those."""
+        return {"image_processor_type": "Qwen2VLImageProcessorFast", "do_resize": True, "resample": 3,
+                "size": {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels},
+                "min_pixels": self.min_pixels, "max_pixels": self.max_pixels, "patch_size": self.patch_size,
+                "temporal_patch_size": self.temporal_patch_size, "merge_size": self.merge_size,
+                "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_convert_rgb": True}
+
+    @classmethod
+    def from_dict(cls, d: dict, where) -> "ImageProcessorConfig":
+        """A preprocessor_config.json's contents, read as transformers' Qwen2VLImageProcessorFast reads them:
+        `size` {shortest_edge, longest_edge} in pixels, overridden by top-level min_pixels / max_pixels; a missing
+        field takes that class's default (then patch_size is 14 and image_mean CLIP's: refused below). Fields this
+        implementation does not follow (no resize, other rescaling or normalisation, non-bicubic resampling) are
+        refused. ValueError naming `where` and the field."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(d).__name__}")
+        lo, hi = _pixel_bounds(d, where)
+        _refuse_unsupported(d, where)
+        return cls(min_pixels=lo, max_pixels=hi,
+                   patch_size=_positive(where, "patch_size", d.get("patch_size", _HF_PATCH_SIZE)),
+                   temporal_patch_size=_positive(where, "temporal_patch_size", d.get("temporal_patch_size", 2)),
+                   merge_size=_positive(where, "merge_size", d.get("merge_size", 2)))
+
+
+def _positive(where, name: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ValueError(f"{where}: {name} must be a positive integer, got {v!r}")
+    return v
+
+
+def _pixel_bounds(d: dict, where) -> tuple[int, int]:
+    """(min_pixels, max_pixels) of a preprocessor_config.json: `size`, overridden by the top-level fields."""
+    size = d.get("size")
+    lo, hi = _HF_MIN_PIXELS, _HF_MAX_PIXELS
+    if size is not None:
+        if not isinstance(size, dict) or "shortest_edge" not in size or "longest_edge" not in size:
+            raise ValueError(f"{where}: size must be an object with shortest_edge and longest_edge (pixels), got "
+                             f"{size!r}")
+        lo = _positive(where, "size.shortest_edge", size["shortest_edge"])
+        hi = _positive(where, "size.longest_edge", size["longest_edge"])
+    if d.get("min_pixels") is not None:
+        lo = _positive(where, "min_pixels", d["min_pixels"])
+    if d.get("max_pixels") is not None:
+        hi = _positive(where, "max_pixels", d["max_pixels"])
+    if lo > hi:
+        raise ValueError(f"{where}: min_pixels / size.shortest_edge {lo} > max_pixels / size.longest_edge {hi}")
+    return lo, hi
+
+
+def _refuse_unsupported(d: dict, where) -> None:
+    """Resizing, rescaling and normalising other than the released processor's: ValueError naming the field."""
+    supported = {"do_resize": True, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True, "resample": 3}
+    for name, want in supported.items():
+        if name in d and d[name] is not None and d[name] != want:
+            raise ValueError(f"{where}: {name} {d[name]!r} is not supported (only {want!r})")
+    if d.get("rescale_factor") is not None and (isinstance(d["rescale_factor"], bool) or not isinstance(
+            d["rescale_factor"], (int, float)) or not math.isclose(d["rescale_factor"], 1 / 255)):
+        raise ValueError(f"{where}: rescale_factor {d['rescale_factor']!r} is not supported (only 1/255)")
+    for name in ("image_mean", "image_std"):
+        v = d.get(name)
+        if v is None:
+            raise ValueError(f"{where}: {name} is missing (the image processor's default is CLIP's); only "
+                             "[0.5, 0.5, 0.5] is supported")
+        if not (v == 0.5 or (isinstance(v, list) and len(v) == 3 and all(x == 0.5 for x in v))):
+            raise ValueError(f"{where}: {name} {v!r} is not supported (only [0.5, 0.5, 0.5])")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The arguments a person gives, checked (model.py and decoder.py only assert what these make sure of)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def check_sampling(cfg_scale: float, temperature: float) -> None:
+    if cfg_scale < 1.0 or not math.isfinite(cfg_scale):
+        raise ValueError(f"cfg must be >= 1 (1 = no guidance), got {cfg_scale}")
+    if not temperature > 0 or not math.isfinite(temperature):
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def check_generation_args(model: UniAR, prefix_len: int, ar_height: int, ar_width: int, cfg_scale: float,
+                          temperature: float) -> tuple[int, int]:
+    """The AR size (positive multiples of the token size), the sampling settings and the position budget of a
+    prompt of prefix_len tokens -> the token grid (gh, gw)."""
+    ds = model.cfg.downsample
+    if ar_height <= 0 or ar_width <= 0 or ar_height % ds or ar_width % ds:
+        raise ValueError(f"AR size {ar_height}x{ar_width} must be positive multiples of {ds} px")
+    check_sampling(cfg_scale, temperature)
+    gh, gw = ar_height // ds, ar_width // ds
+    budget = model.cfg.text.max_position_embeddings
+    if prefix_len + gh * gw > budget:
+        raise ValueError(f"prompt of {prefix_len} tokens + {gh * gw} image tokens exceeds the position budget "
+                         f"max_position_embeddings={budget}")
+    return gh, gw
+
+
+def check_prefix_images(model: UniAR, input_ids, pixel_values, image_grid_thw) -> int:
+    """Placeholders and pixels must come together; returns the number of image placeholders."""
+    n = int((input_ids == model.cfg.image_token_id).sum())
+    if pixel_values is None:
+        if n:
+            raise ValueError(f"input_ids contain {n} image tokens (id {model.cfg.image_token_id}) "
+                             "but no pixel_values were given")
+        if image_grid_thw is not None:
+            raise ValueError("image_grid_thw given without pixel_values")
+    else:
+        if image_grid_thw is None:
+            raise ValueError("pixel_values given without image_grid_thw")
+        if n == 0:
+            raise ValueError("pixel_values given but input_ids hold no image placeholders (an image where "
+                             "none is expected)")
+    return n
+
+
+def check_generation_batch(model: UniAR, ids, mask, ar_height: int, ar_width: int, cfg_scale: float,
+                           pixel_values=None, image_grid_thw=None) -> None:
+    """A tokenized generation batch (ids, mask (B_all, Lp), left padded; [cond; uncond] rows when cfg_scale > 1)
+    fits the AR size, the position budget and its images: what model.generate_image assumes."""
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask {tuple(mask.shape)} != prefix_ids {tuple(ids.shape)}")
+    check_generation_args(model, ids.shape[1], ar_height, ar_width, 1.0, 1.0)
+    if cfg_scale > 1.0 and ids.shape[0] % 2:
+        raise ValueError(f"with cfg > 1 the batch must be [cond; uncond] rows, got an odd {ids.shape[0]} rows")
+    check_prefix_images(model, ids, pixel_values, image_grid_thw)
+
+
+def check_answer_args(model: UniAR, prompt_len: int, max_new_tokens: int, temperature: float) -> None:
+    """Understanding: a temperature >= 0 and room in the position budget for the prompt and the answer."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    budget = model.cfg.text.max_position_embeddings
+    if prompt_len + max_new_tokens > budget:
+        raise ValueError(f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens exceeds the position budget "
+                         f"max_position_embeddings={budget}")
+
+
+def read_context(ctx: Context, ids: list, images: Sequence = ()) -> torch.Tensor:
+    """Context.read, refused (ValueError) when the tokens would take positions beyond the position budget."""
+    _, nxt = row_positions(ids, iter([g for _, g in images]), ctx.next_pos, ctx.model.cfg)
+    budget = ctx.model.cfg.text.max_position_embeddings
+    if nxt > budget:
+        raise ValueError(f"the conversation needs position {nxt}, beyond max_position_embeddings={budget}")
+    return ctx.read(ids, images)
+
+
+def output_size(ar_height: int, ar_width: int, upsampling_ratio: float, unit: int,
+                max_grid: int | None = None) -> tuple[int, int]:
+    """The decoder's output size for an AR size and upsampling ratio, checked: ratio in [1, 2], sides multiples of
+    16 and of `unit` (pixels per transformer token: VAE scale x patch size), at most `max_grid` tokens a side (the
+    position table). Needs only the configs, so sample.py checks its flags with it before loading anything."""
+    if not 1.0 <= upsampling_ratio <= 2.0:  # also rejects NaN
+        raise ValueError(f"upsampling_ratio must be in [1, 2], got {upsampling_ratio}")
+    H, W = D.output_size(ar_height, ar_width, upsampling_ratio)
+    if H % 16 or W % 16 or H % unit or W % unit:
+        raise ValueError(f"output size {H}x{W} (AR {ar_height}x{ar_width} x {upsampling_ratio}) must be a "
+                         f"multiple of {math.lcm(16, unit)}")
+    if max_grid is not None and max(H, W) > max_grid * unit:
+        raise ValueError(f"output size {H}x{W} (AR {ar_height}x{ar_width} x {upsampling_ratio}) exceeds the "
+                         f"decoder's largest side {max_grid * unit} px (pos_embed_max_size {max_grid} x {unit} px)")
+    return H, W
+
+
+def decoder_output_size(dec: "D.Decoder", ar_height: int, ar_width: int, upsampling_ratio: float) -> tuple[int, int]:
+    """`output_size` for this decoder's token size and position table."""
+    return output_size(ar_height, ar_width, upsampling_ratio, dec.unit, dec.transformer.cfg.pos_embed_max_size)
+
+
+def check_decode_args(dec: "D.Decoder", bits: torch.Tensor, ar_height: int, ar_width: int, upsampling_ratio: float,
+                      steps: int, noise: torch.Tensor | None, output: str) -> tuple[int, int]:
+    """Decoder.decode's arguments checked before any work -> the output size (H, W); a ValueError naming the
+    argument. bits: (B, N, L, U, d) bits or int64 indices (B, N, L, U)."""
+    H, W = decoder_output_size(dec, ar_height, ar_width, upsampling_ratio)
+    vc = dec.vision.cfg
+    unit = vc.patch_size * vc.spatial_merge_size
+    if ar_height <= 0 or ar_width <= 0 or ar_height % unit or ar_width % unit:
+        raise ValueError(f"AR size {ar_height}x{ar_width} must be positive multiples of {unit}")
+    bits = D.as_bits(bits, vc)
+    N, L, U, d = D.bits_shape(vc, ar_height, ar_width)
+    if bits.dim() != 5 or tuple(bits.shape[1:]) != (N, L, U, d):
+        raise ValueError(f"bits must be (B, N={N}, levels={L}, merge_unit={U}, bsq_dim={d}) for a {ar_height}x"
+                         f"{ar_width} AR image (or int64 indices (B, N, L, U)), got {tuple(bits.shape)}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    want = (bits.shape[0], dec.transformer.cfg.in_channels, H // dec.scale, W // dec.scale)
+    if noise is not None and tuple(noise.shape) != want:
+        raise ValueError(f"noise must be {want}, got {tuple(noise.shape)}")
+    if output not in ("uint8", "float"):
+        raise ValueError(f"output must be 'uint8' or 'float', got {output!r}")
+    return H, W
+
+
+def decode_bits(dec: "D.Decoder", bits: torch.Tensor, ar_height: int, ar_width: int, *, upsampling_ratio: float = 2.0,
+                steps: int = 28, guidance: float = 1.5, seed=0, noise: torch.Tensor | None = None,
+                output: str = "uint8", progress: bool = False) -> torch.Tensor:
+    """Bits -> images with the diffusion decoder (`Decoder.decode`), its arguments checked first
+    (`check_decode_args`)."""
+    check_decode_args(dec, bits, ar_height, ar_width, upsampling_ratio, steps, noise, output)
+    return dec.decode(bits, ar_height, ar_width, upsampling_ratio=upsampling_ratio, steps=steps, guidance=guidance,
+                      seed=seed, noise=noise, output=output, progress=progress)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # High-level API (sample.py)
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -241,8 +586,8 @@ def build_generation_batch(model: UniAR, tokenizer: Tokenizer, prompts: Sequence
     if len(input_images) != len(prompts):
         raise ValueError(f"{len(input_images)} input images for {len(prompts)} prompts")
     v = model.cfg.vision
-    pre = [bsq.preprocess_image(im, size=(ar_height, ar_width), patch_size=v.patch_size,
-                                merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size)
+    pre = [preprocess_image(im, size=(ar_height, ar_width), patch_size=v.patch_size,
+                            merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size)
            for im in input_images]
     pre = pre + (pre if cfg_scale > 1.0 else [])
     texts = [render_generation_prompt(p, gh, gw, int(g[0].prod()) // v.merge_unit) for p, (_, g) in zip(rows, pre)]
@@ -253,10 +598,12 @@ def build_generation_batch(model: UniAR, tokenizer: Tokenizer, prompts: Sequence
 def make_sampler(sampler: str, cfg_scale: float, temperature: float, seed, device):
     """"multinomial" (the official draw; seed: None, an int, or one per image) or "kernel" (one counter stream)."""
     if sampler == "multinomial":
+        check_sampling(cfg_scale, temperature)
         return MultinomialSampler(cfg_scale, temperature, _generator(seed, device))
     if sampler == "kernel":
         if isinstance(seed, (list, tuple)):
             raise ValueError("per-image seeds need sampler='multinomial' (the kernel draws one counter stream)")
+        check_sampling(cfg_scale, temperature)
         return KernelSampler(cfg_scale, temperature, int(torch.randint(2**31 - 1, (1,),
                                                                        generator=_generator(seed, device))))
     raise ValueError(f"sampler must be 'multinomial' or 'kernel', got {sampler!r}")
@@ -276,24 +623,25 @@ def generate_bits(model: UniAR, tokenizer: Tokenizer, prompts, *, ar_height: int
     else:
         ids, mask, pv, grid = build_generation_batch(model, tokenizer, prompts, ar_height, ar_width, cfg_scale,
                                                      input_images)
-    out = generate_image(model, ids.to(dev), mask.to(dev), ar_height, ar_width,
-                         make_sampler(sampler, cfg_scale, temperature, seed, dev),
+    bit_sampler = make_sampler(sampler, cfg_scale, temperature, seed, dev)
+    check_generation_batch(model, ids, mask, ar_height, ar_width, cfg_scale, pv, grid)
+    out = generate_image(model, ids.to(dev), mask.to(dev), ar_height, ar_width, bit_sampler,
                          pixel_values=None if pv is None else pv.to(dev), image_grid_thw=grid, progress=progress)
     return out.bits
 
 
-NO_IMAGE_PROCESSOR = (f"has no {bsq.PREPROCESSOR_CONFIG} (the image processor's settings: size.shortest_edge / "
+NO_IMAGE_PROCESSOR = (f"has no {PREPROCESSOR_CONFIG} (the image processor's settings: size.shortest_edge / "
                       "longest_edge in pixels, patch_size, merge_size, temporal_patch_size), so it cannot preprocess "
                       "an image to answer about; add the file to the checkpoint folder")
 
 
-def image_processor(model: UniAR) -> bsq.ImageProcessorConfig:
+def image_processor(model: UniAR) -> ImageProcessorConfig:
     """The model's understanding-image preprocessing (its checkpoint's preprocessor_config.json); ValueError when
     the checkpoint states none (the official loader then has no image processor either)."""
     proc = model.image_processor
     if proc is None:
         raise ValueError(f"this checkpoint {NO_IMAGE_PROCESSOR}")
-    proc.check_vision(model.cfg.vision, bsq.PREPROCESSOR_CONFIG)
+    proc.check_vision(model.cfg.vision, PREPROCESSOR_CONFIG)
     return proc
 
 
@@ -316,6 +664,7 @@ def answer(model: UniAR, tokenizer: Tokenizer, image, question: str, *, max_new_
         pv, grid, (n_img,) = understanding_inputs(model, [image])
         pv = pv.to(dev)
     ids, mask = tokenizer.batch([render_chat_prompt(question, n_img)])
+    check_answer_args(model, ids.shape[1], max_new_tokens, temperature)
     new = generate_text(model, ids.to(dev), mask.to(dev), pv, grid, max_new_tokens=max_new_tokens,
                         stop_ids=tokenizer.end_ids, temperature=temperature,
                         generator=_generator(seed, dev))
@@ -343,8 +692,8 @@ class Conversation:
         if size is None:
             pv, grid, (n,) = understanding_inputs(self.model, [image])
         else:
-            pv, grid = bsq.preprocess_image(image, size=size, patch_size=v.patch_size, merge_size=v.spatial_merge_size,
-                                            temporal_patch_size=v.temporal_patch_size)
+            pv, grid = preprocess_image(image, size=size, patch_size=v.patch_size, merge_size=v.spatial_merge_size,
+                                        temporal_patch_size=v.temporal_patch_size)
             n = int(grid[0].prod()) // v.merge_unit
         with torch.no_grad():
             bits = self.model.visual.encode_bits(pv.to(dev, self.ctx.dtype), grid)
@@ -356,15 +705,15 @@ class Conversation:
         written. -> the answer text."""
         pic = [] if image is None else [self.picture(image)]
         ids = self.tok.encode(join(render_user_turn(text, pic[0][2] if pic else None), MODEL_TURN))
-        h = self.ctx.read(ids, [(b, g) for b, g, _ in pic])
+        h = read_context(self.ctx, ids, [(b, g) for b, g, _ in pic])
         gen, end = _generator(seed, self.ctx.dev), self.tok.token_id(IM_END)
         out = []
         for _ in range(max_new_tokens):
             out.append(int(text_step(self.model, h, temperature, gen)[0]))
-            h = self.ctx.read(out[-1:])
+            h = read_context(self.ctx, out[-1:])
             if out[-1] in self.tok.end_ids:
                 break
-        self.ctx.read(([] if out and out[-1] == end else [end]) + self.tok.encode("\n"))  # the turn closed
+        read_context(self.ctx, ([] if out and out[-1] == end else [end]) + self.tok.encode("\n"))  # the turn closed
         return self.tok.decode(out)
 
     def draw(self, text: str, image=None, *, ar_height: int = 512, ar_width: int = 512, cfg_scale: float = 1.5,
@@ -379,17 +728,17 @@ class Conversation:
         contexts = [self.ctx]
         if cfg_scale > 1.0:
             contexts.append(self.ctx.fork(self.ctx.length))
-            contexts[1].read(self.tok.encode(join(render_user_turn("", n, (gh, gw)), opened)), images)
-        self.ctx.read(self.tok.encode(join(render_user_turn(text, n, (gh, gw)), opened)), images)
+            read_context(contexts[1], self.tok.encode(join(render_user_turn("", n, (gh, gw)), opened)), images)
+        read_context(self.ctx, self.tok.encode(join(render_user_turn(text, n, (gh, gw)), opened)), images)
         if sampler is None:
             sampler = MultinomialSampler(cfg_scale, temperature, _generator(seed, self.ctx.dev))
         bits = draw(contexts, gh, gw, sampler, progress)
-        self.ctx.read(self.tok.encode(VISION_END + IM_END + "\n"))  # the template's tokens: the turn closed
+        read_context(self.ctx, self.tok.encode(VISION_END + IM_END + "\n"))  # the template's tokens: the turn closed
         return bits[None]
 
 
 def to_pixels(images: np.ndarray, vcfg: bsq.VisionConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, S, S, 3) uint8 -> pixel_values (B * Np, patch_dim), grid_thw (B, 3), the processor's layout."""
-    out = [bsq.preprocess_image(im, resize=False, patch_size=vcfg.patch_size, merge_size=vcfg.spatial_merge_size,
-                                temporal_patch_size=vcfg.temporal_patch_size) for im in images]
+    out = [preprocess_image(im, resize=False, patch_size=vcfg.patch_size, merge_size=vcfg.spatial_merge_size,
+                            temporal_patch_size=vcfg.temporal_patch_size) for im in images]
     return torch.cat([p for p, _ in out]), torch.cat([g for _, g in out])

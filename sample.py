@@ -138,8 +138,8 @@ def generate(args, ckpt: Path, device: torch.device, dtype: torch.dtype) -> int:
     try:
         dec = load_hf.load_decoder(ckpt, dtype=dtype, device=device, cache_dir=args.cache_dir)
         t_dload = time.perf_counter()
-        images = dec.decode(bits, ar_h, ar_w, upsampling_ratio=args.upsample, steps=args.steps,
-                            guidance=args.decoder_cfg, seed=args.seed, progress=True)
+        images = P.decode_bits(dec, bits, ar_h, ar_w, upsampling_ratio=args.upsample, steps=args.steps,
+                               guidance=args.decoder_cfg, seed=args.seed, progress=True)
     except ValueError as e:  # load_hf.CheckpointError too
         return cli.fail(e)
     t_dec = time.perf_counter()

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tokenizers import Regex, Tokenizer as _Tok, models, normalizers, pre_tokenizers, processors
 
-from decoder import JsonConfig, RMSNorm, read_json  # T5's layer norm is the decoder's RMSNorm (same order)
+from decoder import JsonConfig, RMSNorm  # T5's layer norm is the decoder's RMSNorm (same order)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Text encoders (transformers CLIPTextModelWithProjection / T5EncoderModel names) and the prompt cache
@@ -186,6 +186,13 @@ class T5Encoder(nn.Module):
         for blk in self.encoder.block:
             x = blk(x, bias)
         return self.encoder.final_layer_norm(x)
+
+
+def read_json(path) -> dict:
+    if not Path(path).is_file():
+        raise ValueError(f"config file not found: {path}")
+    with open(path) as f:
+        return json.load(f)
 
 
 def _json_object(path: Path) -> dict:

@@ -151,13 +151,13 @@ def ar_config(tc: TrainConfig, tk) -> M.UniARConfig:
                          vision=vision_config(tc))
 
 
-def image_processor(tc: TrainConfig) -> bsq.ImageProcessorConfig:
+def image_processor(tc: TrainConfig) -> P.ImageProcessorConfig:
     """The checkpoint's preprocessor_config.json: an understanding image is resized to about tc.size x tc.size
     pixels, the size the model is trained at (a toy image of that size stays as it is, 2x2 tokens)."""
     vc = vision_config(tc)
-    return bsq.ImageProcessorConfig(min_pixels=tc.size * tc.size, max_pixels=tc.size * tc.size,
-                                    patch_size=vc.patch_size, temporal_patch_size=vc.temporal_patch_size,
-                                    merge_size=vc.spatial_merge_size)
+    return P.ImageProcessorConfig(min_pixels=tc.size * tc.size, max_pixels=tc.size * tc.size,
+                                  patch_size=vc.patch_size, temporal_patch_size=vc.temporal_patch_size,
+                                  merge_size=vc.spatial_merge_size)
 
 
 def dit_config(tc: TrainConfig, vcfg: bsq.VisionConfig) -> D.MMDiTConfig:

@@ -1,12 +1,8 @@
-"""Triton kernels with PyTorch references and a dispatch (see each file), and the two small formulas that the
-kernels and the model files share: classifier-free guidance and RoPE's half rotation. They live here because every
-model file can import this package without a cycle."""
+"""Triton kernels with PyTorch references and a dispatch (see each file), and RoPE's half rotation, the one small
+formula the kernels and the model files share (it lives here because every model file can import this package
+without a cycle). Classifier-free guidance is `model.guide`, beside the sampler that uses it; the kernels, the lower
+layer, do not import the model and write that formula inline."""
 import torch
-
-
-def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
-    """Classifier-free guidance (Ho & Salimans, 2022): uncond + scale * (cond - uncond); scale 1 gives cond."""
-    return uncond + scale * (cond - uncond)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

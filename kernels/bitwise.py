@@ -2,7 +2,7 @@
 
 Each AR step of UniAR predicts every bit of a 32-px token at once: levels x 2x2 x 64 = 1024 independent two-way
 distributions. This kernel takes the bit logits of all rows ([cond; uncond] with classifier-free guidance), applies
-guidance g = u + cfg (c - u) (kernels.guide) and temperature, draws each bit as a Bernoulli of the two-way softmax
+guidance g = u + cfg (c - u) (model.guide) and temperature, draws each bit as a Bernoulli of the two-way softmax
 p(1) = sigmoid((g1 - g0) / T), and writes the bits and their codes (2 b - 1) * code_scale (the AR loop keeps only the
 bits: the next step re-embeds them through the tokenizer's output projections). Both halves of a guided batch draw
 independently from the same guided distribution, as the official loop does.
@@ -22,8 +22,6 @@ import os
 import time
 
 import torch
-
-from kernels import guide
 
 try:
     import triton
@@ -54,10 +52,12 @@ def _check(logits: torch.Tensor, cfg: float, temperature: float) -> None:
 
 
 def guided_p1(logits: torch.Tensor, cfg: float, temperature: float) -> torch.Tensor:
-    """(rows, K, 2) logits -> p(bit = 1) (rows, K) in float32, guidance applied to both halves."""
+    """(rows, K, 2) logits -> p(bit = 1) (rows, K) in float32, guidance applied to both halves (`model.guide`'s
+    formula, written out here: the kernels do not import the model)."""
     x = logits.float()
     if cfg > 1.0:
-        g = guide(*x.chunk(2), cfg)
+        cond, uncond = x.chunk(2)
+        g = uncond + cfg * (cond - uncond)
         x = torch.cat([g, g])
     d = (x[..., 1] - x[..., 0]) / temperature
     return 1.0 / (1.0 + torch.exp(-d))

@@ -86,15 +86,15 @@ def golden_ckpt(golden, tmp_path_factory) -> Path:
     """The golden checkpoint plus the released image processor's preprocessor_config.json (Qwen3-VL's: 65536 to
     16777216 pixels). The fixture sets carry no processor file (their vision tensors are given unresized), and a
     checkpoint without one, as with the official loader, cannot preprocess an understanding image."""
-    import bsq
     import load_hf
+    import pipeline
 
     folder = tmp_path_factory.mktemp("golden_ckpt")
     for entry in golden.dir.iterdir():
-        if entry.name != bsq.PREPROCESSOR_CONFIG:  # written below (never through a link into the fixture)
+        if entry.name != pipeline.PREPROCESSOR_CONFIG:  # written below (never through a link into the fixture)
             (folder / entry.name).symlink_to(entry)
     v = golden.config["vision_config"]  # the released pixel bounds, the fixture's patch geometry
-    load_hf.write_image_processor(folder, bsq.ImageProcessorConfig(
+    load_hf.write_image_processor(folder, pipeline.ImageProcessorConfig(
         patch_size=v["patch_size"], merge_size=v["spatial_merge_size"], temporal_patch_size=v["temporal_patch_size"]))
     return folder
 

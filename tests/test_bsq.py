@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import bsq
+import pipeline as P
 from conftest import assert_close_rel, load_manifest, read_json
 
 RTOL = 1e-5
@@ -169,13 +170,13 @@ def test_entropy_loss_limits(tower):
     assert abs(pen.item() - 0.5 * d * math.log(2)) <= 1e-5 * d
 
 
-# ----- preprocessing -----
+# ----- preprocessing (the tokenizer's input: bsq.smart_resize, bsq.patch_rows; images read by pipeline.py) -----
 
 def test_preprocess_matches_processor_rows(golden):
     img = golden["vision.image_uint8"].numpy()
     v = golden.config["vision_config"]
-    pv, grid = bsq.preprocess_image(img, resize=False, patch_size=v["patch_size"], merge_size=v["spatial_merge_size"],
-                                    temporal_patch_size=v["temporal_patch_size"])
+    pv, grid = P.preprocess_image(img, resize=False, patch_size=v["patch_size"], merge_size=v["spatial_merge_size"],
+                                  temporal_patch_size=v["temporal_patch_size"])
     assert torch.equal(grid, golden["vision.grid_thw"])
     assert_close_rel(pv, golden["vision.patches"], RTOL, "patches")
 
@@ -191,7 +192,7 @@ def test_preprocess_resize_matches_qwen2vl_processor():
         assert bsq.smart_resize(h, w, 32, 4096, 40960) == smart_resize(h, w, 32, 4096, 40960)
         img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
         ref = proc(images=Image.fromarray(img), return_tensors="pt")
-        pv, grid = bsq.preprocess_image(img, min_pixels=4096, max_pixels=40960)
+        pv, grid = P.preprocess_image(img, min_pixels=4096, max_pixels=40960)
         assert torch.equal(grid, ref["image_grid_thw"]), (h, w)
         assert (pv - ref["pixel_values"]).abs().max().item() < 1e-5, (h, w)
 
@@ -201,9 +202,9 @@ def test_preprocess_forced_size():
     from PIL import Image
 
     img = np.random.default_rng(1).integers(0, 256, (50, 70, 3), dtype=np.uint8)
-    pv, grid = bsq.preprocess_image(img, size=(64, 96))
+    pv, grid = P.preprocess_image(img, size=(64, 96))
     resized = np.asarray(Image.fromarray(img).resize((96, 64), resample=Image.BICUBIC))
-    want_pv, want_grid = bsq.preprocess_image(resized, resize=False)
+    want_pv, want_grid = P.preprocess_image(resized, resize=False)
     assert grid.tolist() == [[1, 4, 6]] == want_grid.tolist()
     assert torch.equal(pv, want_pv)
 
@@ -224,20 +225,20 @@ def test_rgba_is_composited_over_white():
     rgba[0, :4] = [[10, 200, 0, 0], [10, 200, 0, 255], [10, 200, 0, 128], [255, 0, 17, 1]]
     want = _over_white(rgba[..., :3], rgba[..., 3])
     assert want[0, :4].tolist() == [[255, 255, 255], [10, 200, 0], [132, 227, 127], [255, 254, 254]]
-    assert np.array_equal(bsq.load_image(rgba), want)
-    assert np.array_equal(bsq.load_image(Image.fromarray(rgba, mode="RGBA")), want)
-    pv, _ = bsq.preprocess_image(rgba, resize=False)
-    assert torch.equal(pv, bsq.preprocess_image(want, resize=False)[0])
+    assert np.array_equal(P.load_image(rgba), want)
+    assert np.array_equal(P.load_image(Image.fromarray(rgba, mode="RGBA")), want)
+    pv, _ = P.preprocess_image(rgba, resize=False)
+    assert torch.equal(pv, P.preprocess_image(want, resize=False)[0])
     assert pv[0, 0].item() == (want[0, 0, 0] / 255 - 0.5) / 0.5 == 1.0  # transparent corner -> white
     # float RGBA in [0, 1]: the same composite on the [0, 1] scale
     f = rgba.astype(np.float64) / 255
     want_f = np.clip(np.round((f[..., :3] * f[..., 3:] + (1 - f[..., 3:])) * 255), 0, 255).astype(np.uint8)
-    assert np.array_equal(bsq.load_image(f), want_f)
+    assert np.array_equal(P.load_image(f), want_f)
     # a dark opaque image stays dark (values 0 and 1, not rescaled as if it were a [0, 1] float image)
     dark = np.zeros((64, 64, 4), np.uint8)
     dark[..., 3] = 255
     dark[::2, :, 0] = 1
-    assert np.array_equal(bsq.load_image(dark), dark[..., :3])
+    assert np.array_equal(P.load_image(dark), dark[..., :3])
 
 
 # ----- the vision tower -----
@@ -396,24 +397,26 @@ def test_bad_images(tmp_path):
     bad = tmp_path / "notes.png"
     bad.write_text("not an image")
     with pytest.raises(ValueError, match="not a readable image"):
-        bsq.preprocess_image(bad)
+        P.preprocess_image(bad)
     with pytest.raises(ValueError, match="not found"):
-        bsq.preprocess_image(tmp_path / "missing.png")
+        P.preprocess_image(tmp_path / "missing.png")
     with pytest.raises(ValueError, match="zero size"):
-        bsq.preprocess_image(np.zeros((0, 64, 3), np.uint8))
+        P.preprocess_image(np.zeros((0, 64, 3), np.uint8))
     with pytest.raises(ValueError, match="smaller than one merged patch"):
-        bsq.preprocess_image(np.zeros((20, 64, 3), np.uint8))
+        P.preprocess_image(np.zeros((20, 64, 3), np.uint8))
+    with pytest.raises(ValueError, match="aspect ratio 201.0 exceeds 200"):
+        P.preprocess_image(np.zeros((32, 32 * 201, 3), np.uint8))
     nan = np.full((64, 64, 3), 0.5, np.float32)
     nan[3, 4, 1] = np.nan
     with pytest.raises(ValueError, match="NaN"):
-        bsq.preprocess_image(nan)
+        P.preprocess_image(nan)
     # grayscale and RGBA are converted to RGB
     gray = Image.fromarray(np.full((64, 64), 200, np.uint8), mode="L")
-    pv_gray, _ = bsq.preprocess_image(gray, resize=False)
+    pv_gray, _ = P.preprocess_image(gray, resize=False)
     rgb = Image.fromarray(np.full((64, 64, 3), 200, np.uint8))
-    assert torch.equal(pv_gray, bsq.preprocess_image(rgb, resize=False)[0])
+    assert torch.equal(pv_gray, P.preprocess_image(rgb, resize=False)[0])
     rgba = np.zeros((64, 64, 4), np.uint8)  # fully transparent -> white
-    pv_rgba, _ = bsq.preprocess_image(Image.fromarray(rgba, mode="RGBA"), resize=False)
+    pv_rgba, _ = P.preprocess_image(Image.fromarray(rgba, mode="RGBA"), resize=False)
     assert torch.equal(pv_rgba, torch.ones_like(pv_rgba))
 
 

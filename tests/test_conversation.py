@@ -8,8 +8,8 @@ import torch
 import load_hf
 import model as M
 import pipeline as P
-from conftest import assert_close_rel
 from bench import Recorder
+from conftest import assert_close_rel, own_copy
 
 RTOL = 1e-5
 
@@ -106,9 +106,25 @@ def test_a_drawn_image_reads_like_the_same_bits_given_as_a_picture(golden, ar):
     assert torch.equal(drawn[0], bits)
     conv.ask("what is it?", max_new_tokens=3)
     v = net.cfg.vision
-    pv, g = M.bsq.preprocess_image(img, size=(H, W), patch_size=v.patch_size, merge_size=v.spatial_merge_size,
+    pv, g = P.preprocess_image(img, size=(H, W), patch_size=v.patch_size, merge_size=v.spatial_merge_size,
                                    temporal_patch_size=v.temporal_patch_size)
     ids = torch.tensor([conv.ctx.ids])
     with torch.no_grad():
         want = net.text_logits(ids, torch.ones_like(ids), pv, g)  # the picture read from its pixels
     assert_close_rel(net.text_logits_of(conv.ctx.states), want, RTOL, "pixels vs drawn bits")
+
+
+def test_a_turn_beyond_the_position_budget_is_refused(ar):
+    """A turn whose tokens would take positions beyond max_position_embeddings is a ValueError naming the budget,
+    before anything is read (pipeline.read_context; model.Context.read only asserts it)."""
+    net, tok = ar
+    net = own_copy(net)
+    ids = tok.encode(P.join(P.render_user_turn("hello"), P.MODEL_TURN))
+    net.cfg.text.max_position_embeddings = len(ids) - 1
+    conv = P.Conversation(net, tok)
+    with pytest.raises(ValueError, match=f"the conversation needs position {len(ids)}, beyond "
+                                         f"max_position_embeddings={len(ids) - 1}"):
+        conv.ask("hello", max_new_tokens=1)
+    assert conv.ctx.length == 0
+    with pytest.raises(AssertionError, match="position budget"):
+        conv.ctx.read(ids)

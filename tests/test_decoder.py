@@ -2,6 +2,7 @@
 configs, full-size key manifests, the prompt cache, the toy configuration and bad input."""
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -15,6 +16,7 @@ from safetensors.torch import load_file
 import bsq
 import decoder
 import load_hf
+import pipeline
 import text_encoders
 
 ATOL = 1e-4  # absolute for values up to 16 in magnitude (the shipped fixtures' stay below 13), relative beyond: _tol
@@ -189,7 +191,7 @@ def _ratios(dec, ar_height: int, ar_width: int):
     table), preferred ones first: which ones depends on the fixture's patch, VAE and transformer sizes."""
     for r in RATIOS:
         try:
-            dec.output_size(ar_height, ar_width, r)
+            pipeline.decoder_output_size(dec, ar_height, ar_width, r)
         except ValueError:
             continue
         yield r
@@ -203,7 +205,7 @@ def _non_square_case(parts) -> tuple[int, int, float]:
     unit = vc.patch_size * vc.spatial_merge_size
     for bh, bw in ((3, 2), (2, 1), (1, 2), (2, 3), (3, 1)):
         for ratio in _ratios(parts, bh * unit, bw * unit):
-            H, W = parts.output_size(bh * unit, bw * unit, ratio)
+            H, W = pipeline.decoder_output_size(parts, bh * unit, bw * unit, ratio)
             tok = (H // parts.scale // tr.patch_size, W // parts.scale // tr.patch_size)
             if tok != (bh * unit // vc.patch_size, bw * unit // vc.patch_size):
                 return bh * unit, bw * unit, ratio
@@ -217,7 +219,7 @@ def test_non_square_upsampling_equals_resampled_condition(golden, parts):
     vc = parts.vision.cfg
     unit = vc.patch_size * vc.spatial_merge_size
     ar_h, ar_w, ratio = _non_square_case(parts)
-    H, W = parts.output_size(ar_h, ar_w, ratio)
+    H, W = pipeline.decoder_output_size(parts, ar_h, ar_w, ratio)
     bits = _random_bits(parts.vision, (ar_h // unit) * (ar_w // unit), seed=1)
     grid = (ar_h // vc.patch_size, ar_w // vc.patch_size)
     tok = (H // parts.scale // tr.cfg.patch_size, W // parts.scale // tr.cfg.patch_size)
@@ -663,8 +665,10 @@ def test_toy_decoder_trains_and_decodes():
 # ---------------------------------------------------------------------------------------------------------------------
 
 def test_bad_input_raises_clear_errors(golden, parts):
-    """Clear errors for bad sizes, bits, noise, and a transformer config whose dual-attention layers disagree with the
-    checkpoint (derived from this fixture's sd3_transformer/config.json)."""
+    """Clear errors for bad sizes, bits, noise (pipeline.decode_bits, the user's path: Decoder.decode only asserts),
+    and a transformer config whose dual-attention layers disagree with the checkpoint (derived from this fixture's
+    sd3_transformer/config.json)."""
+    decode = functools.partial(pipeline.decode_bits, parts)
     s = golden.scenario("dec")
     idx = golden["dec.indices"]
     ar_h, ar_w = s["ar_height"], s["ar_width"]
@@ -672,25 +676,25 @@ def test_bad_input_raises_clear_errors(golden, parts):
     ratios = (1.1, 1.2, 1.3, 1.4, 1.05, 1.15, 1.25, 1.35, 1.45, *(1 + k / 1000 for k in range(1, 1000)))
     bad_ratio = next(r for r in ratios if round(ar_h * r) % need or round(ar_w * r) % need)  # any AR size has one
     with pytest.raises(ValueError, match=f"multiple of {need}"):
-        parts.decode(idx, ar_h, ar_w, upsampling_ratio=bad_ratio, steps=1)
+        decode(idx, ar_h, ar_w, upsampling_ratio=bad_ratio, steps=1)
     for r in (0.5, 2.5):
         with pytest.raises(ValueError, match=r"upsampling_ratio must be in \[1, 2\]"):
-            parts.decode(idx, ar_h, ar_w, upsampling_ratio=r, steps=1)
+            decode(idx, ar_h, ar_w, upsampling_ratio=r, steps=1)
     bits = golden["dec.bits"]
     ratio = s["upsampling_ratio"]  # a valid output size: only the defect named below is wrong
     with pytest.raises(ValueError, match="bits must be"):
-        parts.decode(bits[:, :-1], ar_h, ar_w, upsampling_ratio=ratio, steps=1)  # one token short for the grid
+        decode(bits[:, :-1], ar_h, ar_w, upsampling_ratio=ratio, steps=1)  # one token short for the grid
     with pytest.raises(ValueError, match="bits must be"):
-        parts.decode(bits[..., :-1], ar_h, ar_w, upsampling_ratio=ratio, steps=1)  # wrong bsq_dim
+        decode(bits[..., :-1], ar_h, ar_w, upsampling_ratio=ratio, steps=1)  # wrong bsq_dim
     P = parts.vision.cfg.patch_size
     with pytest.raises(ValueError, match="AR size"):  # half a block, at a ratio whose output size is valid
-        parts.decode(bits, ar_h + P, ar_w, upsampling_ratio=next(_ratios(parts, ar_h + P, ar_w)), steps=1)
+        decode(bits, ar_h + P, ar_w, upsampling_ratio=next(_ratios(parts, ar_h + P, ar_w)), steps=1)
     with pytest.raises(ValueError, match="noise must be"):
-        parts.decode(bits, ar_h, ar_w, upsampling_ratio=ratio, steps=1, noise=golden["dec.pipe_noise"][..., :-1])
+        decode(bits, ar_h, ar_w, upsampling_ratio=ratio, steps=1, noise=golden["dec.pipe_noise"][..., :-1])
     with pytest.raises(ValueError, match="steps must be >= 1"):
-        parts.decode(bits, ar_h, ar_w, upsampling_ratio=ratio, steps=0)
+        decode(bits, ar_h, ar_w, upsampling_ratio=ratio, steps=0)
     with pytest.raises(ValueError, match="output must be"):
-        parts.decode(bits, ar_h, ar_w, upsampling_ratio=ratio, steps=1, output="png")
+        decode(bits, ar_h, ar_w, upsampling_ratio=ratio, steps=1, output="png")
     conf = read_json(golden.dir / "sd3_transformer" / "config.json")
     dual = list(conf.get("dual_attention_layers") or [])
     path = golden.dir / "sd3_transformer" / "diffusion_pytorch_model.safetensors"

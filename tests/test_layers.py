@@ -9,13 +9,14 @@ from conftest import ROOT
 LAYERS = {
     "kernels": 0, "config_schema": 0, "toy": 0, "files": 0,
     "bsq": 1,
-    "model": 2, "decoder": 2,
-    "text_encoders": 3,
-    "pipeline": 4,
-    "load_hf": 5, "cli": 5,
-    "evaluate": 6,
-    "sample": 7, "chat": 7, "generate_batch": 7, "train": 7, "rl": 7,
-    "bench": 8,
+    "model": 2,
+    "decoder": 3,
+    "text_encoders": 4,
+    "pipeline": 5,
+    "load_hf": 6, "cli": 6,
+    "evaluate": 7,
+    "sample": 8, "chat": 8, "generate_batch": 8, "train": 8, "rl": 8,
+    "bench": 9,
 }
 MODEL_FILES = ("bsq", "model", "decoder")
 

@@ -160,6 +160,22 @@ AR_DEFECTS = {  # change of the root config.json -> the message after "<file>: "
     "token id beyond the vocabulary": (lambda d: d.update(image_token_id=_tc(d)["vocab_size"]),
                                        "field 'image_token_id' must be a token id below text_config.vocab_size "
                                        "{vocab_size}, got {vocab_size}"),
+    # rules that relate several fields (config_schema; the config dataclasses only assert them)
+    "heads not a multiple of the key/value heads": (lambda d: _tc(d).update(num_attention_heads=3,
+                                                                            num_key_value_heads=2),
+                                                    "invalid config (num_attention_heads 3 is not a multiple of "
+                                                    "num_key_value_heads 2)"),
+    "mrope sections not half a head": (lambda d: _tc(d).update(head_dim=32, rope_scaling={
+                                           **_tc(d)["rope_scaling"], "mrope_section": [1, 2, 3]}),
+                                       "invalid config (mrope_section (1, 2, 3) must sum to head_dim / 2 = 16)"),
+    "vision heads": (lambda d: d["vision_config"].update(hidden_size=30, num_heads=4),
+                     "invalid config (vision hidden_size 30 is not a multiple of num_heads 4)"),
+    "vision position grid not square": (lambda d: d["vision_config"].update(num_position_embeddings=50),
+                                        "invalid config (num_position_embeddings 50 is not a square grid)"),
+    "DeepStack tap beyond the depth": (lambda d: d["vision_config"].update(depth=3, deepstack_visual_indexes=[0, 3]),
+                                       "invalid config (deepstack_visual_indexes (0, 3) outside depth 3)"),
+    "vision width not the text width": (lambda d: d["vision_config"].update(out_hidden_size=7),
+                                        "invalid config (vision out_hidden_size 7 != text hidden_size {hidden_size})"),
     "generation off": (lambda d: d.update(visual_transformer_decoder=False),
                        "field 'visual_transformer_decoder' must be true (UniAR generation needs the visual-decoder "
                        "stack), got false"),
@@ -233,6 +249,12 @@ DECODER_DEFECTS = {  # file under the checkpoint, change -> the message after "<
                                  "\"16,32\""),
     "tokenizer BSQ size": ("bsq_encoder/config.json", lambda d: d.update(bsq_dim=32),
                            "field 'bsq_dim' must be 64 (the only size supported: a code is a 64-bit index), got 32"),
+    "tokenizer heads": ("bsq_encoder/config.json", lambda d: d.update(hidden_size=30, num_heads=4),
+                        "invalid vision config (vision hidden_size 30 is not a multiple of num_heads 4)"),
+    "transformer caption width": ("sd3_transformer/config.json",
+                                  lambda d: d.update(caption_projection_dim=7, num_attention_heads=2,
+                                                     attention_head_dim=16),
+                                  "invalid config (caption_projection_dim 7 must equal heads * head_dim 32)"),
 }
 
 
@@ -710,12 +732,10 @@ def _toy_parts(tmp_path):
 def test_project_checkpoint_round_trip(tmp_path):
     import pipeline
 
-    import bsq
-
     net, tok_dir, dec = _toy_parts(tmp_path)
     v = net.cfg.vision
-    net.image_processor = bsq.ImageProcessorConfig(min_pixels=3000, max_pixels=9000, patch_size=v.patch_size,
-                                                   merge_size=v.spatial_merge_size)
+    net.image_processor = pipeline.ImageProcessorConfig(min_pixels=3000, max_pixels=9000, patch_size=v.patch_size,
+                                                        merge_size=v.spatial_merge_size)
     root = load_hf.save_checkpoint(tmp_path / "ckpt", ar=net, tokenizer_dir=tok_dir, vision=net.visual, decoder=dec,
                                    sample_defaults={"ar_size": [64, 64], "upsample": 1.0})
     net2, tok2 = load_hf.load_ar(root)

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import bsq
+import load_hf
 import model as M
 import pipeline as P
 from conftest import assert_close_rel, assert_unchanged, fingerprint, load_manifest, own_copy, read_json
@@ -72,7 +73,7 @@ def meta_model(variant: str) -> M.UniAR:
 
 def test_full_size_keys_and_shapes_match_manifest():
     manifest = load_manifest("ar_model")
-    variant = M.head_variant_from_keys(manifest)
+    variant = load_hf.head_variant_from_keys(manifest)
     sd = meta_model(variant).state_dict()
     got = {k: list(v.shape) for k, v in sd.items()}
     assert sorted(set(got) ^ set(manifest)) == []
@@ -96,7 +97,7 @@ def test_other_head_variants_key_sets():
         sd = meta_model(variant).state_dict()
         assert set(sd) == base | set(head), variant
         assert {k: list(sd[k].shape) for k in head} == head, variant
-        assert M.head_variant_from_keys(sd) == variant
+        assert load_hf.head_variant_from_keys(sd) == variant
 
 
 def test_config_from_dict(golden, cfg):
@@ -110,7 +111,7 @@ def test_config_from_dict(golden, cfg):
     assert M.UniARConfig.from_dict(d).head_variant == "rmsnorm_mlp"
     d = dict(c, vistok_pred_use_mlp=False, vistok_pred_layernorm=False)
     assert M.UniARConfig.from_dict(d).head_variant == "linear"
-    assert M.head_variant_from_keys(load_file(str(golden.dir / "model.safetensors"))) == cfg.head_variant
+    assert load_hf.head_variant_from_keys(load_file(str(golden.dir / "model.safetensors"))) == cfg.head_variant
     M.UniAR(M.UniARConfig.tiny())  # the preset builds
 
 
@@ -306,11 +307,11 @@ def test_answer_renders_the_chat_prompt(golden, ar, tok, monkeypatch):
     ar = own_copy(ar)
     v = ar.cfg.vision
     # the fixture states none: the released pixel bounds, the fixture's patch geometry
-    ar.image_processor = bsq.ImageProcessorConfig(patch_size=v.patch_size, merge_size=v.spatial_merge_size,
-                                                  temporal_patch_size=v.temporal_patch_size)
+    ar.image_processor = P.ImageProcessorConfig(patch_size=v.patch_size, merge_size=v.spatial_merge_size,
+                                                temporal_patch_size=v.temporal_patch_size)
     img = golden["vision.image_uint8"].numpy()
-    pv, grid = bsq.preprocess_image(img, patch_size=v.patch_size, merge_size=v.spatial_merge_size,
-                                    temporal_patch_size=v.temporal_patch_size)
+    pv, grid = P.preprocess_image(img, patch_size=v.patch_size, merge_size=v.spatial_merge_size,
+                                  temporal_patch_size=v.temporal_patch_size)
     n_img = int(grid.prod()) // v.merge_unit
     text = ("<|im_start|>user\n<|vision_start|>" + "<|image_pad|>" * n_img +
             "<|vision_end|>what is it?<|im_end|>\n<|im_start|>assistant\n")
@@ -443,8 +444,8 @@ def test_edit_from_prompt_and_image(golden, ar, tok):
                                                    sc["cfg"], [img])
     n_tokens = (sc["ar_height"] // ar.cfg.downsample) * (sc["ar_width"] // ar.cfg.downsample)
     assert ((ids == ar.cfg.image_token_id).sum(1) == n_tokens).all()  # input image at the AR size, in every row
-    one, g1 = bsq.preprocess_image(img, size=(sc["ar_height"], sc["ar_width"]), patch_size=v.patch_size,
-                                   merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size)
+    one, g1 = P.preprocess_image(img, size=(sc["ar_height"], sc["ar_width"]), patch_size=v.patch_size,
+                                 merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size)
     assert torch.equal(pv, torch.cat([one] * ids.shape[0])) and torch.equal(grid, torch.cat([g1] * ids.shape[0]))
     kw = dict(ar_height=sc["ar_height"], ar_width=sc["ar_width"], cfg_scale=sc["cfg"], temperature=sc["temperature"],
               seed=0, input_images=[img])
@@ -458,31 +459,47 @@ def test_edit_from_prompt_and_image(golden, ar, tok):
 # ----- bad input -----
 
 def test_bad_inputs(golden, ar, tok):
+    """Bad generation arguments are refused where a person gives them (pipeline.generate_bits and its checks, with
+    the messages the model gave before); inside the model they are asserts."""
     sc = golden.scenario("t2i")
     ids, mask = golden["t2i.prefix_ids"], golden["t2i.attention_mask"]
     H, W = sc["ar_height"], sc["ar_width"]
     ds = ar.cfg.downsample
     budget = ar.cfg.text.max_position_embeddings
     long = torch.zeros(2, budget, dtype=torch.int64)
+    kw = dict(ar_height=H, ar_width=W, cfg_scale=sc["cfg"])
     with pytest.raises(ValueError, match="position budget"):
-        M.generate_image(ar, long, torch.ones_like(long), H, W, M.MultinomialSampler(sc["cfg"]))
+        P.generate_bits(ar, tok, (long, torch.ones_like(long)), **kw)
     with pytest.raises(ValueError, match=f"multiples of {ds}"):
-        M.generate_image(ar, ids, mask, H + ds // 2, W, M.MultinomialSampler(sc["cfg"]))
+        P.generate_bits(ar, tok, (ids, mask), **{**kw, "ar_height": H + ds // 2})
     with pytest.raises(ValueError, match=f"multiples of {ds}"):
         P.generate_bits(ar, tok, ["x"], ar_height=H, ar_width=W - 1)
     with pytest.raises(ValueError, match="cfg must be >= 1"):
-        M.generate_image(ar, ids, mask, H, W, M.MultinomialSampler(0.5))
+        P.generate_bits(ar, tok, (ids, mask), **{**kw, "cfg_scale": 0.5})
     with pytest.raises(ValueError, match="temperature must be > 0"):
-        M.generate_image(ar, ids, mask, H, W, M.MultinomialSampler(sc["cfg"], 0.0))
+        P.generate_bits(ar, tok, (ids, mask), **kw, temperature=0.0)
     # an image where none is expected: pixels for a prompt without placeholders, placeholders without pixels
     with pytest.raises(ValueError, match="none is expected"):
-        M.generate_image(ar, ids, mask, H, W, M.MultinomialSampler(sc["cfg"]), pixel_values=golden["vision.patches"],
-                         image_grid_thw=golden["vision.grid_thw"])
+        P.check_prefix_images(ar, ids, golden["vision.patches"], golden["vision.grid_thw"])
     with pytest.raises(ValueError, match="no pixel_values"):
-        M.generate_image(ar, golden["edit.prefix_ids"], golden["edit.attention_mask"], H, W, M.MultinomialSampler(sc["cfg"]))
+        P.generate_bits(ar, tok, (golden["edit.prefix_ids"], golden["edit.attention_mask"]), **kw)
     with pytest.raises(ValueError, match="prompts must be"):
         P.generate_bits(ar, tok, [], ar_height=H, ar_width=W)
-    with pytest.raises(ValueError, match="bits must be"):
+    with pytest.raises(ValueError, match=r"temperature must be >= 0 \(0 = greedy\), got -1"):
+        P.answer(ar, tok, None, "what?", temperature=-1)
+    with pytest.raises(ValueError, match=f"new tokens exceeds the position budget max_position_embeddings={budget}"):
+        P.answer(ar, tok, None, "what?", max_new_tokens=budget)
+    # called directly, the model asserts what those checks make sure of
+    with pytest.raises(AssertionError, match="position budget"):
+        M.generate_image(ar, long, torch.ones_like(long), H, W, M.MultinomialSampler(sc["cfg"]))
+    with pytest.raises(AssertionError, match="placeholders and pixels"):
+        M.generate_image(ar, ids, mask, H, W, M.MultinomialSampler(sc["cfg"]), pixel_values=golden["vision.patches"],
+                         image_grid_thw=golden["vision.grid_thw"])
+    with pytest.raises(AssertionError):
+        M.MultinomialSampler(0.5)
+    with pytest.raises(AssertionError):
+        M.generate_text(ar, ids[:1], mask[:1], max_new_tokens=budget)
+    with pytest.raises(AssertionError, match="bits must be"):
         ar.teacher_forced_logits(ids[:1], mask[:1], golden["t2i.codes"][:, :1], out_grid(golden["t2i.pos_ids_all"],
                                                                                         golden["t2i.codes"].shape[1]))
 
@@ -551,7 +568,7 @@ def test_bit_head_variants_against_plain_torch(golden, ar, cfg, variant):
         for p in m.output_layer_vistok.parameters():  # norm gains around 1, linear weights of unit output scale
             p.copy_(torch.rand(p.shape, generator=g) + 0.5 if p.dim() == 1 else
                     torch.randn(p.shape, generator=g) * 2 / math.sqrt(p.shape[1]))
-    assert M.head_variant_from_keys(m.state_dict()) == variant
+    assert load_hf.head_variant_from_keys(m.state_dict()) == variant
     sd = m.state_dict()
     tf = m.teacher_forced_logits(golden["t2i.prefix_ids"][:1], golden["t2i.attention_mask"][:1], codes,
                                  out_grid(golden["t2i.pos_ids_all"], codes.shape[1]))

@@ -106,12 +106,11 @@ def greedy_answer(net, tok, image, question: str, max_new_tokens: int) -> list:
     """Greedy decoding written out: the chat prompt with the image, one full forward (no KV cache) per new token,
     argmax, stop before an end token (<|im_end|>, end of text, generation_config.json's eos ids: the tokenizer's
     end_ids). -> (the prompt ids, the image's patch rows, the new token ids, the end token it stopped at or None)."""
-    import bsq
     import pipeline as P
 
     v = net.cfg.vision
-    pv, grid = bsq.preprocess_image(image, patch_size=v.patch_size, merge_size=v.spatial_merge_size,
-                                    temporal_patch_size=v.temporal_patch_size)
+    pv, grid = P.preprocess_image(image, patch_size=v.patch_size, merge_size=v.spatial_merge_size,
+                                  temporal_patch_size=v.temporal_patch_size)
     ids = torch.tensor([tok.encode(P.render_chat_prompt(question, int(grid[0].prod()) // v.merge_unit))])
     prompt = ids[0].tolist()
     stop, new, ended = {tok.eos_id, tok.token_id(P.IM_END), *tok.end_ids}, [], None
@@ -522,12 +521,12 @@ def test_damaged_checkpoint_command_line(golden, tmp_path):
 
 
 def test_sixteen_bit_grayscale_is_scaled_to_eight_bits(tmp_path):
-    import bsq
+    import pipeline as P
 
     a = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)
     Image.fromarray(a).save(tmp_path / "g16.png")
     assert Image.open(tmp_path / "g16.png").mode in ("I;16", "I")
-    got = bsq.load_image(str(tmp_path / "g16.png"))
+    got = P.load_image(str(tmp_path / "g16.png"))
     want = np.round(a.astype(np.float64) * 255 / 65535).astype(np.uint8)
     assert got.dtype == np.uint8 and np.array_equal(got, np.repeat(want[..., None], 3, -1))
     assert got.max() == 255 and len(np.unique(got)) > 200  # not clipped to 0 / 255

@@ -12,12 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-import bsq
 import cli
 import evaluate
 import files
 import load_hf
-import pipeline
+import pipeline as P
 import toy
 import train
 from conftest import ROOT, own_copy
@@ -82,7 +81,7 @@ def test_checkpoint_loads_and_matches_training_weights(smoke):
     ans = evaluate.answers(net, tok, np.stack([e.image for e in qa]), [e.question for e in qa])
     stop = {tok.eos_id, tok.token_id(P.IM_END)}
     for e, got in zip(qa, ans):
-        pv, grid = pipeline.to_pixels(e.image[None], net.cfg.vision)
+        pv, grid = P.to_pixels(e.image[None], net.cfg.vision)
         n_img = int(grid[0].prod()) // net.cfg.vision.merge_unit
         ids = torch.tensor([tok.encode(P.render_chat_prompt(e.question, n_img))])
         new = []
@@ -228,9 +227,9 @@ def test_eval_command_names_a_damaged_config(tmp_path, capsys):
 def test_to_pixels_matches_the_processor():
     vc = train.vision_config(train.TrainConfig.smoke())
     imgs = np.stack([toy.t2i_example(i).image for i in range(3)])
-    pv, grid = pipeline.to_pixels(imgs, vc)
+    pv, grid = P.to_pixels(imgs, vc)
     for i, im in enumerate(imgs):
-        p, g = bsq.preprocess_image(im, resize=False)
+        p, g = P.preprocess_image(im, resize=False)
         n = p.shape[0]
         torch.testing.assert_close(pv[i * n:(i + 1) * n], p, rtol=0, atol=0)
         assert grid[i].tolist() == g[0].tolist()

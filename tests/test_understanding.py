@@ -13,7 +13,6 @@ import pytest
 import torch
 from PIL import Image
 
-import bsq
 import evaluate
 import load_hf
 import pipeline as P
@@ -99,13 +98,13 @@ def test_toy_checkpoints_keep_toy_images_at_their_size():
     img = toy.heldout_questions(1)[0].image
     assert img.shape[:2] == (tc.size, tc.size)
     for ckpt in (TOY, TOY_RL):
-        assert json.loads((ckpt / bsq.PREPROCESSOR_CONFIG).read_text()) == json.loads(json.dumps(want.to_dict()))
+        assert json.loads((ckpt / P.PREPROCESSOR_CONFIG).read_text()) == json.loads(json.dumps(want.to_dict()))
         net, _ = load_hf.load_ar(ckpt)
         assert net.image_processor == want
         pv, grid, n_img = P.understanding_inputs(net, [img])
         ref_pv, ref_grid = P.to_pixels(img[None], net.cfg.vision)
         assert torch.equal(pv, ref_pv) and torch.equal(grid, ref_grid) and n_img == [4]
-    assert bsq.ImageProcessorConfig()(img)[1].tolist() == [[1, 16, 16]]  # the released processor: 64 tokens
+    assert P.ImageProcessorConfig()(img)[1].tolist() == [[1, 16, 16]]  # the released processor: 64 tokens
     # other sizes are resized to about tc.size^2 pixels, aspect kept
     assert want(np.zeros((256, 256, 3), np.uint8))[1].tolist() == [[1, 4, 4]]
     assert want(np.zeros((128, 64, 3), np.uint8))[1].tolist() == [[1, 4, 2]]
@@ -118,11 +117,11 @@ def test_processor_file_round_trip_and_transformers_reads_it_alike(tmp_path):
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 
     rng = np.random.default_rng(0)
-    for proc in (bsq.ImageProcessorConfig(), bsq.ImageProcessorConfig(min_pixels=4096, max_pixels=8192)):
+    for proc in (P.ImageProcessorConfig(), P.ImageProcessorConfig(min_pixels=4096, max_pixels=8192)):
         folder = tmp_path / f"p{proc.min_pixels}"
         load_hf.write_image_processor(folder, proc)
-        d = json.loads((folder / bsq.PREPROCESSOR_CONFIG).read_text())
-        assert bsq.ImageProcessorConfig.from_dict(d, "x") == proc
+        d = json.loads((folder / P.PREPROCESSOR_CONFIG).read_text())
+        assert P.ImageProcessorConfig.from_dict(d, "x") == proc
         hf = Qwen2VLImageProcessor.from_pretrained(folder)
         for h, w in ((50, 90), (300, 170)):
             img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
@@ -134,9 +133,9 @@ def test_processor_file_round_trip_and_transformers_reads_it_alike(tmp_path):
                 "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5, 0.5, 0.5],
                 "image_std": [0.5, 0.5, 0.5], "processor_class": "Qwen3VLProcessor",
                 "image_processor_type": "Qwen2VLImageProcessorFast"}
-    assert bsq.ImageProcessorConfig.from_dict(released, "x") == bsq.ImageProcessorConfig()
+    assert P.ImageProcessorConfig.from_dict(released, "x") == P.ImageProcessorConfig()
     over = {**released, "min_pixels": 1024, "max_pixels": 2048}
-    assert bsq.ImageProcessorConfig.from_dict(over, "x") == bsq.ImageProcessorConfig(min_pixels=1024, max_pixels=2048)
+    assert P.ImageProcessorConfig.from_dict(over, "x") == P.ImageProcessorConfig(min_pixels=1024, max_pixels=2048)
 
 
 def _ckpt_with(golden, tmp_path, content) -> Path:
@@ -144,20 +143,20 @@ def _ckpt_with(golden, tmp_path, content) -> Path:
     folder = tmp_path / "ckpt"
     folder.mkdir()
     for entry in golden.dir.iterdir():
-        if entry.name != bsq.PREPROCESSOR_CONFIG:  # never written through a link into the fixture
+        if entry.name != P.PREPROCESSOR_CONFIG:  # never written through a link into the fixture
             (folder / entry.name).symlink_to(entry)
     if content is not None:
-        (folder / bsq.PREPROCESSOR_CONFIG).write_text(content if isinstance(content, str) else json.dumps(content))
+        (folder / P.PREPROCESSOR_CONFIG).write_text(content if isinstance(content, str) else json.dumps(content))
     return folder
 
 
-GOOD = bsq.ImageProcessorConfig().to_dict()
+GOOD = P.ImageProcessorConfig().to_dict()
 
 
 def _fixture_processor(v: dict) -> dict:
     """The released processor with the fixture's patch geometry (`vision_config` v): valid for its tower."""
-    return bsq.ImageProcessorConfig(patch_size=v["patch_size"], merge_size=v["spatial_merge_size"],
-                                    temporal_patch_size=v["temporal_patch_size"]).to_dict()
+    return P.ImageProcessorConfig(patch_size=v["patch_size"], merge_size=v["spatial_merge_size"],
+                                  temporal_patch_size=v["temporal_patch_size"]).to_dict()
 
 
 def _patch_size_left_out(v: dict) -> tuple:
