@@ -223,7 +223,7 @@ def bench_step(args) -> dict:
 
 
 def bench_throughput(args) -> dict:
-    """Images per second at batch 1, 4 and 16, 16 images each, as `sample.py --prompts` draws them (per-image
+    """Images per second at batch 1, 4 and 16, 16 images each, as `generate_batch.py --prompts` draws them (per-image
     seeds): the toy checkpoint end to end (AR rollout + decoder, the decoder one image at a time), and the mid-size
     model's AR rollout alone (random weights, `--size` px). Printed as ratios to batch 1."""
     ckpt = Path(__file__).resolve().parent / "checkpoints" / "toy"

@@ -24,7 +24,7 @@ def generate(net, tok, dec, prompts, settings: dict, *, input_images=None, seed:
              ) -> np.ndarray:
     """Prompts number first, first + 1, ... (+ input images for editing) -> decoded images (B, S, S, 3) uint8 with
     the checkpoint's settings; image i drawn from its own seed (pipeline.sample_seed(seed, first + i)), so it is the
-    image `sample.py --prompts` writes for that prompt index, whatever the batch."""
+    image `generate_batch.py --prompts` writes for that prompt index, whatever the batch."""
     S = settings["ar_size"][0]
     seeds = [P.sample_seed(seed, first + i) for i in range(len(prompts))]
     bits = P.generate_bits(net, tok, list(prompts), ar_height=S, ar_width=S, cfg_scale=settings["cfg"],
@@ -143,7 +143,7 @@ def reconstruct(vision, dec, images: np.ndarray, settings: dict) -> np.ndarray:
 
 
 def score_run(run_dir: Path) -> dict:
-    """A `sample.py --prompts` run folder of toy prompts (<idx:05d>/metadata.json + samples/<k:04d>.png) read back by
+    """A `generate_batch.py --prompts` run folder of toy prompts (<idx:05d>/metadata.json + samples/<k:04d>.png) read back by
     the toy evaluator: "overall" is the fraction of samples fully correct (what --eval's generation figure counts),
     "per_category" the same per the records' meta "tag", and the per-attribute fractions as --eval reports them."""
     from PIL import Image
@@ -164,7 +164,7 @@ def score_run(run_dir: Path) -> dict:
             rows.append((tag, scores))
     if not rows:
         raise cli.UsageError(f"--score {run_dir}: no samples (<idx:05d>/metadata.json + samples/<k:04d>.png, as "
-                             "`sample.py --prompts` writes)")
+                             "`generate_batch.py --prompts` writes)")
     out = {"overall": float(np.mean([s["correct"] for _, s in rows])), "samples": len(rows),
            "per_category": {t: float(np.mean([s["correct"] for u, s in rows if u == t]))
                             for t in sorted({t for t, _ in rows})}}

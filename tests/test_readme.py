@@ -1,5 +1,7 @@
-"""The README's Python API example runs as written on the golden tiny checkpoint (only its first line is swapped) and
-produces what it says it does."""
+"""The README and its docs/ pages say what is true: the Python API examples run as written (the full one in
+docs/api.md on the golden tiny checkpoint, only its first line swapped, and on the toy checkpoint; the README's
+conversation block on the toy checkpoint) and produce what they say; every command in a bash block is run or said why
+not; the paper -> code table names functions and tests that exist; every relative link leads to a file."""
 import ast
 import json
 import os
@@ -20,12 +22,13 @@ import decoder
 import toy
 
 README = Path(__file__).resolve().parent.parent / "README.md"
+DOCS = README.parent / "docs"
+PAGES = [README, *sorted(DOCS.glob("*.md"))]  # the README and the pages it points to
 
 
 def _api_block() -> str:
-    text = README.read_text()
-    section = text.split("## Python API", 1)[1]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    """docs/api.md's full Python API example (its first python block)."""
+    return re.search(r"```python\n(.*?)```", (DOCS / "api.md").read_text(), re.S).group(1)
 
 
 def _block_texts(code: str) -> tuple:
@@ -141,18 +144,18 @@ NOT_RUN = {  # README commands the suite does not run, and why
     "huggingface-cli download": "downloads the 37 GB released checkpoint (no hub access here)",
     "TRITON_INTERPRET=1 python -m pytest": "the suite itself",
     "UNIAR_GOLDEN_DIR=": "the suite on another fixture set",
-    "python train.py\n": "18 minutes at its defaults: tests/test_train.py runs the same code at the smoke size, and "
+    "python train.py\n": "48 minutes at its defaults: tests/test_train.py runs the same code at the smoke size, and "
                          "test_a_run_never_replaces_what_it_did_not_write its default output folder",
-    "python rl.py\n": "9 minutes at its defaults: tests/test_rl.py runs the same code at a tiny size",
+    "python rl.py\n": "20 minutes at its defaults: tests/test_rl.py runs the same code at a tiny size",
     "torchrun --nproc_per_node 8": "8 GPUs and the released checkpoint: tests/test_prompts.py runs torchrun with 2 "
                                    "CPU processes on the toy checkpoint",
-    "python sample.py --prompts prompts/toy_heldout.jsonl": "256 images: tests/test_prompts.py runs its first 16 "
-                                                             "records and checks --score against the evaluation",
+    "python generate_batch.py --prompts prompts/toy_heldout.jsonl": "256 images: tests/test_prompts.py runs its first "
+                                                                     "16 records and checks --score against the evaluation",
     "python train.py --score": "tests/test_prompts.py (test_score_of_a_prompt_file_run_equals_the_evaluation)",
 }
 RUN = {  # the rest: the test below that runs the command and checks its outcome
-    "python sample.py --chat-file": "test_chat_file_draws_asks_and_edits_in_one_context",
-    "python sample.py --chat\n": "test_chat_file_draws_asks_and_edits_in_one_context (the same loop, lines from stdin)",
+    "python chat.py --file": "test_chat_file_draws_asks_and_edits_in_one_context",
+    "python chat.py\n": "test_chat_file_draws_asks_and_edits_in_one_context (the same loop, lines from stdin)",
     "python sample.py\n": "test_sample_with_no_argument",
     "python sample.py --": "test_command_line_examples_on_the_toy_checkpoint",
     "python train.py --eval checkpoints/toy": "tests/test_shipped.py (the scores printed are the README's)",
@@ -161,9 +164,10 @@ RUN = {  # the rest: the test below that runs the command and checks its outcome
 
 
 def bash_commands() -> list:
-    """Every command line in the README's bash blocks, without its trailing comment (and with its '&&' parts)."""
+    """Every command line in the bash blocks of the README and docs/, without its trailing comment (and with its '&&'
+    parts)."""
     out = []
-    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), re.S):
+    for block in re.findall(r"```bash\n(.*?)```", "\n".join(p.read_text() for p in PAGES), re.S):
         for line in block.splitlines():
             line = re.sub(r"(^|\s+)#.*$", "", line).strip()
             out += [part.strip() + "\n" for part in line.split("&&") if part.strip()]
@@ -255,12 +259,13 @@ def test_readme_python_api_example_on_the_toy_checkpoint(workdir, monkeypatch, c
 
 
 def test_part_sizes_command_prints_the_table():
-    """The README's size command, run as written from the repository root: each part's figure is in the table's size
-    column (to its rounding)."""
+    """The size command (docs/checkpoints.md), run as written from the repository root: each part's figure is in the
+    table's size column (to its rounding)."""
     cmd = next(c for c in bash_commands() if c.startswith("python -c"))
     r = subprocess.run([sys.executable] + shlex.split(cmd)[1:], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    table = README.read_text().split("| part | folder | parameters | size |", 1)[1].split("\n\n", 1)[0]
+    text = (DOCS / "checkpoints.md").read_text()
+    table = text.split("| part | folder | parameters | size |", 1)[1].split("\n\n", 1)[0]
     column = [float(x) for row in table.splitlines()[2:] for x in re.findall(r"\d+\.?\d*", row.split("|")[-2])]
     column += [float(x) for x in re.findall(r"([\d.]+) GB", table)]  # a variant named in its part's cell
     printed = [float(line.split()[-2]) for line in r.stdout.splitlines()]
@@ -269,27 +274,119 @@ def test_part_sizes_command_prints_the_table():
         assert any(abs(gb - c) <= 0.05 + 1e-9 for c in column), (gb, column)
 
 
+def _paper_table() -> list:
+    """The README's "Reading the paper with the code" table: (idea, where, proved by) per row."""
+    text = README.read_text()
+    table = text[text.index("| idea of the paper | where | proved by |"):text.index("## Files")]
+    rows = [r for r in table.splitlines() if r.startswith("| ") and not r.startswith("| idea")]
+    cells = [[c.strip() for c in r.strip().strip("|").split("|")] for r in rows]
+    assert all(len(c) == 3 for c in cells), rows
+    return cells
+
+
 def test_every_name_of_the_reading_tour_exists():
     """The README's "Reading the paper with the code" table: one function (or a few) per idea, and every name it
     gives exists in the file it names."""
     import importlib
-    import re
 
-    text = README.read_text()
-    table = text[text.index("| idea of the paper | where |"):text.index("## Files")]
-    rows = [r for r in table.splitlines() if r.startswith("| ") and not r.startswith("| idea")]
+    rows = _paper_table()
     assert len(rows) >= 15
-    for row in rows:
-        where = row.rsplit("|", 2)[1]
+    for idea, where, _ in rows:
         for part in where.split(";"):
             m = re.match(r"\s*`([\w/]+)\.py`: (.*)", part)
-            assert m, row
+            assert m, idea
             module = importlib.import_module(m.group(1).replace("/__init__", "").replace("/", "."))
             for name in re.findall(r"`([\w.]+)`", m.group(2)):
                 obj = module
                 for attr in name.split("."):
                     obj = getattr(obj, attr, None)
-                    assert obj is not None, f"{m.group(1)}.py has no {name} ({row})"
+                    assert obj is not None, f"{m.group(1)}.py has no {name} ({idea})"
+
+
+def missing_tests(cell: str) -> list:
+    """The `tests/<file>.py::<test>` names of a "proved by" cell that are not a test function defined in that file
+    (a name in no such form is missing too)."""
+    names = re.findall(r"`([^`]+)`", cell)
+    missing = [] if names else [cell]
+    for name in names:
+        m = re.fullmatch(r"(tests/test_\w+\.py)::(test_\w+)", name)
+        path = ROOT / m.group(1) if m else None
+        if path is None or not path.is_file():
+            missing.append(name)
+            continue
+        defined = {n.name for n in ast.parse(path.read_text()).body if isinstance(n, ast.FunctionDef)}
+        if m.group(2) not in defined:
+            missing.append(name)
+    return missing
+
+
+def test_every_proved_by_test_of_the_paper_table_exists():
+    """Each idea of the paper table names at least one test, as tests/<file>.py::<test>, and each is a test function
+    defined in that file."""
+    assert missing_tests("`tests/test_readme.py::test_every_proved_by_test_of_the_paper_table_exists`") == []
+    assert missing_tests("`tests/test_readme.py::test_no_such_test`, `tests/test_none.py::test_x`") == [
+        "tests/test_readme.py::test_no_such_test", "tests/test_none.py::test_x"]
+    rows = _paper_table()
+    assert len(rows) >= 15
+    for idea, _, proved_by in rows:
+        assert missing_tests(proved_by) == [], idea
+
+
+def _anchors(page: Path) -> set:
+    """The anchors GitHub gives the headings of a markdown page."""
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    out = set()
+    for heading in re.findall(r"^#+ (.+)$", text, re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        out.add(slug)
+    return out
+
+
+def broken_links(page: Path) -> list:
+    """The relative links of a markdown page ([text](target), ![alt](target), <img src="target">) whose file does
+    not exist, or whose #anchor is no heading of the page it points at. Web addresses are not checked."""
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)  # code blocks hold no links
+    targets = re.findall(r"\]\(([^)\s]+)\)", text) + re.findall(r'<img[^>]*\ssrc="([^"]+)"', text)
+    broken = []
+    for target in targets:
+        if re.match(r"[a-z]+:", target):
+            continue
+        path, _, anchor = target.partition("#")
+        dest = (page.parent / path) if path else page
+        if not dest.exists():
+            broken.append(target)
+        elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+            broken.append(target)
+    return broken
+
+
+def test_every_relative_link_of_the_readme_and_docs_leads_somewhere(tmp_path):
+    """Every relative link of README.md and docs/*.md points at a file that exists (and at a heading of it, for an
+    #anchor); the README links to every docs/ page."""
+    page = tmp_path / "page.md"
+    page.write_text("# A title\n[ok](#a-title) [gone](missing.md) [bad](#no-heading) ![x](page.md) "
+                    '<img src="none.png"> [web](https://example.com)\n')
+    assert broken_links(page) == ["missing.md", "#no-heading", "none.png"]
+    assert len(PAGES) >= 5
+    for p in PAGES:
+        assert broken_links(p) == [], p.name
+    linked = set(re.findall(r"\]\((docs/[\w.]+\.md)", README.read_text()))
+    assert linked == {f"docs/{p.name}" for p in PAGES[1:]}
+
+
+def test_readme_scores_are_the_tables_of_training_md():
+    """The shipped checkpoints' scores the README's Toy world section states are the rows of docs/training.md's tables
+    (which tests/test_shipped.py checks against what `python train.py --eval` prints)."""
+    section = README.read_text().split("## Toy world", 1)[1].split("\n#", 1)[0]
+    toy_says = re.search(r"`checkpoints/toy` ([\d.]+)% generation, ([\d.]+)% understanding, ([\d.]+)% editing", section)
+    rl_says = re.search(r"`checkpoints/toy-rl` ([\d.]+)% / ([\d.]+)% / ([\d.]+)%", section)
+    rows = (DOCS / "training.md").read_text().splitlines()
+
+    def row(label):
+        return re.findall(r"([\d.]+)%", next(r for r in rows if r.startswith(f"| {label}")))
+
+    assert list(toy_says.groups()) == row("`checkpoints/toy` |")[:3]
+    assert list(rl_says.groups()) == row("after 100 steps")[:3]
 
 
 def _chat_blocks() -> tuple:
@@ -300,12 +397,12 @@ def _chat_blocks() -> tuple:
 
 
 def test_chat_file_draws_asks_and_edits_in_one_context(workdir):
-    """The README's scripted session (draw, ask, edit) run with its --chat-file command on the toy checkpoint: it
+    """The README's scripted session (draw, ask, edit) run with its `chat.py --file` command on the toy checkpoint: it
     prints the README's transcript; the drawing shows the prompt (toy evaluator); the answer is the truth about the
     drawn image, read from the context; the edit shows the drawing's scene with the instruction applied; the README's
-    images show the scenes of the files written. Typed on stdin (--chat), the same turns give the same answer and
+    images show the scenes of the files written. Typed on stdin (`chat.py`), the same turns give the same answer and
     images."""
-    cmd = next(c for c in bash_commands() if c.startswith("python sample.py --chat-file"))
+    cmd = next(c for c in bash_commands() if c.startswith("python chat.py --file"))
     turns, transcript, shown = _chat_blocks()
     (workdir / "turns.txt").write_text(turns)
     r = run_here(workdir, cmd)
@@ -320,7 +417,7 @@ def test_chat_file_draws_asks_and_edits_in_one_context(workdir):
     assert toy.score_edit(second, toy.apply_edit(scene, edit.removeprefix("/draw ")))["correct"]
     assert [toy.read_scene(np.asarray(Image.open(ROOT / f).convert("RGB"))) for f in shown] == [scene,
                                                                                   toy.read_scene(second)]
-    argv = [sys.executable, str(ROOT / "sample.py"), "--chat", "--out", str(workdir / "typed")]
+    argv = [sys.executable, str(ROOT / "chat.py"), "--out", str(workdir / "typed")]
     typed = subprocess.run(argv, cwd=workdir, input=turns, capture_output=True, text=True, timeout=300,
                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert typed.returncode == 0, typed.stderr[-2000:]
@@ -329,18 +426,19 @@ def test_chat_file_draws_asks_and_edits_in_one_context(workdir):
     assert [(workdir / "typed" / f.name).read_bytes() for f in files] == [f.read_bytes() for f in files]
 
 
-def test_conversation_example_reads_its_own_drawing(tmp_path, capsys):
-    """The Conversations section's Python block, run on the shipped toy checkpoint: it draws the prompt (toy
-    evaluator on the decoded bits), prints the answer that is true of its own drawing, read from the context, and its
-    edit turn draws an image of the same size."""
+def test_conversation_example_reads_its_own_drawing(tmp_path, monkeypatch, capsys):
+    """The README's Python API block (a conversation), run as written from the repository root on the shipped toy
+    checkpoint: it draws the prompt (toy evaluator on the decoded bits), prints the answer that is true of its own
+    drawing, read from the context, and its edit turn draws an image of the same size."""
     import load_hf
 
-    section = README.read_text().split("## Conversations: one shared context", 1)[1]
+    section = README.read_text().split("## Python API", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert 'load_hf.load_ar("checkpoints/toy")' in code
     dec = load_hf.load_decoder(ROOT / "checkpoints" / "toy")
-    script = tmp_path / "conversation_example.py"  # the block after the API block's loading lines
-    script.write_text(f"import load_hf\nimport pipeline\nnet, tok = load_hf.load_ar({str(ROOT / 'checkpoints' / 'toy')!r})\n"
-                      + code)
+    script = tmp_path / "conversation_example.py"
+    script.write_text(code)
+    monkeypatch.chdir(ROOT)
     capsys.readouterr()
     scope = runpy.run_path(str(script))
     image = dec.decode(scope["bits"], 64, 64, upsampling_ratio=1.0, steps=10, guidance=1.5, seed=0)[0].numpy()

@@ -15,7 +15,7 @@ import train
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY, TOY_RL = ROOT / "checkpoints" / "toy", ROOT / "checkpoints" / "toy-rl"
-README = ROOT / "README.md"
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]  # the README and its docs/ pages
 N = 256  # held-out examples per task: one answer is 0.4 points
 
 
@@ -28,8 +28,8 @@ def _scores(ckpt: Path) -> dict:
 
 
 def _readme_row(label: str) -> list:
-    """The percentages of the README table row that starts with `label`, as fractions."""
-    row = next(line for line in README.read_text().splitlines() if line.startswith(f"| {label}"))
+    """The percentages of the table row (README or docs/training.md) that starts with `label`, as fractions."""
+    row = next(line for p in PAGES for line in p.read_text().splitlines() if line.startswith(f"| {label}"))
     return [round(float(x) / 100, 3) for x in re.findall(r"([\d.]+)%", row)]
 
 

@@ -205,7 +205,9 @@ def test_readme_lists_the_toy_vocabulary_and_its_toy_examples_use_it():
     listed = re.search(r"\n\n((?:`[a-z]+` ?)+)\n", section)[1].split()
     assert [w.strip("`") for w in listed] == toy.vocabulary_words()
     assert toy.unknown_words(" ".join(toy.vocabulary_words())) == []
-    commands = [ln.split("#")[0] for ln in readme.splitlines() if ln.startswith("python sample.py")]
+    docs = [p.read_text() for p in sorted((Path(__file__).resolve().parent.parent / "docs").glob("*.md"))]
+    lines = [ln for page in [readme, *docs] for ln in page.splitlines()]  # the README and its docs/ pages
+    commands = [ln.split("#")[0] for ln in lines if ln.startswith("python sample.py")]
     toy_runs = [c for c in commands if "--ckpt" not in c or "--ckpt checkpoints/toy" in c]
     prompts = [m[1] for ln in toy_runs for m in [re.search(r'--(?:prompt|question) "([^"]+)"', ln)] if m]
     assert len(prompts) >= 2
