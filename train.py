@@ -6,7 +6,7 @@
                                              # after a kill, the last state saved; the same final weights either way)
     torchrun --nproc_per_node 2 train.py     # data-parallel (gloo on CPU, nccl on GPU)
     python train.py --eval checkpoints/toy   # held-out scores of a checkpoint, one JSON line
-    python train.py --score out/toy_heldout  # a `sample.py --prompts` run of toy prompts, scored: one JSON line
+    python train.py --score out/toy_heldout  # a `generate_batch.py` run of toy prompts, scored: one JSON line
 
 The stages follow the paper's recipe at toy scale, with the released model's classes:
   stage 1, the shared tokenizer (paper: "Visual Tokenizer is Key to Unification"): the vision tower and its four BSQ
@@ -727,7 +727,7 @@ def parse_args(argv) -> tuple[argparse.Namespace, TrainConfig]:
     cli.add_run_flags(ap, ROOT / "runs" / "toy", "plots, metrics, training state", "final checkpoint")
     ap.add_argument("--smoke", action="store_true", help="the tests' tiny, one-minute configuration")
     ap.add_argument("--eval", type=Path, metavar="CKPT", help="only evaluate a checkpoint; print one JSON line")
-    ap.add_argument("--score", type=Path, metavar="RUN_DIR", help="only score a `sample.py --prompts` run of toy "
+    ap.add_argument("--score", type=Path, metavar="RUN_DIR", help="only score a `generate_batch.py` run of toy "
                     "prompts with the toy evaluator; print one JSON line")
     ap.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
     ap.add_argument("--stop-after", type=int, default=None, help="stop (saving the state) after this many steps "
