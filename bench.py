@@ -36,7 +36,7 @@ import toy
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The baseline the product's cached loop is measured (bench_rollout) and tested (tests/test_model.py) against:
+# The baseline the product's cached loop is measured (bench_rollout) and tested (tests/parity/test_model.py) against:
 # the official generation loop, which re-runs the visual-decoder stack over the whole sequence at every step
 # ---------------------------------------------------------------------------------------------------------------------
 

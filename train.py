@@ -611,7 +611,7 @@ def eval_main(ckpt: Path, device, n: int) -> int:
 SEED_MAX = 2**32 - 1  # step_seed multiplies the seed by ~6.4e7: this keeps every step's seed within manual_seed's range
 # The largest image side: the evaluation edits at it, and an edit's context (the input image's (S / 32)^2 tokens, the
 # instruction, the drawn image's (S / 32)^2 tokens) must fit the model's max_position_embeddings = 512 (at 480: 476
-# positions for the longest held-out instruction; at 512: 538). tests/test_train.py checks both.
+# positions for the longest held-out instruction; at 512: 538). tests/training/test_train.py checks both.
 SIZE_MAX = 480
 PROBABILITY_HALF = dict(lo=0, hi=0.5, hi_open=True)
 

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from shuffle import pytest_addoption, pytest_collection_modifyitems, pytest_report_header, pytest_terminal_summary  # noqa: E402,F401  the suite runs in a shuffled order
 
-pytest_plugins = ["pytester"]  # tests/test_suite.py runs planted test files in-process
+pytest_plugins = ["pytester"]  # tests/product/test_suite.py runs planted test files in-process
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 MANIFESTS = FIXTURES / "manifests"

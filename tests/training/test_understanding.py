@@ -20,7 +20,7 @@ import sample
 import toy
 import train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOY, TOY_RL = ROOT / "checkpoints" / "toy", ROOT / "checkpoints" / "toy-rl"
 N = 32  # held-out questions (the evaluation's first batch)
 

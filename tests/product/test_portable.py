@@ -24,11 +24,11 @@ from conftest import ROOT
 # kernel file itself (its Triton tests skip, its fallback tests run), the AR model (understanding logits, end-to-end
 # bits from the prompt, editing), the visual tokenizer's bits and the decoder's transformer. sample.py end to end is
 # the toy run before them.
-PARITY_TESTS = ["tests/test_kernels.py"] + [
-    f"tests/test_model.py::{t}" for t in ("test_understanding_logits", "test_e2e_prompt_to_indices",
+PARITY_TESTS = ["tests/parity/test_kernels.py"] + [
+    f"tests/parity/test_model.py::{t}" for t in ("test_understanding_logits", "test_e2e_prompt_to_indices",
                                           "test_edit_exact")] + [
-    f"tests/test_bsq.py::{t}" for t in ("test_bsq_indices", "test_tower_features_and_bits")] + [
-    "tests/test_decoder.py::test_transformer_forward_matches_golden"]
+    f"tests/parity/test_bsq.py::{t}" for t in ("test_bsq_indices", "test_tower_features_and_bits")] + [
+    "tests/parity/test_decoder.py::test_transformer_forward_matches_golden"]
 
 # Runs a script as `python SCRIPT ARGS` does (runpy, as __main__), first printing PYTORCH_ENABLE_MPS_FALLBACK as it
 # is when torch starts to load.
@@ -50,7 +50,7 @@ def _env_without_triton(tmp_path) -> dict:
     whose import raises ImportError."""
     pkg = tmp_path / "no_triton" / "triton"
     pkg.mkdir(parents=True)
-    (pkg / "__init__.py").write_text('raise ImportError("triton is blocked by tests/test_portable.py")\n')
+    (pkg / "__init__.py").write_text('raise ImportError("triton is blocked by tests/product/test_portable.py")\n')
     path = [str(pkg.parent)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
     env.pop("PYTORCH_ENABLE_MPS_FALLBACK", None)
@@ -72,7 +72,7 @@ def test_without_triton_the_toy_sample_and_the_parity_tests_pass(tmp_path):
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
     skipped = [line for line in out.splitlines() if line.startswith("SKIPPED")]
-    assert skipped and all("tests/test_kernels.py" in line and "triton is not installed" in line for line in skipped)
+    assert skipped and all("tests/parity/test_kernels.py" in line and "triton is not installed" in line for line in skipped)
     assert re.fullmatch(r"\d+ passed, \d+ skipped( in .*)?", out.strip().splitlines()[-1]), out[-2000:]
 
 

@@ -200,12 +200,12 @@ def test_readme_lists_the_toy_vocabulary_and_its_toy_examples_use_it():
     that samples a toy checkpoint (no --ckpt, or checkpoints/toy*) prompts in toy words only."""
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     section = readme.split("### Toy vocabulary", 1)[1]
     listed = re.search(r"\n\n((?:`[a-z]+` ?)+)\n", section)[1].split()
     assert [w.strip("`") for w in listed] == toy.vocabulary_words()
     assert toy.unknown_words(" ".join(toy.vocabulary_words())) == []
-    docs = [p.read_text() for p in sorted((Path(__file__).resolve().parent.parent / "docs").glob("*.md"))]
+    docs = [p.read_text() for p in sorted((Path(__file__).resolve().parents[2] / "docs").glob("*.md"))]
     lines = [ln for page in [readme, *docs] for ln in page.splitlines()]  # the README and its docs/ pages
     commands = [ln.split("#")[0] for ln in lines if ln.startswith("python sample.py")]
     toy_runs = [c for c in commands if "--ckpt" not in c or "--ckpt checkpoints/toy" in c]

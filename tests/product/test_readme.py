@@ -21,7 +21,7 @@ from PIL import Image
 import decoder
 import toy
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 DOCS = README.parent / "docs"
 PAGES = [README, *sorted(DOCS.glob("*.md"))]  # the README and the pages it points to
 
@@ -144,21 +144,21 @@ NOT_RUN = {  # README commands the suite does not run, and why
     "huggingface-cli download": "downloads the 37 GB released checkpoint (no hub access here)",
     "TRITON_INTERPRET=1 python -m pytest": "the suite itself",
     "UNIAR_GOLDEN_DIR=": "the suite on another fixture set",
-    "python train.py\n": "48 minutes at its defaults: tests/test_train.py runs the same code at the smoke size, and "
+    "python train.py\n": "48 minutes at its defaults: tests/training/test_train.py runs the same code at the smoke size, and "
                          "test_a_run_never_replaces_what_it_did_not_write its default output folder",
-    "python rl.py\n": "20 minutes at its defaults: tests/test_rl.py runs the same code at a tiny size",
-    "torchrun --nproc_per_node 8": "8 GPUs and the released checkpoint: tests/test_prompts.py runs torchrun with 2 "
+    "python rl.py\n": "20 minutes at its defaults: tests/training/test_rl.py runs the same code at a tiny size",
+    "torchrun --nproc_per_node 8": "8 GPUs and the released checkpoint: tests/product/test_prompts.py runs torchrun with 2 "
                                    "CPU processes on the toy checkpoint",
-    "python generate_batch.py --prompts prompts/toy_heldout.jsonl": "256 images: tests/test_prompts.py runs its first "
+    "python generate_batch.py --prompts prompts/toy_heldout.jsonl": "256 images: tests/product/test_prompts.py runs its first "
                                                                      "16 records and checks --score against the evaluation",
-    "python train.py --score": "tests/test_prompts.py (test_score_of_a_prompt_file_run_equals_the_evaluation)",
+    "python train.py --score": "tests/product/test_prompts.py (test_score_of_a_prompt_file_run_equals_the_evaluation)",
 }
 RUN = {  # the rest: the test below that runs the command and checks its outcome
     "python chat.py --file": "test_chat_file_draws_asks_and_edits_in_one_context",
     "python chat.py\n": "test_chat_file_draws_asks_and_edits_in_one_context (the same loop, lines from stdin)",
     "python sample.py\n": "test_sample_with_no_argument",
     "python sample.py --": "test_command_line_examples_on_the_toy_checkpoint",
-    "python train.py --eval checkpoints/toy": "tests/test_shipped.py (the scores printed are the README's)",
+    "python train.py --eval checkpoints/toy": "tests/training/test_shipped.py (the scores printed are the README's)",
     "python -c": "test_part_sizes_command_prints_the_table",
 }
 
@@ -304,12 +304,12 @@ def test_every_name_of_the_reading_tour_exists():
 
 
 def missing_tests(cell: str) -> list:
-    """The `tests/<file>.py::<test>` names of a "proved by" cell that are not a test function defined in that file
+    """The `tests/<group>/<file>.py::<test>` names of a "proved by" cell that are not a test function defined in that file
     (a name in no such form is missing too)."""
     names = re.findall(r"`([^`]+)`", cell)
     missing = [] if names else [cell]
     for name in names:
-        m = re.fullmatch(r"(tests/test_\w+\.py)::(test_\w+)", name)
+        m = re.fullmatch(r"(tests/(?:\w+/)?test_\w+\.py)::(test_\w+)", name)
         path = ROOT / m.group(1) if m else None
         if path is None or not path.is_file():
             missing.append(name)
@@ -321,11 +321,11 @@ def missing_tests(cell: str) -> list:
 
 
 def test_every_proved_by_test_of_the_paper_table_exists():
-    """Each idea of the paper table names at least one test, as tests/<file>.py::<test>, and each is a test function
+    """Each idea of the paper table names at least one test, as tests/<group>/<file>.py::<test>, and each is a test function
     defined in that file."""
-    assert missing_tests("`tests/test_readme.py::test_every_proved_by_test_of_the_paper_table_exists`") == []
-    assert missing_tests("`tests/test_readme.py::test_no_such_test`, `tests/test_none.py::test_x`") == [
-        "tests/test_readme.py::test_no_such_test", "tests/test_none.py::test_x"]
+    assert missing_tests("`tests/product/test_readme.py::test_every_proved_by_test_of_the_paper_table_exists`") == []
+    assert missing_tests("`tests/product/test_readme.py::test_no_such_test`, `tests/test_none.py::test_x`") == [
+        "tests/product/test_readme.py::test_no_such_test", "tests/test_none.py::test_x"]
     rows = _paper_table()
     assert len(rows) >= 15
     for idea, _, proved_by in rows:
@@ -376,7 +376,7 @@ def test_every_relative_link_of_the_readme_and_docs_leads_somewhere(tmp_path):
 
 def test_readme_scores_are_the_tables_of_training_md():
     """The shipped checkpoints' scores the README's Toy world section states are the rows of docs/training.md's tables
-    (which tests/test_shipped.py checks against what `python train.py --eval` prints)."""
+    (which tests/training/test_shipped.py checks against what `python train.py --eval` prints)."""
     section = README.read_text().split("## Toy world", 1)[1].split("\n#", 1)[0]
     toy_says = re.search(r"`checkpoints/toy` ([\d.]+)% generation, ([\d.]+)% understanding, ([\d.]+)% editing", section)
     rl_says = re.search(r"`checkpoints/toy-rl` ([\d.]+)% / ([\d.]+)% / ([\d.]+)%", section)

@@ -13,7 +13,7 @@ import pytest
 
 import train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOY, TOY_RL = ROOT / "checkpoints" / "toy", ROOT / "checkpoints" / "toy-rl"
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]  # the README and its docs/ pages
 N = 256  # held-out examples per task: one answer is 0.4 points

@@ -200,7 +200,7 @@ def test_per_bit_logps_at_a_temperature_equal_the_official_logits_over_t(golden)
     codes, want_logits = golden["t2i.codes"], golden["t2i.teacher_forced_logits"].double()
     ids, mask = golden["t2i.prefix_ids"][:codes.shape[0]], golden["t2i.attention_mask"][:codes.shape[0]]
     sign = (2 * codes - 1).double()
-    # the logits' parity tolerance (tests/test_model.py: 1e-4 in units of max(1, max |logit| / 16), float32 rounding
+    # the logits' parity tolerance (tests/parity/test_model.py: 1e-4 in units of max(1, max |logit| / 16), float32 rounding
     # grows with the values); log sigmoid(x / T) moves by at most |dx| / T
     tol = 1e-4 * max(1.0, want_logits.abs().max().item() / 16)
     got, want = {}, {}

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]  # tests/
 
 
 def planted(pytester):
@@ -57,7 +57,7 @@ def test_one_seed_one_order_and_each_file_stays_together(pytester):
 def test_the_suite_itself_runs_shuffled():
     """The README's test command (no flag) shuffles this suite: two collections differ and hold the same tests."""
     runs = [subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider",
-                            *map(str, (TESTS / "test_toy.py", TESTS / "test_suite.py"))],
+                            *map(str, (TESTS / "training" / "test_toy.py", TESTS / "product" / "test_suite.py"))],
                            cwd=TESTS.parent, env=dict(os.environ), capture_output=True, text=True, timeout=300)
             for _ in range(2)]
     orders = [[line for line in r.stdout.splitlines() if "::" in line] for r in runs]
