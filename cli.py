@@ -2,7 +2,8 @@
 line `error: ...` on stderr and exit code 2, found before anything expensive runs; a training run's folders are
 checked before it starts; Ctrl-C / SIGTERM during training save the state and exit with 130 / 143 (SignalGuard). The
 sampling scripts share their parser pieces, their flag checks (against load_hf.Plan, the checkpoint's configs read
-once) and their output writing here. The files themselves are written by files.py.
+once) and their output writing here, and a training run's bookkeeping (RunClock: its record, saves every
+N steps, signals, stop and resume). The files themselves are written by files.py.
 """
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ Departures from the paper and the official trainer (trl GRPOTrainer, UniAR fork)
       (`--prompt-split train`) gives almost no signal: the SFT toy model already draws its prompts right.
     - Dynamic sampling, from DAPO (Yu et al., 2025): `--filter-groups 8 --max-rounds 8`. A group whose G rewards
       are all equal has zero advantages and only its KL term would train, and on the toy model most groups are like
-      that (the README has the counts). Rounds of `--prompts-per-step`
+      that (docs/training.md has the counts). Rounds of `--prompts-per-step`
       prompts are therefore rolled out, with the policy unchanged between rounds, until 8 groups with differing
       rewards are collected or 8 rounds are spent. Only those groups train, with their KL term. A step that finds
       none makes no update.
@@ -39,7 +39,7 @@ Departures from the paper and the official trainer (trl GRPOTrainer, UniAR fork)
     - Rewards come from in-process functions (the toy evaluator), not from reward and decoding servers. The decoder
       runs in-process at the checkpoint's decoder guidance, with `--decode-steps 4` Euler steps instead of the
       checkpoint's 10 (0 uses the checkpoint's): the toy rewards come out the same, at a fraction of the decode time
-      (the README has the measurement).
+      (docs/training.md has the measurement).
     - With `--cfg` > 1 the rollouts are drawn from the guided distribution while the log-probabilities are those of
       the conditional policy (the official rollouts use cfg 1.0, the default here too).
     - Plain AdamW with a constant learning rate after a short warm-up, fp32 on CPU; no DeepSpeed, no gradient
@@ -87,7 +87,7 @@ PROMPT_SPLITS = ("heldout", "train")
 
 @dataclass
 class RLConfig:
-    """Defaults: those of the shipped toy RL checkpoint (the README has its run time and scores)."""
+    """Defaults: those of the shipped toy RL checkpoint (docs/training.md has its run time and scores)."""
 
     steps: int = 100
     prompts_per_step: int = 8

@@ -33,10 +33,10 @@ Departures from the paper / official code (whose tokenizer, decoder and SFT trai
       generated) with probability `read_flip_prob` (read_flips); the targets stay clean. The model thereby learns
       to read codes near the ones it was trained on, which is what it meets at inference (its own sampled bits, and
       the held-out objects' codes, which no training image contains). Without read flips held-out editing
-      collapses (the README has the table).
+      collapses (docs/training.md has the table).
     - Stage 2 weighs the single-turn editing loss by `edit_weight` (3), and its questions are about a position
       70% of the time (toy.TRAIN_QUESTION_KINDS): with conversations in the mix, binding a position word or an
-      instruction to the right image token is what the toy model learns last (the README has the runs).
+      instruction to the right image token is what the toy model learns last (docs/training.md has the runs).
     - Classifier-free guidance is learned by dropping the prompt text (edit: the instruction only) with
       probability `cfg_drop`, the AR analogue of the decoder's condition dropout.
 
@@ -84,7 +84,7 @@ ROOT = Path(__file__).resolve().parent
 
 @dataclass
 class TrainConfig:
-    """Defaults: those of the shipped toy checkpoint (the README has its training time and scores)."""
+    """Defaults: those of the shipped toy checkpoint (docs/training.md has its training time and scores)."""
 
     seed: int = 0
     size: int = 64  # image side: a 2x2 grid of AR tokens, one per quadrant of the toy world
