@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import math
 import os
@@ -311,13 +312,20 @@ class ARLoss(nn.Module):
     def __init__(self, net: M.UniAR, tok: P.Tokenizer, tc: TrainConfig):
         super().__init__()
         self.net, self.tok, self.tc = net, tok, tc
+        self.codes = {}  # image digest -> its bits (N, L, U, d): the tokenizer is frozen, an image's bits never change
 
     def image_bits(self, images: np.ndarray) -> torch.Tensor:
-        """The frozen tokenizer's bits (B, N, L, U, d): the targets of parallel bitwise prediction."""
-        pv, grid = P.to_pixels(images, self.net.cfg.vision)
-        with torch.no_grad():
-            bits = self.net.visual.encode_bits(pv.to(self.device), grid)
-        return bits.view(images.shape[0], -1, *bits.shape[1:])
+        """The frozen tokenizer's bits (B, N, L, U, d): the targets of parallel bitwise prediction. The toy world
+        draws from a finite set of scenes, so each distinct image goes through the tower once per run, alone (its
+        bits then do not depend on which batch it first came in, and a resumed run gets the same ones)."""
+        keys = [hashlib.blake2b(im.tobytes(), digest_size=16).digest() for im in images]
+        for k, im in zip(keys, images):
+            if k not in self.codes:
+                pv, grid = P.to_pixels(im[None], self.net.cfg.vision)
+                with torch.no_grad():
+                    bits = self.net.visual.encode_bits(pv.to(self.device), grid)
+                self.codes[k] = bits.view(-1, *bits.shape[1:])
+        return torch.stack([self.codes[k] for k in keys])
 
     @property
     def device(self):
