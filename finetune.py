@@ -584,6 +584,7 @@ def shard(loss: ContextLoss) -> None:
     mods.append(fully_shard(loss))
     for m in mods:
         m.set_gradient_divide_factor(1.0)
+        m.set_force_sum_reduction_for_comms(True)  # a plain sum (gloo has no pre-multiplied sum)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -976,11 +977,18 @@ def open_run(args, s: dict, locks: ExitStack) -> tuple:
     return meta, out
 
 
+def launched() -> bool:
+    """Started by torchrun (any number of processes, one included): the run is sharded with FSDP."""
+    return "WORLD_SIZE" in os.environ
+
+
 def setup_distributed(device: torch.device) -> tuple:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
+    """-> (rank, world); under torchrun the process group is made first (NCCL on GPUs, gloo on the CPU)."""
+    if not launched():
+        return 0, 1
+    if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return (dist.get_rank(), world) if world > 1 else (0, 1)
+    return dist.get_rank(), dist.get_world_size()
 
 
 def main(argv=None) -> int:
@@ -1016,7 +1024,7 @@ def _main(argv: list, guard: cli.SignalGuard, locks: ExitStack) -> int:
         raise cli.UsageError("--dtype bfloat16 needs a CUDA GPU (fine-tuning on the CPU or Apple's MPS runs in "
                              "float32); use --dtype float32 or auto")
     root = resolve_init(args.init)
-    if world > 1 and device.type == "cuda":
+    if launched() and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     # frozen weights in bf16 on a GPU for LoRA (only the adapters train); fp32 master weights otherwise
     dtype = torch.bfloat16 if (bf16 and s["lora"]) else torch.float32
@@ -1050,7 +1058,7 @@ def _main(argv: list, guard: cli.SignalGuard, locks: ExitStack) -> int:
     net.train()
     autocast = (lambda: torch.autocast("cuda", torch.bfloat16)) if bf16 else nullcontext
     loss = ContextLoss(net, s["task_weights"], autocast).to(device)
-    if world > 1:
+    if launched():
         shard(loss)
         named = [(n[len("net."):], p) for n, p in loss.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
@@ -1067,7 +1075,7 @@ def _main(argv: list, guard: cli.SignalGuard, locks: ExitStack) -> int:
               f"({len(held)} held out), {world} process(es)", file=sys.stderr)
     history = meta["history"]
     with clock.loop(s["steps"], "fine-tune", state=lambda: state_tensors(named, opt),
-                    seconds=(meta.setdefault("time_s", {}), "train")) as loop:
+                    seconds=(meta.setdefault("time_s", {}), "train"), save_last=True) as loop:
         for step in loop:
             row = {"step": step, **train_step(job, loss, opt, params, order.rows(step), step)}
             if held and ((step + 1) % s["eval_every"] == 0 or step + 1 == s["steps"]):
@@ -1085,7 +1093,7 @@ def finish(args, job: Job, named: list, out: Path, root: Path, meta: dict, clock
     s, world = job.s, job.world
     trained = {f"param.{n}": full(p.detach()).cpu() for n, p in named}
     if job.rank == 0:
-        if world > 1:
+        if launched():
             net, _ = load_hf.load_ar(root, dtype=torch.float32)
             if s["lora"]:
                 add_lora(net, s["lora"], s["lora_alpha"], s["seed"])
@@ -1105,7 +1113,7 @@ def finish(args, job: Job, named: list, out: Path, root: Path, meta: dict, clock
             files.atomic_write(args.run_dir / "metrics.json",
                                lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
         print(said + f"; run folder: {args.run_dir}", file=sys.stderr)
-    if world > 1:
+    if launched():
         dist.barrier()
         dist.destroy_process_group()
     return 0
