@@ -1366,7 +1366,7 @@ def plan_main(args) -> int:
                                       tokens=tokens, image_tokens_=min(tokens, 2 * n_img)))
             for mode in ("full", f"LoRA r={rank}") for g in gpus for ck in (False, True)]
     first = rows[0][3]
-    print(f"memory per GPU of one fine-tune step of {what}: {first['params'] / 1e9:.2f} B parameters; "
+    print(f"memory per GPU of one fine-tune step of {what}: {first['params'] / 1e6:,.1f} M parameters; "
           f"one record of {tokens} tokens per GPU (an edit at {size[0]}x{size[1]}: 2 x {n_img} image tokens + 64 of "
           f"text); bf16 autocast; AdamW; GiB")
     print("| fine-tune | GPUs (FSDP) | checkpointing | trained params | weights | grads | AdamW | FSDP unsharded | "
