@@ -324,7 +324,7 @@ def test_memory_plan_of_the_released_model(capsys):
     assert sum(v.numel() for v in net.state_dict().values()) == total  # 9.6 B (the 65 BSQ basis entries are buffers)
     assert train.main(["--plan-memory", "--gpus", "1,8"]) == 0
     out = capsys.readouterr().out
-    assert "9.63 B parameters" in out and out.count("| full |") == 4 and out.count("| LoRA r=16 |") == 4
+    assert "9,627.1 M parameters" in out and out.count("| full |") == 4 and out.count("| LoRA r=16 |") == 4
     plan = finetune.memory_plan(M.UniARConfig(), lora=0, gpus=1, checkpointing=False, tokens=1, image_tokens_=0)
     assert plan["weights"] == 4 * sum(p.numel() for p in net.parameters()) and plan["optimizer"] == 2 * plan["grads"]
     sharded = finetune.memory_plan(M.UniARConfig(), lora=0, gpus=8, checkpointing=True, tokens=1, image_tokens_=0)
