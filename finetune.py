@@ -169,11 +169,7 @@ class Reader:
         if gen:
             return P.preprocess_image(path, size=self.size, patch_size=v.patch_size, merge_size=v.spatial_merge_size,
                                       temporal_patch_size=v.temporal_patch_size)
-        try:
-            proc = P.image_processor(self.net)
-        except ValueError as e:
-            raise ValueError(f"the checkpoint {e.args[0][len('this checkpoint '):]}") from None
-        return proc(path)
+        return P.image_processor(self.net)(path)  # ValueError: the checkpoint states no image processing
 
     def record(self, line: int, raw: str) -> Record:
         try:
