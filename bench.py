@@ -8,6 +8,9 @@
                                           # the cost of its finiteness check (Linux: reads /proc)
     python bench.py train-step --steps 20  # where a step of `python train.py` (defaults) goes: toy rendering,
                                            # context building, tower calls, forward, backward, optimizer; per stage
+    python bench.py finetune-memory --size 512   # one fine-tune step of the mid-size model (an edit record) on the
+                                                 # CPU, full / LoRA x checkpointing: measured peak memory vs
+                                                 # finetune.memory_plan (Linux: reads /proc)
 
 Each benchmark is a function `bench_<name>(args)`; `main()` dispatches on the first argument.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -438,10 +442,117 @@ BENCHES = {"rollout": bench_rollout, "step": bench_step, "throughput": bench_thr
            "load-memory": bench_load_memory, "train-step": bench_train_step}
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Fine-tuning memory: finetune.memory_plan against one measured step of the mid-size model
+# ---------------------------------------------------------------------------------------------------------------------
+
+_FT_CHILD = "_finetune-memory-child"
+
+
+def edit_batch(cfg: M.UniARConfig, size: int):
+    """One edit record as finetune.Batch (no files, no tokenizer): 24 text tokens, the input image, the instruction's
+    8 tokens, the drawn image (its bits the targets). -> (Batch, tokens, image tokens)."""
+    import finetune as F
+
+    g = torch.Generator().manual_seed(0)
+    n = (size // cfg.downsample) ** 2
+    img = lambda: [cfg.vision_start_token_id] + [cfg.image_token_id] * n + [cfg.vision_end_token_id]  # noqa: E731
+    text = lambda k: torch.randint(0, 1000, (k,), generator=g).tolist()  # noqa: E731
+    ids = torch.tensor([text(24) + img() + text(8) + img() + text(4)])
+    v = cfg.vision
+    pre = [P.preprocess_image(np.asarray(torch.randint(0, 256, (size, size, 3), generator=g, dtype=torch.uint8)),
+                              resize=False, patch_size=v.patch_size, merge_size=v.spatial_merge_size,
+                              temporal_patch_size=v.temporal_patch_size) for _ in range(2)]
+    k = F.TASKS.index("edit")
+    inv_bits = torch.zeros(len(F.TASKS), dtype=torch.float64)
+    inv_bits[k] = 1.0 / (n * v.levels * v.merge_unit * v.bsq_dim)
+    batch = F.Batch(ids, torch.ones_like(ids), torch.cat([p for p, _ in pre]), torch.cat([gr for _, gr in pre]),
+                    torch.zeros((2 * n, v.levels, v.merge_unit, v.bsq_dim), dtype=torch.bool),
+                    torch.tensor([False] * n + [True] * n), torch.zeros_like(ids, dtype=torch.bool), torch.tensor([k]),
+                    inv_bits, torch.zeros(len(F.TASKS), dtype=torch.float64))
+    return batch, ids.shape[1], 2 * n
+
+
+def _finetune_memory_child(lora: int, checkpointing: bool, size: int) -> None:
+    """Runs in a fresh process: the mid-size model (fp32, CPU), one fine-tune step on one edit record; prints the
+    baseline and peak RSS and the bytes autograd saved for the backward pass (unique storages, parameters aside)."""
+    import finetune as F
+
+    torch.manual_seed(0)
+    batch, _, _ = edit_batch(mid_config(), size)
+    base = _proc_status_bytes("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
+        f.write("5")
+    net = M.UniAR(mid_config())
+    if lora:
+        F.add_lora(net, lora, float(lora), 0)
+    params = [p for _, p in F.trainable(net, lora)]
+    if checkpointing:
+        F.checkpoint_layers(net)
+    net.train()
+    loss = F.ContextLoss(net, dict.fromkeys(F.TASKS, 1.0))
+    opt = torch.optim.AdamW(params, lr=1e-4, foreach=False)
+    weights = {p.untyped_storage().data_ptr() for p in net.parameters()}
+    saved = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in weights:
+            saved[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        total, _ = loss(batch)
+    total.backward()
+    opt.step()
+    for _ in range(2):  # steady state: AdamW's moments exist while the next step's activations do
+        opt.zero_grad(set_to_none=True)
+        loss(batch)[0].backward()
+        opt.step()
+    print(json.dumps({"base": base, "peak": _proc_status_bytes("VmHWM"), "saved": sum(saved.values())}))
+
+
+def bench_finetune_memory(args) -> dict:
+    """Each of full / LoRA (rank 16) x without / with gradient checkpointing in a fresh process: the measured peak
+    resident memory above the baseline and the bytes saved for the backward pass, next to finetune.memory_plan for
+    the same model and record (CPU: fp32 everywhere, one process)."""
+    import finetune as F
+
+    cfg = mid_config()
+    _, tokens, n_img = edit_batch(cfg, args.size)
+    out = {}
+    print(f"mid-size model ({sum(p.numel() for p in M.UniAR(cfg).parameters()) / 1e6:.1f} M parameters), one edit "
+          f"record of {tokens} tokens ({n_img} image tokens) at {args.size}x{args.size}, fp32 on the CPU; MiB")
+    print("| fine-tune | checkpointing | planned total | measured peak above baseline | planned activations | "
+          "measured saved for backward |")
+    print("|---|---|---|---|---|---|")
+    for lora in (0, 16):
+        for ck in (False, True):
+            # large blocks straight from mmap, so that freed memory leaves the resident set and the peak is real
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+            r = json.loads(subprocess.run([sys.executable, __file__, _FT_CHILD, str(lora), str(int(ck)),
+                                           str(args.size)], capture_output=True, text=True, check=True, env=env
+                                          ).stdout.strip().splitlines()[-1])
+            plan = F.memory_plan(cfg, lora=lora, gpus=1, checkpointing=ck, tokens=tokens, image_tokens_=n_img,
+                                 gpu=False)
+            name = "full" if not lora else f"LoRA r={lora}"
+            mib = 2**20
+            print(f"| {name} | {'yes' if ck else 'no'} | {plan['total'] / mib:.0f} | {(r['peak'] - r['base']) / mib:.0f}"
+                  f" | {plan['activations'] / mib:.0f} | {r['saved'] / mib:.0f}" + (" (checkpointed layers not seen)"
+                                                                                   if ck else "") + " |")
+            out[(name, ck)] = {"plan": plan, **r}
+    return out
+
+
+BENCHES["finetune-memory"] = bench_finetune_memory
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == [_CHILD]:
         return _load_memory_child(argv[1], int(argv[2]), int(argv[3]), argv[4], argv[5])
+    if argv[:1] == [_FT_CHILD]:
+        return _finetune_memory_child(int(argv[1]), bool(int(argv[2])), int(argv[3]))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bench", nargs="?", default="rollout", choices=sorted(BENCHES))
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu (load-memory: cpu)")

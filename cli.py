@@ -405,11 +405,13 @@ class RunClock:
         guard.run_dir = run_dir  # an interruption from here on reports the state saved there
 
     def save(self, state) -> None:
-        """The run's record and the tensors `state()` returns, in one file (rank 0); meta["where"] says where it is."""
+        """The run's record and the tensors `state()` returns (called on every rank), in one file (rank 0); meta["where"]
+        says where it is."""
+        tensors = state()  # on every rank: under FSDP, gathering the state is a collective
         if self.rank == 0:
             self.meta["where"] = self.where(self.meta)
             with files.writing(self.run_dir, lambda: resume_advice(self.run_dir)):
-                files.save_run_state(self.run_dir, self.meta, state())
+                files.save_run_state(self.run_dir, self.meta, tensors)
         if self.world > 1:
             import torch.distributed as dist
 

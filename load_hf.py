@@ -902,8 +902,17 @@ def write_image_processor(root, proc) -> None:
     _write_json(Path(root) / P.PREPROCESSOR_CONFIG, proc.to_dict())
 
 
+def _link_or_copy(src: str, dst: str) -> None:
+    """A file of an unchanged part: a hard link where the file system allows (no second copy on disk; a later save
+    replaces the link, never the file), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def save_checkpoint(root, *, ar=None, tokenizer_dir=None, vision=None, decoder=None, sample_defaults=None,
-                    run_id: str | None = None) -> Path:
+                    run_id: str | None = None, copy_from=None) -> Path:
     """Write the given parts in the released layout, crash-safe (files.replace_folder): the new files are written
     completely inside `root`, then switched in, so `root` never disappears and a save killed at any instant leaves
     either the previous checkpoint or the new one (the next save or load finishes an interrupted switch).
@@ -913,7 +922,9 @@ def save_checkpoint(root, *, ar=None, tokenizer_dir=None, vision=None, decoder=N
     vision: bsq.VisionModel for bsq_encoder/ (the decoder's copy of the tokenizer); decoder: decoder.Decoder
     (sd3_transformer/, sd3_pipeline/scheduler/, sd3_pipeline/vae/ when it has a VAE, and its prompt embeddings in
     sd3_pipeline/prompt_embeds.safetensors); sample_defaults: uniar_sample.json for sample.py; run_id: the training
-    run writing it (files.RUN_MARK), which may later replace it without --overwrite.
+    run writing it (files.RUN_MARK), which may later replace it without --overwrite; copy_from: a checkpoint whose
+    bsq_encoder/, sd3_transformer/ and sd3_pipeline/ are carried over unchanged where `vision` / `decoder` are not
+    given (a fine-tune of the AR model keeps its tokenizer copy and its decoder).
     """
     def write(tmp: Path) -> None:
         if ar is not None:
@@ -942,6 +953,9 @@ def save_checkpoint(root, *, ar=None, tokenizer_dir=None, vision=None, decoder=N
                 _write_weights(tmp / "sd3_pipeline" / "vae" / "diffusion_pytorch_model.safetensors", decoder.vae)
             pe, pooled = decoder.text(1)
             _write_weights(tmp / "sd3_pipeline" / PROMPT_EMBEDS_FILE, {"prompt_embeds": pe, "pooled": pooled})
+        for part in ("bsq_encoder",) * (vision is None) + ("sd3_transformer", "sd3_pipeline") * (decoder is None):
+            if copy_from is not None and (Path(copy_from) / part).is_dir():
+                shutil.copytree(Path(copy_from) / part, tmp / part, copy_function=_link_or_copy)
         if sample_defaults is not None:
             _write_json(tmp / "uniar_sample.json", sample_defaults)
         if run_id is not None:

@@ -7,6 +7,8 @@
     torchrun --nproc_per_node 2 train.py     # data-parallel (gloo on CPU, nccl on GPU)
     python train.py --eval checkpoints/toy   # held-out scores of a checkpoint, one JSON line
     python train.py --score out/toy_heldout  # a `generate_batch.py` run of toy prompts, scored: one JSON line
+    python train.py --init CKPT --data FILE.jsonl   # fine-tune a checkpoint on your records (finetune.py; its flags:
+                                             # python train.py --init CKPT --help); also --plan-memory, --toy-data DIR
 
 The stages follow the paper's recipe at toy scale, with the released model's classes:
   stage 1, the shared tokenizer (paper: "Visual Tokenizer is Key to Unification"): the vision tower and its four BSQ
@@ -71,6 +73,7 @@ import cli
 import decoder as D
 import evaluate as E
 import files
+import finetune
 import load_hf
 import model as M
 import pipeline as P
@@ -694,8 +697,14 @@ def check_config(tc: "TrainConfig") -> None:
             cli.check_number(value, flag, **limit)
 
 
+FINETUNE_FLAGS = ("--init", "--data", "--plan-memory", "--toy-data")  # these run finetune.py's command line
+
+
 def main(argv=None) -> int:
     """Exit code 0; 2 with one `error: ...` line for bad input; 130 / 143 after Ctrl-C / SIGTERM (state saved)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a.split("=")[0] in FINETUNE_FLAGS for a in argv):
+        return finetune.main(argv)
     with cli.SignalGuard() as guard, ExitStack() as locks:  # the run's folder locks go when it ends, however
         try:
             return _main(argv, guard, locks)

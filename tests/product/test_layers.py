@@ -15,6 +15,7 @@ LAYERS = {
     "pipeline": 5,
     "load_hf": 6, "cli": 6,
     "evaluate": 7,
+    "finetune": 7.5,
     "sample": 8, "chat": 8, "generate_batch": 8, "train": 8, "rl": 8,
     "bench": 9,
 }

@@ -152,6 +152,14 @@ NOT_RUN = {  # README commands the suite does not run, and why
     "python generate_batch.py --prompts prompts/toy_heldout.jsonl": "256 images: tests/product/test_prompts.py runs its first "
                                                                      "16 records and checks --score against the evaluation",
     "python train.py --score": "tests/product/test_prompts.py (test_score_of_a_prompt_file_run_equals_the_evaluation)",
+    "python train.py --init": "a fine-tune (the demonstration's: 40 s): tests/training/test_finetune.py runs the same code "
+                              "on the golden checkpoint (full, LoRA + merge, resume, torchrun) and checks the outputs",
+    "python train.py --toy-data": "1600 records: tests/training/test_finetune.py writes the same data at a small size",
+    "python train.py --eval demo/": "the demonstration's fine-tuned checkpoints: tests/training/test_finetune.py runs "
+                                    "--eval --data on the toy checkpoint (test_toy_demonstration_data_...)",
+    "python train.py --plan-memory": "tests/training/test_finetune.py (test_memory_plan_of_the_released_model)",
+    "python bench.py finetune-memory": "a 45 s benchmark of four fresh processes; its plan is tested in "
+                                       "tests/training/test_finetune.py",
 }
 RUN = {  # the rest: the test below that runs the command and checks its outcome
     "python chat.py --file": "test_chat_file_draws_asks_and_edits_in_one_context",
