@@ -369,7 +369,8 @@ class Split:
 
 def bench_train_step(args) -> dict:
     """Where a training step of `python train.py` (default TrainConfig, fresh weights, this machine's threads) goes.
-    For each stage, `--steps` steps after 2 warm-up steps, split into: toy rendering (toy.*_example), context
+    For each stage, `--steps` steps after warm-up steps (stage 1: 2; stage 2: `--warm-steps`, which also fill
+    ARLoss's cache of the frozen tokenizer's bits, as most of a real run's steps find it), split into: toy rendering (toy.*_example), context
     building (tokenize + pad, stage 2), tower calls (the frozen tokenizer's bits in stage 2; the straight-through
     tower in stage 1), the rest of the forward, backward, optimizer (clip + AdamW). Prints seconds per step and
     shares; the stage's projected time is steps-per-stage x seconds per step."""
@@ -380,7 +381,8 @@ def bench_train_step(args) -> dict:
     vision, net, dec = train.build(tc, tok, torch.device(args.device))
     out = {"threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads()}
     print(f"train-step: default TrainConfig, {args.device}, {out['threads']} intra-op threads, "
-          f"{out['interop_threads']} inter-op threads; {args.steps} steps per stage after 2 warm-up steps")
+          f"{out['interop_threads']} inter-op threads; {args.steps} steps per stage after 2 (stage 1) and "
+          f"{args.warm_steps} (stage 2) warm-up steps")
     for stage in (1, 2):
         params = train.stage_params(stage, vision, net, dec)
         lr, total = (tc.stage1_lr, tc.stage1_steps) if stage == 1 else (tc.stage2_lr, tc.stage2_steps)
@@ -406,8 +408,9 @@ def bench_train_step(args) -> dict:
         split.wrap(bsq.VisionModel, "training_forward", "tower calls")
         phases = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
         try:
-            for step in range(args.steps + 2):
-                if step == 2:  # warm-up done
+            warm = 2 if stage == 1 else max(2, args.warm_steps)
+            for step in range(args.steps + warm):
+                if step == warm:  # warm-up done
                     split.seconds, split.calls = {}, {}
                     phases = dict.fromkeys(phases, 0.0)
                 g = torch.Generator().manual_seed(step)
@@ -565,6 +568,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=16, help="step: AR steps timed beyond the first; train-step: steps "
                    "timed per stage")
+    p.add_argument("--warm-steps", type=int, default=100, help="train-step: stage-2 steps run before timing (they "
+                   "fill the cache of the toy images' bits)")
     p.add_argument("--text-layers", type=int, default=0, help="step: override the 36 text layers (CPU smoke runs)")
     p.add_argument("--bandwidth", type=float, default=0.0, help="step: memory bandwidth in GB/s (default: by GPU name)")
     p.add_argument("--gib", type=float, default=1.0, help="load-memory: size of the synthetic checkpoint")
