@@ -354,6 +354,26 @@ def test_stage2_flips_what_the_model_reads_and_trains_on_clean_targets(smoke_net
         assert m[k].item() == pytest.approx(want.item(), rel=1e-6), k
 
 
+def test_stage2_tokenizes_each_distinct_image_once_with_the_towers_own_bits(smoke_net):
+    """ARLoss.image_bits: the bits of the frozen tokenizer, the same as one batched tower call gives, whatever batch
+    an image first came in; an image seen before never reaches the tower again (the toy world repeats scenes)."""
+    net, tok, tc = smoke_net
+    net = own_copy(net)
+    loss_mod = train.ARLoss(net, tok, tc)
+    images = np.stack([toy.t2i_example(i, "train", tc.seed, tc.size).image for i in range(6)])
+    pv, grid = P.to_pixels(images, net.cfg.vision)
+    with torch.no_grad():
+        want = net.visual.encode_bits(pv, grid)
+    want = want.view(6, -1, *want.shape[1:])  # (images, N, L, U, d)
+    calls = []
+    encode = net.visual.encode_bits
+    net.visual.encode_bits = lambda px, g: calls.append(len(g)) or encode(px, g)
+    first = loss_mod.image_bits(images[[0, 1, 2, 0]])  # image 0 twice in one batch
+    again = loss_mod.image_bits(images[[5, 2, 4, 3, 1]])  # 1 and 2 seen before
+    assert torch.equal(first, want[[0, 1, 2, 0]]) and torch.equal(again, want[[5, 2, 4, 3, 1]])
+    assert calls == [1] * 6  # six distinct images, one tower call each
+
+
 def test_answer_tokens_are_the_answers_and_the_end_of_turn(smoke_net):
     """In a stage-2 context the supervised text positions are exactly the answer's tokens and the <|im_end|> after
     each (nothing of the prompt, no padding, not the newline after the turn), in single-turn questions and in
