@@ -17,6 +17,7 @@ Each benchmark is a function `bench_<name>(args)`; `main()` dispatches on the fi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -380,7 +381,10 @@ def bench_train_step(args) -> dict:
     tok = P.Tokenizer(toy.save_tokenizer(Path(tempfile.mkdtemp(prefix="uniar-bench-"))))
     vision, net, dec = train.build(tc, tok, torch.device(args.device))
     out = {"threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads()}
-    print(f"train-step: default TrainConfig, {args.device}, {out['threads']} intra-op threads, "
+    dev_type = torch.device(args.device).type
+    autocast = ((lambda: torch.autocast(dev_type, torch.bfloat16)) if args.dtype == "bfloat16"
+                else contextlib.nullcontext)
+    print(f"train-step: default TrainConfig, {args.device}, {args.dtype}, {out['threads']} intra-op threads, "
           f"{out['interop_threads']} inter-op threads; {args.steps} steps per stage after 2 (stage 1) and "
           f"{args.warm_steps} (stage 2) warm-up steps")
     for stage in (1, 2):
@@ -416,7 +420,8 @@ def bench_train_step(args) -> dict:
                 g = torch.Generator().manual_seed(step)
                 torch.manual_seed(step)
                 t0 = time.perf_counter()
-                loss, _ = loss_fn(*batch(step, g))
+                with autocast():
+                    loss, _ = loss_fn(*batch(step, g))
                 t1 = time.perf_counter()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -574,7 +579,8 @@ def main(argv=None):
     p.add_argument("--bandwidth", type=float, default=0.0, help="step: memory bandwidth in GB/s (default: by GPU name)")
     p.add_argument("--gib", type=float, default=1.0, help="load-memory: size of the synthetic checkpoint")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="load-memory: the dtype loaded (float32: both float32 and bfloat16)")
+                   help="load-memory: the dtype loaded (float32: both float32 and bfloat16); train-step: bfloat16 "
+                        "runs each step's forward under autocast, as train.py does on a GPU")
     args = p.parse_args(argv)
     if args.bench != "load-memory":
         args.device = str(cli.resolve_device(args.device or "auto"))

@@ -727,3 +727,36 @@ def test_a_finished_run_saved_with_unusable_sampling_settings_can_be_completed(s
                        "--cfg", "2"]) == 0
     s = json.loads((tmp_path / "ckpt" / "uniar_sample.json").read_text())
     assert (s["cfg"], s["temperature"]) == (2.0, train.TrainConfig.smoke().temperature)
+
+
+def test_bench_train_step_prints_where_a_step_goes():
+    """`python bench.py train-step` (the issue's profiling command) prints, for each stage, seconds per step, the
+    stage's projected minutes at the defaults, and a split whose parts add up to the step: rendering 32 images
+    (stage 1) and 56 examples (stage 2: 16 per task, 8 conversations), 4 tower calls (one per task)."""
+    import re
+
+    r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "train-step", "--steps", "1", "--warm-steps", "2",
+                        "--threads", "1"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("train-step: default TrainConfig, cpu, float32, 1 intra-op threads"), lines[0]
+    tc = train.TrainConfig()
+    stages = {}
+    for line in lines[1:]:
+        if m := re.fullmatch(r"  stage (\d): (\d+\.\d{3}) s/step -> (\d+\.\d) min for its (\d+) steps", line):
+            stage = stages.setdefault(int(m[1]), {"s": float(m[2]), "min": float(m[3]), "steps": int(m[4]), "parts": {}})
+        else:
+            m = re.fullmatch(r"    (\S.*?) +(\d+\.\d{3}) s +(\d+\.\d)%(?: \((\d+) calls/step\))?", line)
+            assert m, line
+            stage["parts"][m[1]] = (float(m[2]), float(m[3]), int(m[4]) if m[4] else None)
+    assert [(k, v["steps"]) for k, v in stages.items()] == [(1, tc.stage1_steps), (2, tc.stage2_steps)]
+    for st in stages.values():
+        assert abs(st["min"] - st["s"] * st["steps"] / 60) <= 0.05 + 0.0005 * st["steps"] / 60
+        assert abs(sum(s for s, _, _ in st["parts"].values()) - st["s"]) <= 0.0005 * (len(st["parts"]) + 1)
+        assert abs(sum(p for _, p, _ in st["parts"].values()) - 100) <= 0.05 * len(st["parts"])
+    assert list(stages[1]["parts"]) == ["toy rendering", "tower calls", "rest of the forward", "backward", "optimizer"]
+    assert list(stages[2]["parts"]) == ["toy rendering", "context building", "tower calls", "rest of the forward",
+                                        "backward", "optimizer"]
+    assert stages[1]["parts"]["toy rendering"][2] == tc.stage1_batch
+    assert stages[2]["parts"]["toy rendering"][2] == 3 * tc.stage2_batch + tc.stage2_batch // 2
+    assert stages[1]["parts"]["tower calls"][2] == 1 and stages[2]["parts"]["tower calls"][2] == 4
