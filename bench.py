@@ -372,7 +372,7 @@ def bench_train_step(args) -> dict:
     """Where a training step of `python train.py` (default TrainConfig, fresh weights, this machine's threads) goes.
     For each stage, `--steps` steps after warm-up steps (stage 1: 2; stage 2: `--warm-steps`, which also fill
     ARLoss's cache of the frozen tokenizer's bits, as most of a real run's steps find it), split into: toy rendering (toy.*_example), context
-    building (tokenize + pad, stage 2), tower calls (the frozen tokenizer's bits in stage 2; the straight-through
+    building (tokenize + pack, stage 2), tower calls (the frozen tokenizer's bits in stage 2; the straight-through
     tower in stage 1), the rest of the forward, backward, optimizer (clip + AdamW). Prints seconds per step and
     shares; the stage's projected time is steps-per-stage x seconds per step."""
     import train
@@ -407,7 +407,8 @@ def bench_train_step(args) -> dict:
         split = Split()
         for fn in ("t2i_example", "edit_example", "qa_example", "conversation_example"):
             split.wrap(toy, fn, "toy rendering")
-        split.wrap(train, "build_context", "context building")
+        split.wrap(train, "encode_turns", "context building")
+        split.wrap(train, "pack_contexts", "context building")
         split.wrap(train.ARLoss, "image_bits", "tower calls")
         split.wrap(bsq.VisionModel, "training_forward", "tower calls")
         phases = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}

@@ -301,8 +301,10 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def run_stack(layers, x, cos, sin, key_valid, cache: Optional[KVCache] = None, visual_mask=None, deepstack=None):
-    """A causal stack of decoder layers over T new tokens. key_valid (B, T) bool marks real tokens.
+def run_stack(layers, x, cos, sin, key_valid, cache: Optional[KVCache] = None, visual_mask=None, deepstack=None,
+              mask=None):
+    """A causal stack of decoder layers over T new tokens. key_valid (B, T) bool marks real tokens; a prebuilt
+    attention mask (B, 1, T, T) bool replaces the causal + padding one (rows packed with several contexts).
 
     With a cache the new tokens attend to everything cached before them. DeepStack (Qwen3-VL): after layer i, for
     i < len(deepstack), the i-th extra visual feature is added at the visual positions (visual_mask (B, T) bool;
@@ -311,7 +313,9 @@ def run_stack(layers, x, cos, sin, key_valid, cache: Optional[KVCache] = None, v
     T = x.shape[1]
     if cache is not None:
         key_valid = cache.begin(key_valid)  # the new tokens are the last T of the keys
-    if use_kernel(x):
+    if mask is not None:
+        assert cache is None, "a prebuilt mask is for whole contexts, not cached decoding"
+    elif use_kernel(x):
         mask = KernelMask(key_valid)
     else:
         mask = build_mask(T, key_valid.shape[1], causal=True, key_padding_mask=key_valid, device=x.device)
@@ -340,10 +344,10 @@ class TextModel(nn.Module):
         # has nothing left on the meta device
         return mrope_cos_sin(pos_ids, mrope_inv_freq(self.cfg), self.cfg.mrope_section, dtype)
 
-    def forward(self, x, pos_ids, key_valid, cache=None, visual_mask=None, deepstack=None):
+    def forward(self, x, pos_ids, key_valid, cache=None, visual_mask=None, deepstack=None, mask=None):
         """Embeddings x (B, T, D) -> last layer's states (B, T, D) BEFORE the final norm (the bit head's input)."""
         cos, sin = self.rope(pos_ids, x.dtype)
-        return run_stack(self.layers, x, cos, sin, key_valid, cache, visual_mask, deepstack)
+        return run_stack(self.layers, x, cos, sin, key_valid, cache, visual_mask, deepstack, mask)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -495,24 +499,27 @@ class UniAR(nn.Module):
         pos = get_rope_index(input_ids, image_grid_thw, attention_mask, self.cfg)
         return self.text_logits_of(self.language_model(x, pos, attention_mask.bool(), None, vmask, deep))
 
-    def context_states(self, input_ids, attention_mask, bits=None, grids=None):
+    def context_states(self, input_ids, attention_mask, bits=None, grids=None, pos=None, mask=None):
         """One forward over whole contexts (B, T), left padded, every image given as its bits (M, L, U, d) in the
         order of its placeholders, row by row, with its patch grid (one row of `grids` (n_images, 3) per image).
-        -> pre-norm states (B, T, D) and MRoPE ids (3, B, T). Training and the exactness tests read contexts so."""
-        pos = get_rope_index(input_ids, grids, attention_mask, self.cfg)
+        -> pre-norm states (B, T, D) and MRoPE ids (3, B, T). Training and the exactness tests read contexts so.
+        Rows packed with several contexts (train.pack_contexts) come with their MRoPE ids `pos` and their attention
+        `mask` (B, 1, T, T) instead of `grids`."""
+        if pos is None:
+            pos = get_rope_index(input_ids, grids, attention_mask, self.cfg)
         x, vmask, deep = self.embed_bits(input_ids, bits)
-        return self.language_model(x, pos, attention_mask.bool(), None, vmask, deep), pos
+        return self.language_model(x, pos, attention_mask.bool(), None, vmask, deep, mask), pos
 
     def text_logits_of(self, h: torch.Tensor) -> torch.Tensor:
         """Pre-norm states (..., D) -> next-token logits (..., V)."""
         return self.lm_head(self.language_model.norm(h))
 
-    def bit_logits_of(self, h, pos, attention_mask, where) -> torch.Tensor:
+    def bit_logits_of(self, h, pos, attention_mask, where, mask=None) -> torch.Tensor:
         """Pre-norm states (B, T, D) -> logits of the bits of the token after each position picked by `where` (an
         index of the (B, T) states: a slice tuple or a bool mask): the visual-decoder stack reads the whole sequence,
-        the bit head the picked states. -> (*picked, L, U, d, 2)."""
+        the bit head the picked states. -> (*picked, L, U, d, 2). `mask`: as context_states'."""
         cos, sin = self.language_model.rope(pos, h.dtype)
-        return self.vistok_logits(run_stack(self.visual_decoder, h, cos, sin, attention_mask.bool())[where])
+        return self.vistok_logits(run_stack(self.visual_decoder, h, cos, sin, attention_mask.bool(), mask=mask)[where])
 
     def teacher_forced_logits(self, prefix_ids, attention_mask, bits, grid_hw, pixel_values=None,
                               image_grid_thw=None):

@@ -308,6 +308,60 @@ def build_context(tok: P.Tokenizer, conversations: list, gh: int, gw: int, n_pic
     return Context(ids, mask, images, [d for r in rows for d in r[2]], answers)
 
 
+class Packed(NamedTuple):
+    """Contexts packed into rows, several to a row, each attending only to itself: one forward for a whole step.
+    A context's tokens, positions and attention are what they would be in a row of its own."""
+    ids: torch.Tensor  # (R, C)
+    valid: torch.Tensor  # (R, C) 1 = a context's token, 0 = padding (at a row's end)
+    pos: torch.Tensor  # (3, R, C) MRoPE ids, each context's own
+    mask: torch.Tensor  # (R, 1, C, C) bool: causal within each context
+    answers: torch.Tensor  # (R, C) bool: answer tokens (encode_turns)
+    context: torch.Tensor  # (R, C) int64: the index of the context each token belongs to, -1 for padding
+    image_order: torch.Tensor  # (n_images,): the packed images, in order of appearance, as indices into the contexts'
+
+
+def first_fit(lengths: list, capacity: int) -> list:
+    """Indices into rows of `capacity` tokens: longest first, each into the first row with room (first-fit
+    decreasing)."""
+    rows, room = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        r = next((r for r, free in enumerate(room) if lengths[i] <= free), None)
+        if r is None:
+            rows.append([]), room.append(capacity)
+            r = len(rows) - 1
+        rows[r].append(i)
+        room[r] -= lengths[i]
+    return rows
+
+
+def pack_contexts(encoded: list, groups: list, pad_id: int, grid: tuple, cfg: M.UniARConfig) -> Packed:
+    """encode_turns outputs -> Packed rows as long as the longest context. Contexts of different `groups` never
+    share a row (rows without a drawn image then skip the visual decoder). Every image has the patch grid `grid`."""
+    C = max(len(e[0]) for e in encoded)
+    rows = []
+    for group in dict.fromkeys(groups):
+        members = [i for i, g in enumerate(groups) if g == group]
+        rows += [[members[j] for j in row] for row in first_fit([len(encoded[i][0]) for i in members], C)]
+    first_image = np.cumsum([0] + [len(e[1]) for e in encoded])
+    ids = torch.full((len(rows), C), pad_id, dtype=torch.int64)
+    context = torch.full_like(ids, -1)
+    answers = torch.zeros(ids.shape, dtype=torch.bool)
+    pos = torch.ones(3, *ids.shape, dtype=torch.int64)
+    order = []
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            toks, images, _, answer = encoded[i]
+            span = slice(at, at + len(toks))
+            ids[r, span], context[r, span], answers[r, span] = torch.tensor(toks), i, torch.tensor(answer)
+            pos[:, r, span] = M.row_positions(toks, iter([grid] * len(images)), 0, cfg)[0]
+            order += range(first_image[i], first_image[i + 1])
+            at += len(toks)
+    same = context[:, :, None] == context[:, None, :]
+    mask = (same & torch.ones(C, C, dtype=torch.bool).tril()) | torch.eye(C, dtype=torch.bool)  # padding sees itself
+    return Packed(ids, (context >= 0).long(), pos, mask[:, None], answers, context, torch.tensor(order, dtype=torch.int64))
+
+
 class ARLoss(nn.Module):
     """Stage 2: text-to-image, editing, understanding and conversations, all as teacher-forced contexts: per-bit
     cross-entropy on the images the model draws (parallel bitwise prediction), next-token loss on its answers."""
@@ -368,6 +422,9 @@ class ARLoss(nn.Module):
         return bit_loss, text_loss, logits, target, out
 
     def forward(self, step: int, rank: int, world: int, g: torch.Generator):
+        """One step: 16 examples of each single-turn task and 8 conversations (stage2_batch = 16), in one forward of
+        packed rows (step_loss). Each task's random draws (text dropping, then read flips) come in the order
+        text-to-image, editing, understanding, conversation."""
         tc, B = self.tc, self.tc.stage2_batch
         idx = [example_index(step, i, B, rank, world) for i in range(B)]
         t2i = [toy.t2i_example(i, "train", tc.seed, tc.size) for i in idx]
@@ -377,22 +434,78 @@ class ARLoss(nn.Module):
         conv = [toy.conversation_example(i, "train", tc.seed, tc.size)
                 for i in (example_index(step, j, nc, rank, world) for j in range(nc))]
         T = toy.Turn
-        l_gen, _, lg, bg, _ = self.context_loss([[T("user", c), T("model", image=e.image)] for c, e in
-                                                 zip(drop_text([e.caption for e in t2i], tc.cfg_drop, g), t2i)], g)
-        l_edit, _, le, be, _ = self.context_loss(
-            [[T("user", c, e.source), T("model", image=e.target)]
-             for c, e in zip(drop_text([e.instruction for e in ed], tc.cfg_drop, g), ed)], g)
-        _, l_und, _, _, m_und = self.context_loss([[T("user", e.question, e.image), T("model", e.answer)]
-                                                  for e in qa], g)
-        l_cb, l_ct, _, _, _ = self.context_loss([drop_instructions(c, tc.cfg_drop, g) for c in conv], g)
-        n = len(idx)
+        tasks = (lambda: [[T("user", c), T("model", image=e.image)]
+                          for c, e in zip(drop_text([e.caption for e in t2i], tc.cfg_drop, g), t2i)],
+                 lambda: [[T("user", c, e.source), T("model", image=e.target)]
+                          for c, e in zip(drop_text([e.instruction for e in ed], tc.cfg_drop, g), ed)],
+                 lambda: [[T("user", e.question, e.image), T("model", e.answer)] for e in qa],
+                 lambda: [drop_instructions(c, tc.cfg_drop, g) for c in conv])
+        (l_gen, _, lg, bg, _), (l_edit, _, le, be, _), (_, l_und, _, _, m_und), (l_cb, l_ct, _, _, _) = \
+            self.step_loss(tasks, g)
         metrics = {"t2i": l_gen.detach(), "edit": l_edit.detach(), "understanding": l_und.detach(),
-                   "conversation": (l_cb + l_ct).detach(), **bit_metrics(lg.view(n, -1, *lg.shape[1:]),
-                                                                         bg.view(n, -1, *bg.shape[1:])),
-                   **{f"edit_{k}": v for k, v in bit_metrics(le.view(n, -1, *le.shape[1:]),
-                                                             be.view(n, -1, *be.shape[1:])).items()},
+                   "conversation": (l_cb + l_ct).detach(), **bit_metrics(lg.view(B, -1, *lg.shape[1:]),
+                                                                         bg.view(B, -1, *bg.shape[1:])),
+                   **{f"edit_{k}": v for k, v in bit_metrics(le.view(B, -1, *le.shape[1:]),
+                                                             be.view(B, -1, *be.shape[1:])).items()},
                    **m_und}  # the same keys on every rank and step (averaged across ranks)
         return l_gen + tc.edit_weight * l_edit + l_und + l_cb + l_ct, metrics
+
+    def step_loss(self, tasks, g: torch.Generator) -> list:
+        """context_loss of several batches of conversations, in one forward over packed rows (pack_contexts).
+        `tasks`: functions that build each batch, called in order, each batch's read flips drawn right after it (the
+        random draws of context_loss called batch by batch). -> one context_loss tuple per batch, its logits and
+        answers in the batch's order."""
+        net, S = self.net, self.tc.size
+        gh = S // net.cfg.downsample
+        side = S // net.cfg.vision.patch_size  # every toy image is S x S: one patch grid for all
+        encoded, task, bits, read = [], [], [], []
+        for k, build in enumerate(tasks):
+            rows = [encode_turns(self.tok, c, gh, gh, gh * gh) for c in build()]
+            b = self.image_bits(np.stack([im for r in rows for im in r[1]]))  # (n_images, N, L, U, d), clean
+            bits.append(b), read.append(read_flips(b, self.tc.read_flip_prob, g))
+            encoded += rows
+            task += [k] * len(rows)
+        pk = pack_contexts(encoded, [any(r[2]) for r in encoded], self.tok.pad_id, (1, side, side), net.cfg)
+        bits, read, dev = torch.cat(bits), torch.cat(read), self.device
+        drawn = torch.tensor([d for r in encoded for d in r[2]])  # per image, in the contexts' order
+        image_task = torch.tensor([k for k, r in zip(task, encoded) for _ in r[1]])
+        ids, valid, mask = pk.ids.to(dev), pk.valid.to(dev), pk.mask.to(dev)
+        h, pos = net.context_states(ids, valid, read[pk.image_order.to(dev)].flatten(0, 1), pos=pk.pos.to(dev),
+                                    mask=mask)
+        zero = h.sum() * 0  # a batch without drawn images or answers adds nothing
+        # bits: position t predicts image token t + 1; rows without a drawn image skip the visual decoder
+        N = bits.shape[1]
+        drawn_tok = torch.zeros_like(ids, dtype=torch.bool)
+        drawn_tok[ids == net.cfg.image_token_id] = drawn[pk.image_order].to(dev).repeat_interleave(N)
+        where = F.pad(drawn_tok[:, 1:], (0, 1))
+        rows = where.any(1)
+        logits = net.bit_logits_of(h[rows], pos[:, rows], valid[rows], where[rows], mask[rows])
+        packed_drawn = pk.image_order[drawn[pk.image_order]]  # the drawn images, packed order -> contexts' order
+        key = (packed_drawn[:, None] * N + torch.arange(N)).flatten()
+        counts = (image_task[drawn].bincount(minlength=len(tasks)) * N).tolist()
+        logits = logits[key.argsort().to(dev)].split(counts)
+        targets = bits[drawn.to(dev)].flatten(0, 1).split(counts)
+        # answers: position t predicts answer token t + 1, in the contexts' order
+        answers = pk.answers.to(dev)[:, 1:]
+        context = pk.context.to(dev)[:, 1:][answers]
+        order = context.argsort(stable=True)
+        context = context[order]
+        t_logits = net.text_logits_of(h[:, :-1][answers][order]).float()
+        t_target = ids[:, 1:][answers][order]
+        hit = t_logits.argmax(-1) == t_target
+        wrong = torch.zeros(len(encoded), device=dev).index_add(0, context, (~hit).float())
+        t_task, c_task = torch.tensor(task, device=dev)[context], torch.tensor(task, device=dev)
+        out = []
+        for k in range(len(tasks)):
+            lg, tg = (logits[k], targets[k]) if counts[k] else (None, None)
+            bit_loss = zero if lg is None else F.cross_entropy(lg.flatten(0, -2).float(), tg.flatten())
+            sel, metrics, text_loss = t_task == k, {}, zero
+            if sel.any():
+                text_loss = F.cross_entropy(t_logits[sel], t_target[sel])
+                metrics = {"token_acc": hit[sel].float().mean().detach(),
+                           "answer_acc": (wrong[c_task == k] == 0).float().mean().detach()}
+            out.append((bit_loss, text_loss, lg, tg, metrics))
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -323,17 +323,18 @@ def smoke_net(tmp_path_factory):
     return net.eval(), tok, tc
 
 
-def test_stage2_flips_what_the_model_reads_and_trains_on_clean_targets(smoke_net):
+def test_stage2_flips_what_the_model_reads_and_trains_on_clean_targets(smoke_net, monkeypatch):
     """One stage-2 forward (ARLoss) with read flips: the bits the model reads are the tokenizer's bits with about
     read_flip_prob of them flipped, the t2i / edit losses are the cross-entropy against the clean bits of the
     images it draws, and the step's loss is the sum of the task losses with editing weighted by edit_weight."""
     net, tok, tc = smoke_net
     net = own_copy(net)
     tc = dataclasses.replace(tc, stage2_batch=2, read_flip_prob=0.3)
-    read, logits = [], []
-    states, bit_logits = net.context_states, net.bit_logits_of
-    net.context_states = lambda ids, mask, bits, grids: read.append(bits) or states(ids, mask, bits, grids)
-    net.bit_logits_of = lambda *a: logits.append(bit_logits(*a)) or logits[-1]
+    flips, read = [], []
+    flip = train.read_flips
+    monkeypatch.setattr(train, "read_flips", lambda b, p, g: flips.append((b, flip(b, p, g))) or flips[-1][1])
+    states = net.context_states
+    net.context_states = lambda ids, valid, bits, *a, **k: read.append(bits) or states(ids, valid, bits, *a, **k)
     B = tc.stage2_batch
     idx = [train.example_index(0, i, B, 0, 1) for i in range(B)]
     t2i = [toy.t2i_example(i, "train", tc.seed, tc.size) for i in idx]
@@ -343,15 +344,55 @@ def test_stage2_flips_what_the_model_reads_and_trains_on_clean_targets(smoke_net
     clean_edit = loss_mod.image_bits(np.stack([x for e in ed for x in (e.source, e.target)]))
     with torch.no_grad():
         loss, m = loss_mod(0, 0, 1, torch.Generator().manual_seed(0))
-    assert len(read) == 4  # t2i, edit, understanding, conversations
+    assert len(flips) == 4 and len(read) == 1  # a draw per task (t2i, edit, understanding, conversations); one forward
     assert loss.item() == pytest.approx((m["t2i"] + tc.edit_weight * m["edit"] + m["understanding"] +
                                          m["conversation"]).item(), rel=1e-6)  # the editing loss weighs 3x
-    for got, clean in ((read[0], clean_t2i), (read[1], clean_edit)):
-        frac = (got != clean.flatten(0, 1)).float().mean().item()
+    for (clean_in, got), clean in zip(flips, (clean_t2i, clean_edit)):
+        assert torch.equal(clean_in, clean)
+        frac = (got != clean).float().mean().item()
         assert 0.25 < frac < 0.35, frac
-    for k, lg, target in (("t2i", logits[0], clean_t2i), ("edit", logits[1], clean_edit[1::2])):
-        want = torch.nn.functional.cross_entropy(lg.flatten(0, -2).float(), target.flatten())
-        assert m[k].item() == pytest.approx(want.item(), rel=1e-6), k
+    images = lambda x: sorted(x.flatten(1).tolist())  # noqa: E731  (the packed forward reads them in its own order)
+    assert images(read[0].view(-1, *clean_t2i.shape[1:])) == images(torch.cat([got for _, got in flips]))
+    T = toy.Turn
+    with torch.no_grad():
+        out = loss_mod.step_loss([lambda: [[T("user", e.caption), T("model", image=e.image)] for e in t2i],
+                                  lambda: [[T("user", e.instruction, e.source), T("model", image=e.target)] for e in ed]],
+                                 torch.Generator().manual_seed(1))
+    for (bit_loss, _, lg, target, _), clean in zip(out, (clean_t2i, clean_edit[1::2])):
+        assert torch.equal(target, clean.flatten(0, 1))
+        want = torch.nn.functional.cross_entropy(lg.flatten(0, -2).float(), clean.flatten())
+        assert bit_loss.item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_stage2_packs_every_task_into_one_forward_as_if_each_ran_alone(smoke_net, monkeypatch):
+    """ARLoss packs a step's contexts of all four tasks into shared rows for one forward, each context attending only
+    to itself at its own positions: every task's losses, bit logits, targets and answer metrics are those of
+    context_loss, the task's batch in a left-padded forward of its own, with the same random draws (text dropping,
+    then read flips, task by task)."""
+    net, tok, tc = smoke_net
+    tc = dataclasses.replace(tc, stage2_batch=4, cfg_drop=0.5, read_flip_prob=0.2)
+    loss_mod = train.ARLoss(net, tok, tc)
+    seen, packed = {}, []
+    step_loss, pack = loss_mod.step_loss, train.pack_contexts
+    monkeypatch.setattr(loss_mod, "step_loss", lambda tasks, g: seen.update(tasks=tasks, out=step_loss(tasks, g))
+                        or seen["out"])
+    monkeypatch.setattr(train, "pack_contexts", lambda enc, *a: packed.append((len(enc), pack(enc, *a))) or packed[-1][1])
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        loss, m = loss_mod(3, 0, 1, g)
+        g.manual_seed(5)  # the same draws again, task by task
+        alone = [loss_mod.context_loss(build(), g) for build in seen["tasks"]]
+    n_contexts, pk = packed[0]
+    assert pk.ids.shape[0] < n_contexts  # rows are shared
+    for k, (a, b) in enumerate(zip(alone, seen["out"])):
+        for x, y in zip(a[:2], b[:2]):
+            assert x.item() == pytest.approx(y.item(), rel=1e-5, abs=1e-6), k
+        if a[2] is not None:
+            torch.testing.assert_close(b[2], a[2], rtol=1e-4, atol=1e-5)
+            assert torch.equal(a[3], b[3])
+        assert a[4].keys() == b[4].keys() and all(a[4][key].item() == b[4][key].item() for key in a[4]), k
+    (l_gen, _, _, _, _), (l_edit, *_), (_, l_und, *_), (l_cb, l_ct, *_) = alone
+    assert loss.item() == pytest.approx((l_gen + tc.edit_weight * l_edit + l_und + l_cb + l_ct).item(), rel=1e-5)
 
 
 def test_stage2_tokenizes_each_distinct_image_once_with_the_towers_own_bits(smoke_net):
