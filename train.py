@@ -5,6 +5,8 @@
                                              # (Ctrl-C or SIGTERM saves the state after the current step, exit 130/143;
                                              # after a kill, the last state saved; the same final weights either way)
     torchrun --nproc_per_node 2 train.py     # data-parallel (gloo on CPU, nccl on GPU)
+    python train.py --stage1-from checkpoints/toy --stage2-steps 2000   # stage 2 only, on that checkpoint's
+                                             # tokenizer and decoder (fresh AR model): try a stage-2 recipe
     python train.py --eval checkpoints/toy   # held-out scores of a checkpoint, one JSON line
     python train.py --score out/toy_heldout  # a `generate_batch.py` run of toy prompts, scored: one JSON line
     python train.py --init CKPT --data FILE.jsonl   # fine-tune a checkpoint on your records (finetune.py; its flags:
@@ -557,6 +559,39 @@ def model_state(vision, net, dec) -> dict:
     return out
 
 
+def stage1_from(ckpt: Path, tc: TrainConfig) -> dict:
+    """--stage1-from: a checkpoint's stage-1 weights (the tower without its mergers, which stage 2 trains; the
+    decoder's transformer and context), named as model_state names them, checked against this run's settings."""
+    try:
+        net, _ = load_hf.load_ar(ckpt)
+        dec = load_hf.load_decoder(ckpt)
+    except (load_hf.CheckpointError, ValueError) as e:
+        raise cli.UsageError(f"--stage1-from: {e}") from None
+    vcfg = vision_config(tc)
+    differ = [f"vision {k}" for k, v in asdict(vcfg).items()
+              if k != "out_hidden_size" and getattr(net.cfg.vision, k, None) != v]  # the mergers' width: stage 2's
+    differ += [f"decoder {k}" for k, v in asdict(dit_config(tc, vcfg)).items()
+               if getattr(dec.transformer.cfg, k, None) != v]
+    differ += ["image size"] * (getattr(net, "image_processor", None) != image_processor(tc))
+    if differ or dec.vae is not None:
+        raise cli.UsageError(f"--stage1-from {ckpt}: not the tokenizer and decoder of this run's settings (different: "
+                             f"{', '.join(differ) or 'a latent-space decoder'}); give a checkpoint train.py wrote, with "
+                             "the --size, --vit-* and --dit-* flags it was trained with")
+    out = {f"vision.{k}": v for k, v in net.model.visual.state_dict().items() if not k.startswith(MERGERS)}
+    out.update({f"dit.{k}": v for k, v in dec.transformer.state_dict().items()})
+    out.update({"ctx.prompt_embeds": dec.prompt_embeds, "ctx.pooled": dec.pooled})
+    return out
+
+
+def load_stage1(state: dict, vision, dec) -> None:
+    """Stage-1 weights (stage1_from) into a freshly built run: its mergers and AR model stay as built."""
+    part = lambda prefix: {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    missing = vision.load_state_dict(part("vision."), strict=False).missing_keys
+    assert all(k.startswith(MERGERS) for k in missing), missing
+    dec.transformer.load_state_dict(part("dit."))
+    dec.context.load_state_dict(part("ctx."))
+
+
 def load_model_state(state: dict, vision, net, dec) -> None:
     def part(prefix):
         return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
@@ -860,6 +895,7 @@ def parse_args(argv) -> tuple[argparse.Namespace, TrainConfig]:
     ap.add_argument("--score", type=Path, metavar="RUN_DIR", help="only score a `generate_batch.py` run of toy "
                     "prompts with the toy evaluator; print one JSON line")
     ap.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
+    ap.add_argument("--stage1-from", type=Path, metavar="CKPT", help="skip stage 1: start from the tokenizer and decoder of a checkpoint train.py wrote with the same tokenizer and decoder settings (the AR model and the mergers start fresh, as after stage 1); a run from the checkpoint of a run with the same flags trains the same stage 2")
     ap.add_argument("--stop-after", type=int, default=None, help="stop (saving the state) after this many steps "
                     "in total, as if interrupted")
     ap.add_argument("--device", default="auto", help="auto (CUDA, else Apple's MPS, else CPU), cpu, cuda, cuda:1, "
@@ -876,6 +912,9 @@ def parse_args(argv) -> tuple[argparse.Namespace, TrainConfig]:
     check_config(tc)  # every setting in its range before anything runs
     if args.stop_after is not None:
         cli.check_number(args.stop_after, "--stop-after", 1, integer=True, hint="steps in total")
+    if args.stage1_from is not None and args.resume:
+        raise cli.UsageError("--stage1-from starts a new run; --resume continues the saved one (its stage 1 is "
+                             "in its state): pass one of them")
     return args, tc
 
 
@@ -1000,6 +1039,7 @@ def _main(argv, guard: cli.SignalGuard, locks: ExitStack) -> int:
     if bf16 and device.type != "cuda":
         raise cli.UsageError("--dtype bfloat16 needs a CUDA GPU (training on the CPU or Apple's MPS runs in float32); "
                              "use --dtype float32 or auto")
+    stage1 = stage1_from(args.stage1_from, tc) if args.stage1_from is not None else None
     meta, out = open_run(args, tc, locks)
     rank, world = setup_distributed(device)
     if device.type == "cuda" and world > 1:
@@ -1009,6 +1049,9 @@ def _main(argv, guard: cli.SignalGuard, locks: ExitStack) -> int:
     models = build(tc, tok, device)
     if tensors is not None:
         load_model_state(tensors, *models)
+    if stage1 is not None:  # a new run (--resume refused): stage 1 is the checkpoint's
+        load_stage1(stage1, models[0], models[2])
+        meta["stage"], meta["step"], meta["stage1_from"] = 2, 0, str(args.stage1_from.resolve())
     clock = cli.RunClock(guard, args.run_dir, meta, save_every=tc.save_every, stop_after=args.stop_after,
                          where=where, rank=rank, world=world)
     run = Run(clock, models, (lambda: torch.autocast("cuda", torch.bfloat16)) if bf16 else nullcontext)

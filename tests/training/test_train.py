@@ -162,6 +162,54 @@ def test_resume_refuses_another_configuration(smoke, tmp_path, capsys):
     assert "no training state" in capsys.readouterr().err
 
 
+def test_stage1_from_a_checkpoint_trains_the_same_stage_2(smoke, tmp_path):
+    """--stage1-from the smoke run's checkpoint skips stage 1 and trains stage 2 as that run did: the same losses,
+    step by step, and the same checkpoint, weight for weight (how docs/training.md's stage-2 recipes are run)."""
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    assert train.main(["--smoke", "--run-dir", str(run), "--out", str(tmp_path / "ckpt"), "--no-eval",
+                       "--stage1-from", str(smoke / "ckpt")]) == 0
+    got, want = history(run), history(smoke / "run")
+    assert "stage1" not in got
+    assert [r["loss"] for r in got["stage2"]] == [r["loss"] for r in want["stage2"]]
+    m, m0 = (json.loads((d / "metrics.json").read_text()) for d in (run, smoke / "run"))
+    assert m["reconstruction_heldout"] == m0["reconstruction_heldout"] and m["final"] == m0["final"]
+    for part in ("model.safetensors", "bsq_encoder/model.safetensors",
+                 "sd3_transformer/diffusion_pytorch_model.safetensors", "sd3_pipeline/prompt_embeds.safetensors"):
+        a, b = load_file(str(tmp_path / "ckpt" / part)), load_file(str(smoke / "ckpt" / part))
+        assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a), part
+    # another text width: the tokenizer and decoder still fit (the mergers start fresh in stage 2)
+    assert train.main(["--smoke", "--lm-width", "96", "--stage2-steps", "2", "--run-dir", str(tmp_path / "w"),
+                       "--no-eval", "--stage1-from", str(smoke / "ckpt")]) == 0
+    w = load_file(str(tmp_path / "w" / "checkpoint" / "bsq_encoder" / "model.safetensors"))
+    theirs = load_file(str(smoke / "ckpt" / "bsq_encoder" / "model.safetensors"))
+    tower = [k for k in theirs if not k.startswith(train.MERGERS)]  # the mergers: stage 2 trains them
+    assert len(tower) > len(theirs) // 2 and all(torch.equal(w[k], theirs[k]) for k in tower)
+
+
+def test_stage1_from_refuses_what_it_cannot_use(smoke, tmp_path, capsys):
+    """One `error:` line, exit code 2, no folder made: a folder without a checkpoint, a checkpoint of other tokenizer
+    or decoder settings, and --resume with it."""
+    base = ["--smoke", "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "o")]
+    none = tmp_path / "none"
+    with pytest.raises(load_hf.CheckpointError) as e:
+        load_hf.load_ar(none)
+    ckpt = smoke / "ckpt"
+    other = (f"error: --stage1-from {ckpt}: not the tokenizer and decoder of this run's settings (different: {{}}); "
+             "give a checkpoint train.py wrote, with the --size, --vit-* and --dit-* flags it was trained with\n")
+    for flags, message in [
+            (["--stage1-from", str(none)], f"error: --stage1-from: {e.value}\n"),
+            (["--stage1-from", str(ckpt), "--vit-width", "48"],
+             other.format("vision hidden_size, vision intermediate_size, vision bsq_hidden_dim, decoder siglip_channels")),
+            (["--stage1-from", str(ckpt), "--size", "96"],
+             other.format("vision num_position_embeddings, decoder sample_size, decoder pos_embed_max_size, image size")),
+            (["--stage1-from", str(ckpt), "--resume"], "error: --stage1-from starts a new run; --resume continues the "
+                                                       "saved one (its stage 1 is in its state): pass one of them\n")]:
+        assert (train.main(base + flags), capsys.readouterr().err) == (2, message), flags
+        assert sorted(p.name for p in tmp_path.iterdir()) == [], flags
+
+
 def test_torchrun_two_processes(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
