@@ -569,10 +569,9 @@ def stage1_from(ckpt: Path, tc: TrainConfig) -> dict:
         raise cli.UsageError(f"--stage1-from: {e}") from None
     vcfg = vision_config(tc)
     differ = [f"vision {k}" for k, v in asdict(vcfg).items()
-              if k != "out_hidden_size" and getattr(net.cfg.vision, k, None) != v]  # the mergers' width: stage 2's
-    differ += [f"decoder {k}" for k, v in asdict(dit_config(tc, vcfg)).items()
-               if getattr(dec.transformer.cfg, k, None) != v]
-    differ += ["image size"] * (getattr(net, "image_processor", None) != image_processor(tc))
+              if k != "out_hidden_size" and getattr(net.cfg.vision, k) != v]  # the mergers' width: stage 2's
+    differ += [f"decoder {k}" for k, v in asdict(dit_config(tc, vcfg)).items() if getattr(dec.transformer.cfg, k) != v]
+    differ += ["image size"] * (net.image_processor != image_processor(tc))
     if differ or dec.vae is not None:
         raise cli.UsageError(f"--stage1-from {ckpt}: not the tokenizer and decoder of this run's settings (different: "
                              f"{', '.join(differ) or 'a latent-space decoder'}); give a checkpoint train.py wrote, with "
@@ -583,25 +582,26 @@ def stage1_from(ckpt: Path, tc: TrainConfig) -> dict:
     return out
 
 
+def part(state: dict, prefix: str) -> dict:
+    """The tensors of `state` under `prefix`, without it."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
 def load_stage1(state: dict, vision, dec) -> None:
     """Stage-1 weights (stage1_from) into a freshly built run: its mergers and AR model stay as built."""
-    part = lambda prefix: {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    missing = vision.load_state_dict(part("vision."), strict=False).missing_keys
-    assert all(k.startswith(MERGERS) for k in missing), missing
-    dec.transformer.load_state_dict(part("dit."))
-    dec.context.load_state_dict(part("ctx."))
+    mergers = {k: v for k, v in vision.state_dict().items() if k.startswith(MERGERS)}
+    vision.load_state_dict({**mergers, **part(state, "vision.")})
+    dec.transformer.load_state_dict(part(state, "dit."))
+    dec.context.load_state_dict(part(state, "ctx."))
 
 
 def load_model_state(state: dict, vision, net, dec) -> None:
-    def part(prefix):
-        return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-
-    vision.load_state_dict(part("vision."))
-    net_sd = part("net.")
+    vision.load_state_dict(part(state, "vision."))
+    net_sd = part(state, "net.")
     net_sd.update({f"model.visual.{k}": v for k, v in vision.state_dict().items()})
     net.load_state_dict(net_sd)
-    dec.transformer.load_state_dict(part("dit."))
-    dec.context.load_state_dict(part("ctx."))
+    dec.transformer.load_state_dict(part(state, "dit."))
+    dec.context.load_state_dict(part(state, "ctx."))
 
 
 def state_tensors(vision, net, dec, opt) -> dict:
@@ -895,7 +895,10 @@ def parse_args(argv) -> tuple[argparse.Namespace, TrainConfig]:
     ap.add_argument("--score", type=Path, metavar="RUN_DIR", help="only score a `generate_batch.py` run of toy "
                     "prompts with the toy evaluator; print one JSON line")
     ap.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
-    ap.add_argument("--stage1-from", type=Path, metavar="CKPT", help="skip stage 1: start from the tokenizer and decoder of a checkpoint train.py wrote with the same tokenizer and decoder settings (the AR model and the mergers start fresh, as after stage 1); a run from the checkpoint of a run with the same flags trains the same stage 2")
+    ap.add_argument("--stage1-from", type=Path, metavar="CKPT", help="skip stage 1: start from the tokenizer and "
+                    "decoder of a checkpoint train.py wrote with the same tokenizer and decoder settings (the AR model "
+                    "and the mergers start fresh, as after stage 1); a run from the checkpoint of a run with the same "
+                    "flags trains the same stage 2")
     ap.add_argument("--stop-after", type=int, default=None, help="stop (saving the state) after this many steps "
                     "in total, as if interrupted")
     ap.add_argument("--device", default="auto", help="auto (CUDA, else Apple's MPS, else CPU), cpu, cuda, cuda:1, "
