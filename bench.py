@@ -371,10 +371,10 @@ class Split:
 def bench_train_step(args) -> dict:
     """Where a training step of `python train.py` (default TrainConfig, fresh weights, this machine's threads) goes.
     For each stage, `--steps` steps after warm-up steps (stage 1: 2; stage 2: `--warm-steps`, which also fill
-    ARLoss's cache of the frozen tokenizer's bits, as most of a real run's steps find it), split into: toy rendering (toy.*_example), context
-    building (tokenize + pack, stage 2), tower calls (the frozen tokenizer's bits in stage 2; the straight-through
-    tower in stage 1), the rest of the forward, backward, optimizer (clip + AdamW). Prints seconds per step and
-    shares; the stage's projected time is steps-per-stage x seconds per step."""
+    ARLoss's cache of the frozen tokenizer's bits, as most of a real run's steps find it), split into: toy rendering
+    (toy.*_example), context building (tokenize + pack, stage 2), tower calls (the frozen tokenizer's bits in stage 2;
+    the straight-through tower in stage 1), the rest of the forward, backward, optimizer (clip + the run's optimizer
+    step). Prints seconds per step and shares; the stage's projected time is steps-per-stage x seconds per step."""
     import train
 
     tc = train.TrainConfig()
@@ -390,7 +390,7 @@ def bench_train_step(args) -> dict:
     for stage in (1, 2):
         params = train.stage_params(stage, vision, net, dec)
         lr, total = (tc.stage1_lr, tc.stage1_steps) if stage == 1 else (tc.stage2_lr, tc.stage2_steps)
-        opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay)
+        opt = train.optimizer(stage, params, net, lr, tc)  # AdamW; Muon + AdamW in stage 2 when muon_lr > 0
         if stage == 1:
             vision.train(), dec.train()
             loss_fn = train.TokenizerLoss(vision, dec, tc.bsq_weight, tc.flip_prob)

@@ -289,6 +289,59 @@ def test_lr_schedule():
     assert train.lr_at(100, 100, 1.0, 10) == pytest.approx(0.1)
 
 
+
+def test_muon_steps_as_torchs_muon_and_its_state_survives_a_save(tmp_path):
+    """train.Muon takes the steps torch.optim.Muon takes (adjust_lr_fn="match_rms_adamw"), bit for bit, on tall, wide
+    and square matrices; stage 2's Muon + AdamW pair saves and restores its moments as one optimizer's, so a resumed
+    run continues as the uninterrupted one."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(48, 16), (16, 48), (24, 24)]
+    ours = [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
+    start = [p.detach().clone() for p in ours]
+    ref = [p.detach().clone().requires_grad_() for p in ours]
+    a = train.Muon(ours, lr=2e-3, weight_decay=0.01)
+    b = torch.optim.Muon(ref, lr=2e-3, weight_decay=0.01, adjust_lr_fn="match_rms_adamw")
+    for _ in range(3):
+        for p, q in zip(ours, ref):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        a.step(), b.step()
+    assert all(torch.equal(p, q) for p, q in zip(ours, ref))
+    assert not any(torch.equal(p, p0) for p, p0 in zip(ours, start))
+
+    tc = dataclasses.replace(train.TrainConfig.smoke(), muon_lr=2e-3)
+    tok = P.Tokenizer(toy.save_tokenizer(tmp_path / "tok"))
+
+    def fresh():
+        torch.manual_seed(0)
+        _, net, dec = train.build(tc, tok, torch.device("cpu"))
+        params = train.stage_params(2, None, net, dec)
+        return params, train.optimizer(2, params, net, tc.stage2_lr, tc)
+
+    def step(params, opt, k):
+        g = torch.Generator().manual_seed(k)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        train.set_lr(opt, 0.5 * tc.stage2_lr)
+        opt.step()
+
+    (pa, oa), (pb, ob), (pc, oc) = fresh(), fresh(), fresh()
+    muon = oa.opts[1]
+    assert isinstance(muon, train.Muon) and muon.param_groups[0]["lr"] == pytest.approx(2e-3)
+    assert len(muon.param_groups[0]["params"]) == 7 * (tc.lm_layers + tc.visual_decoder_depth)  # q k v o gate up down
+    for k in range(2):
+        step(pa, oa, k), step(pb, ob, k)
+    assert muon.param_groups[0]["lr"] == pytest.approx(1e-3)  # Muon's rate follows stage2_lr's schedule
+    saved = files.optimizer_tensors(ob)
+    assert any(k.endswith(".momentum_buffer") for k in saved) and any(k.endswith(".exp_avg_sq") for k in saved)
+    with torch.no_grad():
+        for p, q in zip(pc, pb):
+            p.copy_(q)
+    files.load_optimizer(oc, saved)
+    step(pa, oa, 2), step(pc, oc, 2)
+    assert all(torch.equal(p, q) for p, q in zip(pa, pc))
+
+
 def test_run_clock_saves_stops_and_defers_a_signal(tmp_path):
     """cli.RunClock, the bookkeeping around train.py's and rl.py's loops: the state saved every save_every steps and
     after the last one with save_last, meta["step"] and the time kept; --stop-after counted over the loops of the
