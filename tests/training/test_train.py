@@ -291,11 +291,11 @@ def test_lr_schedule():
 
 
 def test_muon_steps_as_torchs_muon_and_its_state_survives_a_save(tmp_path):
-    """train.Muon takes the steps torch.optim.Muon takes (adjust_lr_fn="match_rms_adamw"), bit for bit, on tall, wide
-    and square matrices; stage 2's Muon + AdamW pair saves and restores its moments as one optimizer's, so a resumed
-    run continues as the uninterrupted one."""
+    """train.Muon takes the steps torch.optim.Muon takes (adjust_lr_fn="match_rms_adamw") on tall, wide and square
+    matrices, up to the rounding of its batched bfloat16 products; stage 2's Muon + AdamW pair saves and restores its
+    moments as one optimizer's, so a resumed run continues as the uninterrupted one."""
     gen = torch.Generator().manual_seed(0)
-    shapes = [(48, 16), (16, 48), (24, 24)]
+    shapes = [(48, 16), (16, 48), (24, 24), (48, 16)]
     ours = [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
     start = [p.detach().clone() for p in ours]
     ref = [p.detach().clone().requires_grad_() for p in ours]
@@ -306,8 +306,9 @@ def test_muon_steps_as_torchs_muon_and_its_state_survives_a_save(tmp_path):
             p.grad = torch.randn(p.shape, generator=gen)
             q.grad = p.grad.clone()
         a.step(), b.step()
-    assert all(torch.equal(p, q) for p, q in zip(ours, ref))
-    assert not any(torch.equal(p, p0) for p, p0 in zip(ours, start))
+    for p, q, p0 in zip(ours, ref, start):
+        moved = (q - p0).abs().max()
+        assert moved > 1e-3 and (p - q).abs().max() < 0.01 * moved  # bfloat16 rounding, not another update
 
     tc = dataclasses.replace(train.TrainConfig.smoke(), muon_lr=2e-3)
     tok = P.Tokenizer(toy.save_tokenizer(tmp_path / "tok"))
