@@ -390,7 +390,7 @@ def bench_train_step(args) -> dict:
     for stage in (1, 2):
         params = train.stage_params(stage, vision, net, dec)
         lr, total = (tc.stage1_lr, tc.stage1_steps) if stage == 1 else (tc.stage2_lr, tc.stage2_steps)
-        opt = train.optimizer(stage, params, net, lr, tc)  # AdamW; Muon + AdamW in stage 2 when muon_lr > 0
+        opt = train.optimizer(stage, params, (vision, net, dec), lr, tc)  # the run's: AdamW, or Muon + AdamW
         if stage == 1:
             vision.train(), dec.train()
             loss_fn = train.TokenizerLoss(vision, dec, tc.bsq_weight, tc.flip_prob)

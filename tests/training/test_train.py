@@ -310,14 +310,14 @@ def test_muon_steps_as_torchs_muon_and_its_state_survives_a_save(tmp_path):
         moved = (q - p0).abs().max()
         assert moved > 1e-3 and (p - q).abs().max() < 0.01 * moved  # bfloat16 rounding, not another update
 
-    tc = dataclasses.replace(train.TrainConfig.smoke(), muon_lr=2e-3)
+    tc = dataclasses.replace(train.TrainConfig.smoke(), stage2_muon_lr=2e-3)
     tok = P.Tokenizer(toy.save_tokenizer(tmp_path / "tok"))
 
     def fresh():
         torch.manual_seed(0)
-        _, net, dec = train.build(tc, tok, torch.device("cpu"))
-        params = train.stage_params(2, None, net, dec)
-        return params, train.optimizer(2, params, net, tc.stage2_lr, tc)
+        models = train.build(tc, tok, torch.device("cpu"))
+        params = train.stage_params(2, *models)
+        return params, train.optimizer(2, params, models, tc.stage2_lr, tc)
 
     def step(params, opt, k):
         g = torch.Generator().manual_seed(k)
@@ -341,6 +341,16 @@ def test_muon_steps_as_torchs_muon_and_its_state_survives_a_save(tmp_path):
     files.load_optimizer(oc, saved)
     step(pa, oa, 2), step(pc, oc, 2)
     assert all(torch.equal(p, q) for p, q in zip(pa, pc))
+    # stage 1 with a Muon rate: the tower's and the decoder's block matrices; AdamW alone without one
+    vision, net, dec = models = train.build(tc, tok, torch.device("cpu"))
+    params = train.stage_params(1, *models)
+    assert isinstance(train.optimizer(1, params, models, tc.stage1_lr, tc), torch.optim.AdamW)
+    opt = train.optimizer(1, params, models, tc.stage1_lr, dataclasses.replace(tc, stage1_muon_lr=1e-3))
+    want = [p for stack in (vision.blocks, dec.transformer.transformer_blocks) for p in stack.parameters() if p.ndim == 2]
+    assert [id(p) for p in opt.opts[1].param_groups[0]["params"]] == [id(p) for p in params if id(p) in map(id, want)]
+    # per tower block qkv, proj, fc1, fc2; per MMDiT block 14 matrices, 11 in the last (it updates no text context)
+    assert len(want) == 4 * tc.vit_depth + 14 * (tc.dit_layers - 1) + 11 and len(params) == sum(
+        len(o.param_groups[0]["params"]) for o in opt.opts)
 
 
 def test_run_clock_saves_stops_and_defers_a_signal(tmp_path):
