@@ -665,8 +665,8 @@ class Muon(torch.optim.Optimizer):
     """Muon (Jordan et al., 2024): SGD with Nesterov momentum whose update of each matrix is orthogonalised, scaled to
     an AdamW update's size (0.2 sqrt(max(rows, cols)), so the learning rate reads on AdamW's scale), with decoupled
     weight decay: what torch.optim.Muon (torch 2.9+) computes with adjust_lr_fn="match_rms_adamw", up to rounding.
-    Matrices of one shape are orthogonalised together, in one batched product per iteration (3.5x faster than one by
-    one on a 2-core CPU at the toy's sizes)."""
+    Matrices of one shape are orthogonalised together, in one batched product per iteration: at the toy's sizes most
+    of the cost of one-by-one products is their overhead (docs/training.md has the timings)."""
 
     def __init__(self, params, lr: float, weight_decay: float, momentum: float = 0.95):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum))
