@@ -140,7 +140,8 @@ def run(argv: list, status: dict) -> int:
                 with cli.writing(run_dir, resume=True):
                     path.parent.mkdir(parents=True, exist_ok=True)
                     files.atomic_write(path, lambda tmp: Image.fromarray(im.numpy()).save(tmp, format="PNG"))
-                print(path, flush=True)
+                sys.stdout.write(f"{path}\n")  # one write per line: processes sharing stdout never split a line
+                sys.stdout.flush()
             bar.update(len(batch))
     finally:
         bar.close()
