@@ -289,7 +289,6 @@ def test_lr_schedule():
     assert train.lr_at(100, 100, 1.0, 10) == pytest.approx(0.1)
 
 
-
 def test_muon_steps_as_torchs_muon_and_its_state_survives_a_save(tmp_path):
     """train.Muon takes the steps torch.optim.Muon takes (adjust_lr_fn="match_rms_adamw") on tall, wide and square
     matrices, up to the rounding of its batched bfloat16 products; stage 2's Muon + AdamW pair saves and restores its
