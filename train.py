@@ -130,7 +130,7 @@ class TrainConfig:
     temperature: float = 1.0
     decoder_steps: int = 10
     decoder_cfg: float = 1.5
-    eval_n: int = 256
+    eval_n: int = 64  # held-out examples per task in the evaluation after training (`--eval CKPT`: HELDOUT_N)
     save_every: int = 250
 
     @classmethod
@@ -870,6 +870,7 @@ def eval_main(ckpt: Path, device, n: int) -> int:
     return 0
 
 
+HELDOUT_N = 256  # `--eval CKPT`: held-out examples per task, the figures the docs quote (1 example = 0.4 points)
 SEED_MAX = 2**32 - 1  # step_seed multiplies the seed by ~6.4e7: this keeps every step's seed within manual_seed's range
 # The largest image side: the evaluation edits at it, and an edit's context (the input image's (S / 32)^2 tokens, the
 # instruction, the drawn image's (S / 32)^2 tokens) must fit the model's max_position_embeddings = 512 (at 480: 476
@@ -1012,7 +1013,8 @@ def parse_args(argv) -> tuple[argparse.Namespace, TrainConfig]:
                     help="auto: bf16 autocast on CUDA, fp32 on Apple's MPS and on the CPU")
     for f in fields(TrainConfig):
         ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None,
-                        help=f"default {f.default}" + (" (held-out examples per task)" if f.name == "eval_n" else ""))
+                        help=f"default {f.default}" + (f" (held-out examples per task; {HELDOUT_N} with --eval)"
+                                                       if f.name == "eval_n" else ""))
     args = ap.parse_args(argv)
     tc = TrainConfig.smoke() if args.smoke else TrainConfig()
     tc = TrainConfig(**{**asdict(tc), **{f.name: getattr(args, f.name) for f in fields(TrainConfig)
@@ -1142,7 +1144,7 @@ def _main(argv, guard: cli.SignalGuard, locks: ExitStack) -> int:
         return 0
     device = cli.resolve_device(args.device)
     if args.eval is not None:
-        return eval_main(args.eval, device, args.eval_n or TrainConfig().eval_n)
+        return eval_main(args.eval, device, args.eval_n or HELDOUT_N)
     bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda")
     if bf16 and device.type != "cuda":
         raise cli.UsageError("--dtype bfloat16 needs a CUDA GPU (training on the CPU or Apple's MPS runs in float32); "
