@@ -262,7 +262,9 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache: Optional[KVCache] = None, layer: int = 0):
+    def forward(self, x, cos, sin, mask, cache: Optional[KVCache] = None, layer: int = 0, keep=None):
+        """-> (B, T, D); with `keep` (an index of the (B, T) positions) only the kept positions' outputs (*kept, D):
+        every position is still a key, but the output projection runs on the kept queries alone."""
         B, T, _ = x.shape
         # per-head RMSNorm on q and k BEFORE RoPE (Qwen3)
         q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)  # (B, H, T, hd)
@@ -273,8 +275,8 @@ class Attention(nn.Module):
         k = k * c + rotate_half(k) * s
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, Hk, S, hd)
-        y = attention(q, k, v, mask)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        y = attention(q, k, v, mask).transpose(1, 2).reshape(B, T, -1)
+        return self.o_proj(y if keep is None else y[keep])
 
 
 class MLP(nn.Module):
@@ -296,15 +298,20 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, keep=None):
+        """`keep`: compute the output at these positions only (Attention.forward), e.g. the last layer of a stack
+        whose other positions nobody reads."""
+        x = (x if keep is None else x[keep]) + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer,
+                                                               keep)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 def run_stack(layers, x, cos, sin, key_valid, cache: Optional[KVCache] = None, visual_mask=None, deepstack=None,
-              mask=None):
+              mask=None, keep=None):
     """A causal stack of decoder layers over T new tokens. key_valid (B, T) bool marks real tokens; a prebuilt
     attention mask (B, 1, T, T) bool replaces the causal + padding one (rows packed with several contexts).
+    `keep` (an index of the (B, T) positions): return the states there only (*kept, D), which the last layer then
+    computes for those positions alone (a training forward reads the bit head at a few positions of each row).
 
     With a cache the new tokens attend to everything cached before them. DeepStack (Qwen3-VL): after layer i, for
     i < len(deepstack), the i-th extra visual feature is added at the visual positions (visual_mask (B, T) bool;
@@ -319,8 +326,9 @@ def run_stack(layers, x, cos, sin, key_valid, cache: Optional[KVCache] = None, v
         mask = KernelMask(key_valid)
     else:
         mask = build_mask(T, key_valid.shape[1], causal=True, key_padding_mask=key_valid, device=x.device)
+    assert keep is None or deepstack is None, "DeepStack adds to every visual position after its layers"
     for i, layer in enumerate(layers):
-        x = layer(x, cos, sin, mask, cache, i)
+        x = layer(x, cos, sin, mask, cache, i, keep if i == len(layers) - 1 else None)
         if deepstack is not None and i < len(deepstack):
             x = x.clone()
             x[visual_mask] = x[visual_mask] + deepstack[i].to(x.dtype)
@@ -519,7 +527,8 @@ class UniAR(nn.Module):
         index of the (B, T) states: a slice tuple or a bool mask): the visual-decoder stack reads the whole sequence,
         the bit head the picked states. -> (*picked, L, U, d, 2). `mask`: as context_states'."""
         cos, sin = self.language_model.rope(pos, h.dtype)
-        return self.vistok_logits(run_stack(self.visual_decoder, h, cos, sin, attention_mask.bool(), mask=mask)[where])
+        return self.vistok_logits(run_stack(self.visual_decoder, h, cos, sin, attention_mask.bool(), mask=mask,
+                                            keep=where))
 
     def teacher_forced_logits(self, prefix_ids, attention_mask, bits, grid_hw, pixel_values=None,
                               image_grid_thw=None):
