@@ -98,9 +98,9 @@ class TrainConfig:
     seed: int = 0
     size: int = 64  # image side: a 2x2 grid of AR tokens, one per quadrant of the toy world
     # stage 1: tokenizer + decoder
-    stage1_steps: int = 1500
+    stage1_steps: int = 1000
     stage1_batch: int = 32
-    stage1_lr: float = 1e-3
+    stage1_lr: float = 2e-3
     stage1_muon_lr: float = 0.0  # > 0: Muon at this rate (AdamW's scale) for the tower's and decoder's block matrices
     bsq_weight: float = 0.1  # weight of the BSQ entropy penalty next to the flow-matching loss
     flip_prob: float = 0.05  # bit flips in the decoder's condition: robustness to the AR model's bit errors
