@@ -396,6 +396,23 @@ def test_teacher_forced_logits(golden, ar):
     assert abs_err(logits, step) <= TOL
 
 
+def test_bit_logits_at_masked_positions_are_the_official_ones(golden, ar):
+    """Training picks the positions the bit head reads with a bool mask (the last visual-decoder layer then computes
+    only those): the logits there are the official teacher-forced ones, here with one extra position picked that the
+    reference does not have (the last prefix token before <|vision_start|>), so the mask really skips some."""
+    codes = golden["t2i.codes"]
+    ids, mask = golden["t2i.prefix_ids"][:1], golden["t2i.attention_mask"][:1]
+    N, Lp = codes.shape[1], ids.shape[1]
+    gh, gw = out_grid(golden["t2i.pos_ids_all"], N)
+    full, fmask, grids = ar.append_image_placeholders(ids, mask, N, gh, gw)
+    h, pos = ar.context_states(full, fmask, codes.reshape(-1, *ar.bits_shape), grids)
+    where = torch.zeros_like(full, dtype=torch.bool)
+    where[0, Lp - 2:Lp - 1 + N] = True
+    logits = ar.bit_logits_of(h, pos, fmask, where)
+    assert logits.shape[0] == N + 1
+    assert abs_err(logits[1:], golden["t2i.teacher_forced_logits"][0]) <= TOL
+
+
 # ----- editing -----
 
 def test_edit_exact(golden, ar):
