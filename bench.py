@@ -407,7 +407,7 @@ def bench_train_step(args) -> dict:
         split = Split()
         for fn in ("t2i_example", "edit_example", "qa_example", "conversation_example"):
             split.wrap(toy, fn, "toy rendering")
-        split.wrap(train, "encode_turns", "context building")
+        split.wrap(train.ARLoss, "layout", "context building")
         split.wrap(train, "pack_contexts", "context building")
         split.wrap(train.ARLoss, "image_bits", "tower calls")
         split.wrap(bsq.VisionModel, "training_forward", "tower calls")

@@ -19,6 +19,7 @@ Letters: S image side in px, N batch size, Q = S // 2 quadrant side.
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -123,8 +124,12 @@ def _quadrant(pos: str, size: int) -> tuple:
 
 
 def render(scene: Scene, size: int = 64) -> np.ndarray:
-    """Scene -> (S, S, 3) uint8."""
-    size = _check_size(size)
+    """Scene -> (S, S, 3) uint8, a fresh array (the world has a few thousand scenes: each is drawn once)."""
+    return _drawn(tuple(scene), _check_size(size)).copy()
+
+
+@functools.lru_cache(maxsize=None)
+def _drawn(scene: Scene, size: int) -> np.ndarray:
     img = np.empty((size, size, 3), np.uint8)
     img[:] = BACKGROUND
     for o in scene:

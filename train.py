@@ -342,9 +342,9 @@ def first_fit(lengths: list, capacity: int) -> list:
     return rows
 
 
-def pack_contexts(encoded: list, groups: list, pad_id: int, grid: tuple, cfg: M.UniARConfig) -> Packed:
-    """encode_turns outputs -> Packed rows as long as the longest context. Contexts of different `groups` never
-    share a row (rows without a drawn image then skip the visual decoder). Every image has the patch grid `grid`."""
+def pack_contexts(encoded: list, positions: list, groups: list, pad_id: int) -> Packed:
+    """encode_turns outputs and each context's MRoPE ids (3, T) -> Packed rows as long as the longest context.
+    Contexts of different `groups` never share a row (rows without a drawn image then skip the visual decoder)."""
     C = max(len(e[0]) for e in encoded)
     rows = []
     for group in dict.fromkeys(groups):
@@ -362,7 +362,7 @@ def pack_contexts(encoded: list, groups: list, pad_id: int, grid: tuple, cfg: M.
             toks, images, _, answer = encoded[i]
             span = slice(at, at + len(toks))
             ids[r, span], context[r, span], answers[r, span] = torch.tensor(toks), i, torch.tensor(answer)
-            pos[:, r, span] = M.row_positions(toks, iter([grid] * len(images)), 0, cfg)[0]
+            pos[:, r, span] = positions[i]
             order += range(first_image[i], first_image[i + 1])
             at += len(toks)
     same = context[:, :, None] == context[:, None, :]
@@ -378,6 +378,7 @@ class ARLoss(nn.Module):
         super().__init__()
         self.net, self.tok, self.tc = net, tok, tc
         self.codes = {}  # image digest -> its bits (N, L, U, d): the tokenizer is frozen, an image's bits never change
+        self.layouts = {}  # a conversation's text -> its tokens, flags and MRoPE ids (layout)
 
     def image_bits(self, images: np.ndarray) -> torch.Tensor:
         """The frozen tokenizer's bits (B, N, L, U, d): the targets of parallel bitwise prediction. The toy world
@@ -395,6 +396,22 @@ class ARLoss(nn.Module):
     @property
     def device(self):
         return self.net.lm_head.weight.device
+
+    def layout(self, turns: list) -> tuple:
+        """encode_turns of a toy conversation and its MRoPE ids -> (ids, images, drawn, answer flags, ids (3, T)).
+        Remembered by the conversation's text, which is all they depend on: the toy world repeats its captions,
+        instructions and questions, and tokenizing them again cost a twentieth of a step."""
+        key = tuple((t.role, t.text, t.image is None) for t in turns)
+        if key not in self.layouts:
+            if len(self.layouts) >= 20_000:  # conversations rarely repeat: bounded memory
+                self.layouts.clear()
+            cfg, gh = self.net.cfg, self.tc.size // self.net.cfg.downsample
+            ids, images, drawn, answer = encode_turns(self.tok, turns, gh, gh, gh * gh)
+            side = self.tc.size // cfg.vision.patch_size  # every toy image is S x S: one patch grid for all
+            pos = M.row_positions(ids, iter([(1, side, side)] * len(images)), 0, cfg)[0]
+            self.layouts[key] = ids, drawn, answer, pos
+        ids, drawn, answer, pos = self.layouts[key]
+        return ids, [t.image for t in turns if t.image is not None], drawn, answer, pos
 
     def context_loss(self, conversations: list, g: torch.Generator) -> tuple:
         """One teacher-forced forward over a batch of conversations. -> (bit loss or None, answer loss or None,
@@ -463,17 +480,16 @@ class ARLoss(nn.Module):
         `tasks`: functions that build each batch, called in order, each batch's read flips drawn right after it (the
         random draws of context_loss called batch by batch). -> one context_loss tuple per batch, its logits and
         answers in the batch's order."""
-        net, S = self.net, self.tc.size
-        gh = S // net.cfg.downsample
-        side = S // net.cfg.vision.patch_size  # every toy image is S x S: one patch grid for all
-        encoded, task, bits, read = [], [], [], []
+        net = self.net
+        encoded, positions, task, bits, read = [], [], [], [], []
         for k, build in enumerate(tasks):
-            rows = [encode_turns(self.tok, c, gh, gh, gh * gh) for c in build()]
+            rows = [self.layout(c) for c in build()]
             b = self.image_bits(np.stack([im for r in rows for im in r[1]]))  # (n_images, N, L, U, d), clean
             bits.append(b), read.append(read_flips(b, self.tc.read_flip_prob, g))
-            encoded += rows
+            encoded += [r[:4] for r in rows]
+            positions += [r[4] for r in rows]
             task += [k] * len(rows)
-        pk = pack_contexts(encoded, [any(r[2]) for r in encoded], self.tok.pad_id, (1, side, side), net.cfg)
+        pk = pack_contexts(encoded, positions, [any(r[2]) for r in encoded], self.tok.pad_id)
         bits, read, dev = torch.cat(bits), torch.cat(read), self.device
         drawn = torch.tensor([d for r in encoded for d in r[2]])  # per image, in the contexts' order
         image_task = torch.tensor([k for k, r in zip(task, encoded) for _ in r[1]])
