@@ -398,9 +398,10 @@ class ARLoss(nn.Module):
         return self.net.lm_head.weight.device
 
     def layout(self, turns: list) -> tuple:
-        """encode_turns of a toy conversation and its MRoPE ids -> (ids, images, drawn, answer flags, ids (3, T)).
-        Remembered by the conversation's text, which is all they depend on: the toy world repeats its captions,
-        instructions and questions, and tokenizing them again cost a twentieth of a step."""
+        """encode_turns of a toy conversation and its MRoPE ids -> (ids, images, drawn, answer flags, ids (3, T)),
+        without the tokens after its last answer or image token: no loss reads them, and under causal attention no
+        earlier position sees them (a tenth of a text-to-image context). Remembered by the conversation's text,
+        which is all they depend on: the toy world repeats its captions, instructions and questions."""
         key = tuple((t.role, t.text, t.image is None) for t in turns)
         if key not in self.layouts:
             if len(self.layouts) >= 20_000:  # conversations rarely repeat: bounded memory
@@ -409,7 +410,10 @@ class ARLoss(nn.Module):
             ids, images, drawn, answer = encode_turns(self.tok, turns, gh, gh, gh * gh)
             side = self.tc.size // cfg.vision.patch_size  # every toy image is S x S: one patch grid for all
             pos = M.row_positions(ids, iter([(1, side, side)] * len(images)), 0, cfg)[0]
-            self.layouts[key] = ids, drawn, answer, pos
+            n = len(ids)
+            while n > 1 and not answer[n - 1] and ids[n - 1] != cfg.image_token_id:
+                n -= 1
+            self.layouts[key] = ids[:n], drawn, answer[:n], pos[:, :n]
         ids, drawn, answer, pos = self.layouts[key]
         return ids, [t.image for t in turns if t.image is not None], drawn, answer, pos
 
