@@ -254,8 +254,9 @@ def sample_edit(rng: np.random.Generator, split: str = "train", source: Optional
 
 # Question kinds: colour at a position, shape at a position, count, colour of a shape, is there. Training asks about
 # positions more often: binding a position word to the right image token is the skill the toy model learns last, and
-# conversations (images at varying places in the context) make it harder. The held-out sets draw kinds uniformly.
-TRAIN_QUESTION_KINDS = (0.35, 0.35, 0.1, 0.1, 0.1)
+# conversations (images at varying places in the context) make it harder. "Is there a <colour> <shape>?" comes next:
+# binding a colour to a shape in a held-out combination. The held-out sets draw kinds uniformly.
+TRAIN_QUESTION_KINDS = (0.3, 0.3, 0.1, 0.1, 0.2)
 
 
 def sample_question(rng: np.random.Generator, scene: Scene, split: str = "train") -> tuple:

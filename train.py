@@ -39,8 +39,9 @@ Departures from the paper / official code (whose tokenizer, decoder and SFT trai
       the held-out objects' codes, which no training image contains). Without read flips held-out editing
       collapses (docs/training.md has the table).
     - Stage 2 weighs the single-turn editing loss by `edit_weight` (3), and its questions are about a position
-      70% of the time (toy.TRAIN_QUESTION_KINDS): with conversations in the mix, binding a position word or an
-      instruction to the right image token is what the toy model learns last (docs/training.md has the runs).
+      60% of the time and ask whether a colour-shape pair is there 20% of the time (toy.TRAIN_QUESTION_KINDS): with
+      conversations in the mix, binding a position word, an instruction or a colour to the right image token is
+      what the toy model learns last (docs/training.md has the runs).
     - Stage 2 trains the matrices of the AR model's transformer blocks with Muon (Muon: momentum orthogonalised by
       Newton-Schulz iterations) and the rest with AdamW; the official RL recipe uses AdamW. With Muon, 2000 steps
       reach the held-out scores AdamW needed 4500 steps for (docs/training.md has the runs).
