@@ -107,7 +107,7 @@ class TrainConfig:
     bsq_weight: float = 0.1  # weight of the BSQ entropy penalty next to the flow-matching loss
     flip_prob: float = 0.05  # bit flips in the decoder's condition: robustness to the AR model's bit errors
     # stage 2: AR model (per step: this many examples of each task)
-    stage2_steps: int = 2000
+    stage2_steps: int = 1600
     stage2_batch: int = 16
     stage2_lr: float = 1e-3
     stage2_muon_lr: float = 2e-3  # > 0: Muon at this rate (AdamW's scale) for the AR blocks' matrices; 0: AdamW alone
