@@ -255,7 +255,8 @@ def sample_edit(rng: np.random.Generator, split: str = "train", source: Optional
 # Question kinds: colour at a position, shape at a position, count, colour of a shape, is there. Training asks about
 # positions more often: binding a position word to the right image token is the skill the toy model learns last, and
 # conversations (images at varying places in the context) make it harder. "Is there a <colour> <shape>?" comes next:
-# binding a colour to a shape in a held-out combination. The held-out sets draw kinds uniformly.
+# binding a colour to a shape in a held-out combination; half its "no" questions (where the scene has two shapes) pair
+# one object's colour with the other's shape. The held-out sets draw kinds, colours and shapes uniformly.
 TRAIN_QUESTION_KINDS = (0.3, 0.3, 0.1, 0.1, 0.2)
 
 
@@ -278,7 +279,11 @@ def sample_question(rng: np.random.Generator, scene: Scene, split: str = "train"
             return f"what color is the {o.shape}?", o.color
         if rng.integers(2):
             return f"is there a {o.color} {o.shape}?", "yes"
-        c, s = COLORS[rng.integers(len(COLORS))], SHAPES[rng.integers(len(SHAPES))]
+        others = [x for x in scene if x.shape != o.shape]
+        if split == "train" and others and rng.integers(2):  # its colour with another object's shape
+            c, s = o.color, others[rng.integers(len(others))].shape
+        else:
+            c, s = COLORS[rng.integers(len(COLORS))], SHAPES[rng.integers(len(SHAPES))]
         if any((x.color, x.shape) == (c, s) for x in scene):
             continue
         return f"is there a {c} {s}?", "no"
