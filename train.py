@@ -132,7 +132,7 @@ class TrainConfig:
     temperature: float = 1.0
     decoder_steps: int = 10
     decoder_cfg: float = 1.5
-    eval_n: int = 64  # held-out examples per task in the evaluation after training (`--eval CKPT`: HELDOUT_N)
+    eval_n: int = 32  # held-out examples per task in the evaluation after training (`--eval CKPT`: HELDOUT_N)
     save_every: int = 250
 
     @classmethod
