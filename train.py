@@ -94,8 +94,8 @@ ROOT = Path(__file__).resolve().parent
 
 @dataclass
 class TrainConfig:
-    """Defaults: the recipe docs/training.md measures (the shipped toy checkpoint came from these with stage 1 at
-    1500 steps and lr 1e-3, the defaults of commit f641780; its training time and scores are there too)."""
+    """Defaults: the recipe docs/training.md measures; the shipped toy checkpoint is what they wrote (its training
+    time and scores are there too)."""
 
     seed: int = 0
     size: int = 64  # image side: a 2x2 grid of AR tokens, one per quadrant of the toy world

@@ -144,9 +144,9 @@ NOT_RUN = {  # README commands the suite does not run, and why
     "huggingface-cli download": "downloads the 37 GB released checkpoint (no hub access here)",
     "TRITON_INTERPRET=1 python -m pytest": "the suite itself",
     "UNIAR_GOLDEN_DIR=": "the suite on another fixture set",
-    "python train.py\n": "12 minutes at its defaults: tests/training/test_train.py runs the same code at the smoke size, and "
+    "python train.py\n": "10 minutes at its defaults: tests/training/test_train.py runs the same code at the smoke size, and "
                          "test_a_run_never_replaces_what_it_did_not_write its default output folder",
-    "python rl.py\n": "20 minutes at its defaults: tests/training/test_rl.py runs the same code at a tiny size",
+    "python rl.py\n": "15 minutes at its defaults: tests/training/test_rl.py runs the same code at a tiny size",
     "torchrun --nproc_per_node 8": "8 GPUs and the released checkpoint: tests/product/test_prompts.py runs torchrun with 2 "
                                    "CPU processes on the toy checkpoint",
     "python generate_batch.py --prompts prompts/toy_heldout.jsonl": "256 images: tests/product/test_prompts.py runs its first "
