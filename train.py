@@ -343,9 +343,10 @@ def first_fit(lengths: list, capacity: int) -> list:
     return rows
 
 
-def pack_contexts(encoded: list, positions: list, groups: list, pad_id: int) -> Packed:
-    """encode_turns outputs and each context's MRoPE ids (3, T) -> Packed rows as long as the longest context.
-    Contexts of different `groups` never share a row (rows without a drawn image then skip the visual decoder)."""
+def pack_contexts(encoded: list, groups: list, pad_id: int) -> Packed:
+    """ARLoss.layout outputs (encode_turns' with each context's MRoPE ids) -> Packed rows as long as the longest
+    context. Contexts of different `groups` never share a row (rows without a drawn image then skip the visual
+    decoder)."""
     C = max(len(e[0]) for e in encoded)
     rows = []
     for group in dict.fromkeys(groups):
@@ -360,10 +361,10 @@ def pack_contexts(encoded: list, positions: list, groups: list, pad_id: int) -> 
     for r, row in enumerate(rows):
         at = 0
         for i in row:
-            toks, images, _, answer = encoded[i]
+            toks, _, _, answer, positions = encoded[i]
             span = slice(at, at + len(toks))
             ids[r, span], context[r, span], answers[r, span] = torch.tensor(toks), i, torch.tensor(answer)
-            pos[:, r, span] = positions[i]
+            pos[:, r, span] = positions
             order += range(first_image[i], first_image[i + 1])
             at += len(toks)
     same = context[:, :, None] == context[:, None, :]
@@ -401,7 +402,7 @@ class ARLoss(nn.Module):
     def layout(self, turns: list) -> tuple:
         """encode_turns of a toy conversation and its MRoPE ids -> (ids, images, drawn, answer flags, ids (3, T)),
         without the tokens after its last answer or image token: no loss reads them, and under causal attention no
-        earlier position sees them (a tenth of a text-to-image context). Remembered by the conversation's text,
+        earlier position sees them. Remembered by the conversation's text,
         which is all they depend on: the toy world repeats its captions, instructions and questions."""
         key = tuple((t.role, t.text, t.image is None) for t in turns)
         if key not in self.layouts:
@@ -486,15 +487,14 @@ class ARLoss(nn.Module):
         random draws of context_loss called batch by batch). -> one context_loss tuple per batch, its logits and
         answers in the batch's order."""
         net = self.net
-        encoded, positions, task, bits, read = [], [], [], [], []
+        encoded, task, bits, read = [], [], [], []
         for k, build in enumerate(tasks):
             rows = [self.layout(c) for c in build()]
             b = self.image_bits(np.stack([im for r in rows for im in r[1]]))  # (n_images, N, L, U, d), clean
             bits.append(b), read.append(read_flips(b, self.tc.read_flip_prob, g))
-            encoded += [r[:4] for r in rows]
-            positions += [r[4] for r in rows]
+            encoded += rows
             task += [k] * len(rows)
-        pk = pack_contexts(encoded, positions, [any(r[2]) for r in encoded], self.tok.pad_id)
+        pk = pack_contexts(encoded, [any(r[2]) for r in encoded], self.tok.pad_id)
         bits, read, dev = torch.cat(bits), torch.cat(read), self.device
         drawn = torch.tensor([d for r in encoded for d in r[2]])  # per image, in the contexts' order
         image_task = torch.tensor([k for k, r in zip(task, encoded) for _ in r[1]])
